@@ -1,0 +1,36 @@
+# Two commands do all set-up: `make demo` runs the series, `make test` runs the tests.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+BUILD  := build
+# the working tree's helpers win over any installed copy (also inside notebook kernels)
+export PYTHONPATH := $(CURDIR)
+export MPLBACKEND := Agg
+
+.PHONY: demo test lab venv notebooks clean
+
+venv: $(STAMP)
+
+$(STAMP): constraints.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: a dependency must never pull a CUDA build here
+	$(PY) -m pip install -q torch==$$(sed -n 's/^torch==//p' constraints.txt)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the main job: run every notebook on the tiny default, results under build/
+	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --out $(BUILD)
+
+test: $(STAMP)  ## unit tests, then every committed notebook checked by nbval
+	$(PY) -m pytest tests
+	$(PY) -m pytest --nbval notebooks --nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout=600 -p no:cacheprovider
+
+notebooks: $(STAMP)  ## re-execute the committed notebooks in place (after changing the helpers)
+	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --inplace
+
+lab: $(STAMP)  ## JupyterLab on notebooks/, for people
+	$(PY) -m jupyter lab notebooks/
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,185 @@
+"""Notebook 00: the tiny default, GPT-J-6B's sizes, devices, project files and the CLI."""
+import re
+import threading
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gptj_helpers as gh
+from conftest import ROOT, run_cli
+
+
+def greedy(model, tokenizer, text="The list", n=12):
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+
+
+def test_tiny_is_deterministic_and_reloads_bit_identical(tmp_path, tiny):
+    a, b = gh.make_tiny_gptj(tmp_path / "a"), gh.make_tiny_gptj(tmp_path / "b")
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    model, tokenizer = tiny
+    loaded = {k: v for k, v in model.state_dict().items()}
+    assert all(torch.equal(loaded[k], wa[k]) for k in wa)
+    assert (a / "vocab.json").read_bytes() == (b / "vocab.json").read_bytes()
+    assert (a / "merges.txt").read_bytes() == (b / "merges.txt").read_bytes()
+    again = gh.load_model(str(b))
+    assert torch.equal(greedy(model, tokenizer), greedy(again, tokenizer))
+
+
+def test_tiny_seed_matters(tmp_path):
+    other = load_file(gh.make_tiny_gptj(tmp_path / "s1", seed=1) / "model.safetensors")
+    base = load_file(gh.tiny_model_path() / "model.safetensors")
+    assert not torch.equal(other["transformer.h.0.mlp.fc_in.weight"], base["transformer.h.0.mlp.fc_in.weight"])
+
+
+def test_tiny_shape_fits_the_series():
+    c = gh.tiny_config()
+    assert c.n_layer == 8 and c.rotary_dim < c.n_embd // c.n_head
+    for size in (c.vocab_size, c.n_embd, c.n_head, 4 * c.n_embd):
+        assert size % 8 == 0
+
+
+@pytest.mark.parametrize("text", ["Hello, world!", "naïve café – 漢字 😀 \t\n  spaces", "\x00\x7f\u200b", ""])
+def test_tokenizer_round_trips_unicode(tiny, text):
+    _, tokenizer = tiny
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert all(0 <= i < gh.tiny_config().vocab_size for i in ids)
+    assert len(tokenizer) > 500 and tokenizer.eos_token == gh.EOS_TOKEN
+
+
+def test_tiny_built_once_under_concurrency(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTJ_HELPERS_CACHE", str(tmp_path))
+    calls, results = [], []
+
+    def build(tmp):
+        calls.append(tmp)
+        (tmp / "config.json").write_text("{}")
+
+    threads = [threading.Thread(target=lambda: results.append(gh.build_atomically(tmp_path / "m", build)))
+               for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join(10) for t in threads]
+    assert len(set(results)) == 1 and (tmp_path / "m" / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folder left behind
+
+
+def test_gptj_6b_counts_on_meta_device():
+    sizes = gh.module_sizes(gh.gptj_6b_config(), dtype=torch.float16)
+    assert sizes["params"] == 6_050_882_784
+    assert sizes["block"] == 201_355_264 * 2
+    assert sizes["embedding"] == 206_438_400 * 2
+    assert sizes["head"] == (8_192 + 206_438_400 + 50_400) * 2
+    assert sizes["total"] == sizes["params"] * 2
+    assert gh.module_sizes(gh.gptj_6b_config(), dtype=torch.float32)["total"] == sizes["params"] * 4
+
+
+@pytest.mark.parametrize("text,expected", [("10GiB", 10 * 2**30), ("5GB", 5 * 10**9), ("512 MiB", 512 * 2**20),
+                                           ("1.5gb", 1_500_000_000), ("100", 100), ("2MB", 2_000_000)])
+def test_parse_size(text, expected):
+    assert gh.parse_size(text) == expected
+
+
+def test_parse_devices_good():
+    three = gh.parse_devices("3x5GiB")
+    assert len(three) == 3 and all(d.budget_bytes == 5 * 2**30 for d in three)
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert three[0].name == expected
+    cpus = gh.parse_devices("cpu,cpu,cpu")
+    assert [d.name for d in cpus] == ["cpu"] * 3 and cpus[0].budget_bytes > 0
+    mixed = gh.parse_devices("cpu=6GiB, cpu=10GiB, 2xcpu=1GB")
+    assert [d.budget_bytes for d in mixed] == [6 * 2**30, 10 * 2**30, 10**9, 10**9]
+    assert str(mixed[0]) == "cpu=6.00GiB"
+
+
+@pytest.mark.parametrize("spec,fragment", [("", "empty device spec"), ("3x5 gigs", "5 gigs"),
+                                           ("cpu=ten", "ten"), ("tpu:0=1GiB", "tpu:0"),
+                                           ("0x5GiB", "at least 1"), ("cpu,foo", "foo")])
+def test_parse_devices_bad(spec, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        gh.parse_devices(spec)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_explained():
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        gh.parse_devices("cuda:0=10GiB")
+
+
+def test_environment_yml_matches_pyproject():
+    def names(reqs):
+        return {re.split(r"[<>=!~ @\[]", r.strip(), maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = (ROOT / "environment.yml").read_text()
+    pip_part = env.split("- pip:", 1)[1]
+    env_pkgs = names(re.findall(r"^\s+- (\S+)", pip_part, flags=re.M))
+    assert names(deps) <= env_pkgs, f"in pyproject but not environment.yml: {names(deps) - env_pkgs}"
+    extra = env_pkgs - names(deps)
+    assert extra <= {"jupyterlab", "nbval"}, f"in environment.yml but not pyproject: {extra}"
+    assert {"jupyterlab", "nbval"} <= names(tomllib.loads((ROOT / "pyproject.toml").read_text())
+                                            ["project"]["optional-dependencies"]["dev"])
+
+
+def test_constraints_pin_cpu_torch():
+    pins = (ROOT / "constraints.txt").read_text()
+    assert re.search(r"^torch==2\.13\.0$", pins, flags=re.M)
+    assert "nvidia" not in pins.lower()
+
+
+def test_cli_help_lists_subcommands():
+    result = run_cli("--help", timeout=60)
+    assert result.returncode == 0
+    assert "make-tiny" in result.stdout and "devices" in result.stdout
+
+
+def test_cli_make_tiny(tmp_path):
+    out = tmp_path / "tiny"
+    result = run_cli("make-tiny", str(out), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    assert run_cli("make-tiny", str(out), timeout=60).returncode != 0  # refuses to overwrite
+
+
+def test_cli_bad_device_spec_is_one_clear_line():
+    result = run_cli("devices", "3xfoo", timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith("error:") and "foo" in result.stderr
+
+
+def test_hub_id_offline_fails_fast(monkeypatch, tmp_path):
+    import time
+
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match="needs the internet"):
+        gh.download_model("someone/some-model", cache_dir=tmp_path)
+    assert time.perf_counter() - start < 10
+
+
+def test_unreachable_endpoint_fails_fast(tmp_path):
+    with pytest.raises(ConnectionError, match="cannot reach 127.0.0.1"):
+        gh.download_model("someone/some-model", endpoint="http://127.0.0.1:9", cache_dir=tmp_path)
+
+
+def test_resolve_model_paths(tmp_path, tiny_path):
+    assert gh.resolve_model(str(tiny_path)) == tiny_path
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        gh.resolve_model(str(tmp_path))
+    assert gh.hub_id("gpt-j-6b") == ("EleutherAI/gpt-j-6b", "float16")
+    assert gh.load_config("gpt-j-6b").n_layer == 28  # known offline
+
+
+def test_module_does_no_work_at_import():
+    import subprocess
+    import sys
+
+    code = "import sys, gptj_helpers; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.stdout.strip() == "False"
