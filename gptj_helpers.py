@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -203,17 +206,25 @@ def meta_model(config):
 
 def module_sizes(config, dtype: torch.dtype = torch.float16) -> dict[str, int]:
     """Parameter bytes of the embedding, one block, and the head (ln_f + lm_head), and their total (notebook 00)."""
-    model = meta_model(config)
+    counts = count_parameters(config.to_json_string())
     itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = {k: v * itemsize for k, v in counts.items() if k != "params"}
+    sizes["total"] = sizes["embedding"] + config.n_layer * sizes["block"] + sizes["head"]
+    return {**sizes, "params": counts["params"]}
 
-    def nbytes(module) -> int:
-        return sum(p.numel() for p in module.parameters()) * itemsize
 
-    head = nbytes(model.transformer.ln_f) + nbytes(model.lm_head)
-    sizes = {"embedding": nbytes(model.transformer.wte), "block": nbytes(model.transformer.h[0]), "head": head}
-    sizes["total"] = sizes["embedding"] + config.n_layer * sizes["block"] + head
-    sizes["params"] = sum(p.numel() for p in model.parameters())
-    return sizes
+@functools.lru_cache(maxsize=32)
+def count_parameters(config_json: str) -> dict[str, int]:
+    """Parameters of the embedding, one block, the head and the whole model, counted on the meta device."""
+    from transformers import GPTJConfig
+
+    model = meta_model(GPTJConfig(**json.loads(config_json)))
+
+    def count(*modules) -> int:
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    return {"embedding": count(model.transformer.wte), "block": count(model.transformer.h[0]),
+            "head": count(model.transformer.ln_f, model.lm_head), "params": count(model)}
 
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -272,12 +283,14 @@ def list_devices() -> list[Device]:
     return [Device(n, available_memory(n)) for n in names]
 
 
-def check_device_name(name: str, part: str) -> str:
-    """Validate a device name like "cpu" or "cuda:1" against this machine."""
+def check_device_name(name: str, part: str, check: bool = True) -> str:
+    """Validate a device name like "cpu" or "cuda:1" (against this machine's GPUs when `check`)."""
     try:
         dev = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"device spec part {part!r}: {name!r} is not a device name (use cpu, cuda or cuda:N)") from err
+    if dev.type == "cuda" and not check:
+        return f"cuda:{dev.index or 0}"
     if dev.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0:
@@ -291,8 +304,11 @@ def check_device_name(name: str, part: str) -> str:
     return "cpu"
 
 
-def parse_devices(spec: str) -> list[Device]:
-    """Parse a device spec: "3x5GiB", "cuda:0=10GiB,cuda:1=10GiB", "cpu,cpu,cpu", "2xcpu=4GiB" (notebook 00)."""
+def parse_devices(spec: str, check: bool = True) -> list[Device]:
+    """Parse a device spec: "3x5GiB", "cuda:0=10GiB,cuda:1=10GiB", "cpu,cpu,cpu", "2xcpu=4GiB" (notebook 00).
+
+    With `check=False` (planning only) CUDA devices need not exist here, but then need a budget.
+    """
     if not spec or not spec.strip():
         raise ValueError("empty device spec: try 'cpu,cpu' or '2x5GiB' or 'cuda:0=10GiB,cuda:1=10GiB'")
     devices: list[Device] = []
@@ -312,7 +328,9 @@ def parse_devices(spec: str) -> list[Device]:
             names = [f"cuda:{i * gpus // count}" if gpus else "cpu" for i in range(count)]
             devices += [Device(n, budget) for n in names]
             continue
-        name = check_device_name(name, part)
+        name = check_device_name(name, part, check)
+        if not size and not check and name.startswith("cuda"):
+            raise ValueError(f"device spec part {part!r}: give a budget, like {name}=10GiB")
         budget = parse_size(size) if size else available_memory(name)
         devices += [Device(name, budget) for _ in range(count)]
     return devices
@@ -368,6 +386,372 @@ def check_online(endpoint: str | None = None, timeout: float = 3.0) -> None:
             why = f"cannot reach {url.hostname}: {err}"
     raise ConnectionError(f"{why}. Downloading weights needs the internet: run this where it is available, "
                           "or pass the path of a local model folder, or use model='tiny' (the offline default).")
+
+
+# --------------------------------------------------------------------------
+# 02 · plan and place
+# --------------------------------------------------------------------------
+
+@dataclass
+class StagePlan:
+    """One device's share of the model: contiguous modules and the bytes they need (notebook 02)."""
+
+    device: str
+    embedding: bool
+    blocks: tuple[int, int]  # half-open range of transformer blocks
+    head: bool
+    param_bytes: int
+    kv_cache_bytes: int
+    reserve_bytes: int
+    total_bytes: int
+    budget_bytes: int
+    cost: float = 0.0
+
+    @property
+    def fill(self) -> float:
+        """Load over budget: 1.0 is a full device."""
+        return self.total_bytes / self.budget_bytes
+
+
+@dataclass
+class Plan:
+    """The planner's answer, read by placement, the pipeline and the plots; `--json` prints exactly this (notebook 02)."""
+
+    model: str
+    dtype: str
+    total_params: int
+    devices: list[StagePlan]
+
+    def to_json(self) -> str:
+        """The plan as JSON text."""
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        """Read a plan written by `to_json`."""
+        data = json.loads(text)
+        stages = [StagePlan(**{**s, "blocks": tuple(s["blocks"])}) for s in data.pop("devices")]
+        return cls(**data, devices=stages)
+
+    def stage_of_module(self, name: str) -> int:
+        """Which stage holds a parameter or module named like `transformer.h.3.attn.q_proj.weight`."""
+        if name.startswith("transformer.wte"):
+            return 0
+        if name.startswith(("transformer.ln_f", "lm_head")):
+            return len(self.devices) - 1
+        block = int(name.split(".")[2])
+        return next(i for i, s in enumerate(self.devices) if s.blocks[0] <= block < s.blocks[1])
+
+
+def kv_cache_bytes_per_layer(config, dtype: torch.dtype, tokens: int, batch_size: int = 1) -> int:
+    """Keys and values of one layer for `tokens` positions of `batch_size` sequences (notebook 02)."""
+    return 2 * config.n_embd * torch.empty((), dtype=dtype).element_size() * tokens * batch_size
+
+
+def as_config(model_or_config):
+    """Accept a model name, a model or a config; return the config."""
+    if isinstance(model_or_config, (str, Path)):
+        return load_config(str(model_or_config))
+    return getattr(model_or_config, "config", model_or_config)
+
+
+def plan_split(model_or_config, devices: str | list[Device], dtype: torch.dtype = torch.float16,
+               reserve: int | str = 0, prompt_tokens: int = 0, max_new_tokens: int = 0, batch_size: int = 1,
+               cost: list[float] | None = None, model_name: str | None = None) -> Plan:
+    """Split embedding, blocks and head into contiguous stages, minimising the fullest device (notebook 02).
+
+    With `cost` (one number per module: embedding, each block, head) it minimises the slowest stage
+    instead, still within every budget. An optimal min-max partition by dynamic programming.
+    """
+    config = as_config(model_or_config)
+    devices = parse_devices(devices, check=False) if isinstance(devices, str) else list(devices)
+    reserve = parse_size(reserve) if isinstance(reserve, str) else int(reserve)
+    sizes = module_sizes(config, dtype)
+    kv = kv_cache_bytes_per_layer(config, dtype, prompt_tokens + max_new_tokens, batch_size)
+    n_layer, n = config.n_layer, len(devices)
+    if cost is not None and len(cost) != n_layer + 2:
+        raise ValueError(f"cost needs {n_layer + 2} numbers (embedding, {n_layer} blocks, head), got {len(cost)}")
+
+    def stage(s: int, a: int, b: int) -> StagePlan:
+        params = (b - a) * sizes["block"] + (sizes["embedding"] if s == 0 else 0) + (sizes["head"] if s == n - 1 else 0)
+        kv_bytes = (b - a) * kv
+        c = 0.0 if cost is None else sum(cost[1 + a:1 + b]) + (cost[0] if s == 0 else 0) + (cost[-1] if s == n - 1 else 0)
+        return StagePlan(devices[s].name, s == 0, (a, b), s == n - 1, params, kv_bytes, reserve,
+                         params + kv_bytes + reserve, devices[s].budget_bytes, c)
+
+    def score(st: StagePlan) -> float:
+        if cost is None:
+            return st.fill
+        return st.cost if st.fill <= 1 else math.inf
+
+    # best[s][j]: the smallest possible worst score of stages 0..s-1 holding blocks [0, j)
+    best = [[math.inf] * (n_layer + 1) for _ in range(n + 1)]
+    cut = [[0] * (n_layer + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for s in range(1, n + 1):
+        for j in range(n_layer + 1):
+            for i in range(j + 1):
+                value = max(best[s - 1][i], score(stage(s - 1, i, j)))
+                if value < best[s][j]:
+                    best[s][j], cut[s][j] = value, i
+    bounds, j = [], n_layer
+    for s in range(n, 0, -1):
+        bounds.append((cut[s][j], j))
+        j = cut[s][j]
+    stages = [stage(s, a, b) for s, (a, b) in enumerate(reversed(bounds))]
+    plan = Plan(model_name or getattr(config, "name_or_path", "") or "gptj", str(dtype).replace("torch.", ""),
+                sizes["params"], stages)
+    if best[n][n_layer] == math.inf or max(s.fill for s in stages) > 1:
+        raise MemoryError(explain_infeasible(config, devices, dtype, reserve, prompt_tokens, max_new_tokens, batch_size))
+    return plan
+
+
+def explain_infeasible(config, devices: list[Device], dtype: torch.dtype, reserve: int, prompt_tokens: int,
+                       max_new_tokens: int, batch_size: int) -> str:
+    """Say what is needed, what the devices give, and the smallest change that would fit (notebook 02)."""
+    sizes = module_sizes(config, dtype)
+    tokens = prompt_tokens + max_new_tokens
+    kv_total = kv_cache_bytes_per_layer(config, dtype, tokens, batch_size) * config.n_layer
+    need = sizes["total"] + kv_total + reserve * len(devices)
+    give = sum(d.budget_bytes for d in devices)
+    msg = (f"the model does not fit: it needs {format_size(need)} (weights {format_size(sizes['total'])} in "
+           f"{str(dtype).replace('torch.', '')}, KV cache {format_size(kv_total)}"
+           + (f", reserve {format_size(reserve)} x {len(devices)}" if reserve else "")
+           + f"), your {len(devices)} device(s) give {format_size(give)}")
+    if any(sizes["block"] + reserve > d.budget_bytes for d in devices):
+        msg += f" and one block alone needs {format_size(sizes['block'] + reserve)} with the reserve"
+    ideas = []
+
+    def fits(devs, dt=dtype, res=reserve, pt=prompt_tokens, mnt=max_new_tokens) -> bool:
+        try:
+            plan_split(config, devs, dtype=dt, reserve=res, prompt_tokens=pt, max_new_tokens=mnt, batch_size=batch_size)
+            return True
+        except MemoryError:
+            return False
+
+    biggest = max(devices, key=lambda d: d.budget_bytes)
+    for extra in range(1, config.n_layer + 2):
+        if fits(devices + [biggest] * extra):
+            ideas.append(f"add {extra} device(s) of {format_size(biggest.budget_bytes)}")
+            break
+    if torch.empty((), dtype=dtype).element_size() > 2 and fits(devices, dt=torch.float16):
+        ideas.append("use dtype=float16")
+    if tokens and fits(devices, pt=0, mnt=0):
+        low, high = 0, tokens  # bisect the longest context that fits
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(devices, pt=0, mnt=mid) else (low, mid)
+        ideas.append(f"use a shorter context (at most {low} tokens in all)")
+    if reserve and fits(devices, res=0):
+        ideas.append("lower the per-device reserve")
+    return msg + (": " + ", or ".join(ideas) if ideas else "") + "."
+
+
+def format_plan(plan: Plan) -> str:
+    """A plan as a small text table, one device a line (notebook 02)."""
+    lines = [f"{plan.model} in {plan.dtype}: {plan.total_params:,} parameters on {len(plan.devices)} device(s)"]
+    for i, s in enumerate(plan.devices):
+        parts = (["embedding"] if s.embedding else []) + [f"blocks {s.blocks[0]}-{s.blocks[1] - 1}"
+                                                          if s.blocks[1] > s.blocks[0] else "no blocks"]
+        parts += ["head"] if s.head else []
+        lines.append(f"  {i}: {s.device:7} {', '.join(parts):28} params {format_size(s.param_bytes):>11} "
+                     f"+ KV {format_size(s.kv_cache_bytes):>10} + reserve {format_size(s.reserve_bytes):>9} "
+                     f"= {format_size(s.total_bytes):>11} of {format_size(s.budget_bytes):>10} ({s.fill:.0%})")
+    return "\n".join(lines)
+
+
+def accelerate_plan(config, devices: list[Device], dtype: torch.dtype = torch.float16, balanced: bool = True) -> list[int]:
+    """Parameter bytes per device as accelerate would place them (`device_map="auto"` when balanced, else a greedy fill)."""
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+    from transformers.utils import logging as hf_logging
+
+    model = meta_model(config)
+    max_memory = {i: d.budget_bytes for i, d in enumerate(devices)}
+    quiet = hf_logging.get_logger("accelerate")
+    old = quiet.level
+    import logging
+
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    try:
+        if balanced:
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=["GPTJBlock"],
+                                             dtype=dtype)
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=["GPTJBlock"],
+                                           dtype=dtype)
+    finally:
+        logging.getLogger("accelerate").setLevel(old)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    loads = [0] * len(devices)
+    for name, p in model.named_parameters():
+        owner = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len)
+        target = device_map[owner]
+        if isinstance(target, int):
+            loads[target] += p.numel() * itemsize
+    return loads
+
+
+def stage_parameter_names(model_path: str | Path) -> dict[str, str]:
+    """Map every tensor name of a saved model to the safetensors file that holds it (notebook 02)."""
+    path = Path(model_path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return json.loads(index.read_text())["weight_map"]
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        return {k: "model.safetensors" for k in f.keys()}
+
+
+def move_to(value, device: torch.device, dtype: torch.dtype | None):
+    """Move tensors (also inside tuples, lists and dicts) to a device, casting floating ones to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        if dtype is not None and value.is_floating_point():
+            return value.to(device=device, dtype=dtype)
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(move_to(v, device, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: move_to(v, device, dtype) for k, v in value.items()}
+    return value
+
+
+def boundary_hook(device: torch.device, dtype: torch.dtype | None):
+    """A forward pre-hook moving everything a module receives to its stage's device: the seed's patch, as a hook."""
+    def hook(module, args, kwargs):
+        return move_to(args, device, dtype), move_to(kwargs, device, dtype)
+    return hook
+
+
+def place_stages(model_path: str | Path, plan: Plan, dtype: torch.dtype | list[torch.dtype] | None = None):
+    """Load each stage's tensors straight from safetensors onto its device, and hook the stage boundaries (notebook 02).
+
+    `dtype` may be one dtype or one per stage. Returns a `GPTJForCausalLM` that runs across the devices.
+    """
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import AutoConfig, GPTJForCausalLM
+
+    model_path = resolve_model(str(model_path))
+    config = AutoConfig.from_pretrained(str(model_path))
+    n = len(plan.devices)
+    if plan.devices[-1].blocks[1] != config.n_layer:
+        raise ValueError(f"the plan covers {plan.devices[-1].blocks[1]} blocks but {model_path} has {config.n_layer}")
+    dtypes = list(dtype) if isinstance(dtype, (list, tuple)) else [dtype or getattr(torch, plan.dtype)] * n
+    with init_empty_weights():
+        model = GPTJForCausalLM(config)
+    files = stage_parameter_names(model_path)
+    expected = {name for name, _ in model.named_parameters()}
+    missing = expected - set(files)
+    if missing:
+        raise ValueError(f"{model_path} lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
+    for file in sorted(set(files.values())):
+        names = [k for k, f in files.items() if f == file and k in expected]
+        by_stage: dict[int, list[str]] = {}
+        for name in names:
+            by_stage.setdefault(plan.stage_of_module(name), []).append(name)
+        for s, stage_names in by_stage.items():
+            device = torch.device(plan.devices[s].device)
+            with safe_open(model_path / file, framework="pt", device=str(device)) as f:
+                for name in stage_names:
+                    set_module_tensor_to_device(model, name, device, value=f.get_tensor(name), dtype=dtypes[s])
+    model.transformer.rotary_emb.to(plan.devices[0].device)
+    # every block after the first stage gets the hook: the first one moves the hidden states across the
+    # boundary; all of them need the mask, position ids and rotary sin/cos, which the model hands each block
+    model.hooks = {}  # module name -> hook handle, so a test can remove one and watch it fail
+    for s, st in enumerate(plan.devices[1:], start=1):
+        for b in range(*st.blocks):
+            model.hooks[f"transformer.h.{b}"] = model.transformer.h[b].register_forward_pre_hook(
+                boundary_hook(torch.device(st.device), dtypes[s]), with_kwargs=True)
+    last = torch.device(plan.devices[-1].device)
+    model.hooks["transformer.ln_f"] = model.transformer.ln_f.register_forward_pre_hook(
+        boundary_hook(last, dtypes[-1]), with_kwargs=True)
+    first_device = torch.device(plan.devices[0].device)
+    # logits go back to the first device, where generate keeps the token ids
+    model.hooks["lm_head"] = model.lm_head.register_forward_hook(lambda m, a, out: out.to(first_device))
+    model.plan = plan
+    return model.eval()
+
+
+def measure_memory(model, cache=None) -> list[dict]:
+    """Bytes per stage from the tensors actually placed there: parameters, buffers, KV cache (notebook 02)."""
+    plan: Plan | None = getattr(model, "plan", None)
+    stages = plan.devices if plan else [None]
+    rows = [{"stage": s, "device": st.device if st else str(model.device), "param_bytes": 0, "kv_cache_bytes": 0}
+            for s, st in enumerate(stages)]
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        s = plan.stage_of_module(name) if plan and not name.startswith("transformer.rotary") else 0
+        rows[s]["param_bytes"] += tensor.numel() * tensor.element_size()
+    if cache is not None:
+        for layer_index, layer in enumerate(cache.layers):
+            s = plan.stage_of_module(f"transformer.h.{layer_index}") if plan else 0
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    rows[s]["kv_cache_bytes"] += t.numel() * t.element_size()
+    for row in rows:
+        row["total_bytes"] = row["param_bytes"] + row["kv_cache_bytes"]
+    if torch.cuda.is_available():
+        for row in rows:
+            if row["device"].startswith("cuda"):
+                row["cuda_allocated_bytes"] = torch.cuda.memory_allocated(row["device"])
+    return rows
+
+
+# --------------------------------------------------------------------------
+# 03 · generate and time
+# --------------------------------------------------------------------------
+
+@dataclass
+class TimingEvent:
+    """One busy interval of one stage: seconds since the run started (notebooks 03 to 05)."""
+
+    stage: int
+    phase: str  # "prefill" or "decode"
+    step: int  # 0 for the prefill, then one per generated token
+    start: float
+    end: float
+    kind: str = "compute"  # the pipeline also records "send" and "recv"
+    micro_batch: int = 0
+
+
+@dataclass
+class RunRecord:
+    """What one generation measured; the naive split and the pipeline both return one (notebooks 03 to 05)."""
+
+    texts: list[str]
+    prompts: list[str]
+    mode: str  # "single", "naive" or "pipeline"
+    new_tokens: int  # tokens generated, summed over the batch
+    time_to_first_token: float
+    tokens_per_second: float  # after the first token, summed over the batch
+    total_seconds: float
+    events: list[TimingEvent] = dataclasses.field(default_factory=list)
+    memory: list[dict] = dataclasses.field(default_factory=list)  # one row per stage, see measure_memory
+    plan: Plan | None = None
+
+    def busy_seconds(self) -> list[float]:
+        """Compute time of each stage."""
+        n = max((e.stage for e in self.events), default=-1) + 1
+        busy = [0.0] * n
+        for e in self.events:
+            if e.kind == "compute":
+                busy[e.stage] += e.end - e.start
+        return busy
+
+
+# --------------------------------------------------------------------------
+# 04 · measure and plot
+# --------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------
+# 05 · pipeline parallelism
+# --------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------
+# 06 · prompt widget
+# --------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------
@@ -434,6 +818,14 @@ def cmd_run_notebooks(args: argparse.Namespace) -> None:
         print(f"executed notebooks are in {Path(args.out).resolve()}/, figures in {Path(args.out).resolve()}/figures/")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    """plan: print how the model splits over the devices, as a table or as the Plan's JSON."""
+    plan = plan_split(args.model, args.devices, dtype=getattr(torch, args.dtype), reserve=args.reserve,
+                      prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, model_name=args.model)
+    print(plan.to_json() if args.json else format_plan(plan))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per task of the series."""
     parser = argparse.ArgumentParser(prog="python -m gptj_helpers", description=__doc__.splitlines()[0])
@@ -448,6 +840,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", nargs="?")
     p.set_defaults(func=cmd_devices)
 
+    p = sub.add_parser("plan", help="plan the split of a model over devices with memory budgets")
+    p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, or a model folder")
+    p.add_argument("--devices", required=True, help='e.g. "3x5GiB" or "cuda:0=6GiB,cuda:1=10GiB"')
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--prompt-tokens", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--reserve", default="0", help="bytes kept free on every device, e.g. 1GiB")
+    p.add_argument("--json", action="store_true", help="print the Plan object as JSON")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("run-notebooks", help="execute notebooks headless (make demo, make notebooks)")
     p.add_argument("notebooks", nargs="+")
     p.add_argument("--out", help="folder for the executed copies and their figures")
@@ -461,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ConnectionError) as err:
+    except (ValueError, FileNotFoundError, ConnectionError, MemoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
