@@ -622,14 +622,28 @@ def boundary_hook(device: torch.device, dtype: torch.dtype | None):
     return hook
 
 
+def load_tensors(model, model_path: Path, names: list[str], device: str, dtype: torch.dtype | None,
+                 files: dict[str, str] | None = None) -> None:
+    """Load the named tensors of a meta-device model straight from safetensors onto `device` (notebooks 02 and 05)."""
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+
+    files = files or stage_parameter_names(model_path)
+    missing = [name for name in names if name not in files]
+    if missing:
+        raise ValueError(f"{model_path} lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
+    for file in sorted({files[name] for name in names}):
+        with safe_open(Path(model_path) / file, framework="pt", device=str(device)) as f:
+            for name in (n for n in names if files[n] == file):
+                set_module_tensor_to_device(model, name, device, value=f.get_tensor(name), dtype=dtype)
+
+
 def place_stages(model_path: str | Path, plan: Plan, dtype: torch.dtype | list[torch.dtype] | None = None):
     """Load each stage's tensors straight from safetensors onto its device, and hook the stage boundaries (notebook 02).
 
     `dtype` may be one dtype or one per stage. Returns a `GPTJForCausalLM` that runs across the devices.
     """
     from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
     from transformers import AutoConfig, GPTJForCausalLM
 
     model_path = resolve_model(str(model_path))
@@ -641,20 +655,9 @@ def place_stages(model_path: str | Path, plan: Plan, dtype: torch.dtype | list[t
     with init_empty_weights():
         model = GPTJForCausalLM(config)
     files = stage_parameter_names(model_path)
-    expected = {name for name, _ in model.named_parameters()}
-    missing = expected - set(files)
-    if missing:
-        raise ValueError(f"{model_path} lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
-    for file in sorted(set(files.values())):
-        names = [k for k, f in files.items() if f == file and k in expected]
-        by_stage: dict[int, list[str]] = {}
-        for name in names:
-            by_stage.setdefault(plan.stage_of_module(name), []).append(name)
-        for s, stage_names in by_stage.items():
-            device = torch.device(plan.devices[s].device)
-            with safe_open(model_path / file, framework="pt", device=str(device)) as f:
-                for name in stage_names:
-                    set_module_tensor_to_device(model, name, device, value=f.get_tensor(name), dtype=dtypes[s])
+    names = [name for name, _ in model.named_parameters()]
+    for s, st in enumerate(plan.devices):
+        load_tensors(model, model_path, [k for k in names if plan.stage_of_module(k) == s], st.device, dtypes[s], files)
     model.transformer.rotary_emb.to(plan.devices[0].device)
     # every block after the first stage gets the hook: the first one moves the hidden states across the
     # boundary; all of them need the mask, position ids and rotary sin/cos, which the model hands each block
