@@ -731,6 +731,7 @@ class RunRecord:
     events: list[TimingEvent] = dataclasses.field(default_factory=list)
     memory: list[dict] = dataclasses.field(default_factory=list)  # one row per stage, see measure_memory
     plan: Plan | None = None
+    output_ids: torch.Tensor | None = None  # prompt + new token ids, left-padded, like generate's output
 
     def busy_seconds(self) -> list[float]:
         """Compute time of each stage."""
@@ -750,6 +751,558 @@ class RunRecord:
 # --------------------------------------------------------------------------
 # 05 · pipeline parallelism
 # --------------------------------------------------------------------------
+
+PIPELINE_TIMEOUT = 60.0  # seconds a stage waits for a neighbour before the run fails
+
+
+@dataclass
+class PipelineJob:
+    """One batch for the stage processes: left-padded token ids, micro-batch count, sampling options (notebook 05)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    micro_batches: int = 1
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+
+def encode_prompts(tokenizer, prompts: list[str] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of a batch, left-padded with eos as generate expects (notebooks 03 and 05)."""
+    if isinstance(prompts, torch.Tensor):
+        ids = prompts if prompts.dim() == 2 else prompts[None]
+        return ids.long(), torch.ones_like(ids, dtype=torch.long)
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings (or a 2-D tensor of token ids)")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def make_job(input_ids: torch.Tensor, attention_mask: torch.Tensor, micro_batches: int = 1,
+             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int = 0) -> PipelineJob:
+    """Check the options of one pipelined generation and bundle them (notebook 05)."""
+    batch = input_ids.shape[0]
+    if not 1 <= micro_batches <= batch:
+        raise ValueError(f"micro_batches={micro_batches}: use between 1 and the number of prompts ({batch})")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: generate at least one token")
+    if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
+        raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0 "
+                         f"(got {temperature}, {top_p}, {top_k})")
+    return PipelineJob(input_ids, attention_mask, micro_batches, max_new_tokens, do_sample, temperature, top_p,
+                       top_k, seed)
+
+
+def check_stage_count(n: int, n_layer: int) -> None:
+    """A pipeline stage needs at least one block: refuse more stages than blocks (notebook 05)."""
+    if n > n_layer:
+        raise ValueError(f"{n} stages but the model has only {n_layer} blocks: use at most {n_layer} devices")
+
+
+def check_pipeline_plan(plan: Plan, n_layer: int, world_size: int | None = None) -> None:
+    """Refuse a plan the pipeline cannot run, before anything is loaded (notebook 05)."""
+    n = len(plan.devices)
+    check_stage_count(n, n_layer)
+    if plan.devices[-1].blocks[1] != n_layer:
+        raise ValueError(f"the plan covers {plan.devices[-1].blocks[1]} blocks but the model has {n_layer}")
+    if world_size is not None and world_size != n:
+        raise ValueError(f"{world_size} process(es) for {n} stage(s): start one process per device "
+                         f"(torchrun --nproc-per-node {n}, or nodes x processes = {n})")
+
+
+@dataclass
+class PipelineStage:
+    """What one stage process holds: its modules (embedding on the first, head on the last) and its place (notebook 05)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    config: object  # the model's config with n_layer = this stage's block count (sizes its KV caches)
+    blocks: torch.nn.ModuleList
+    rotary: torch.nn.Module
+    wte: torch.nn.Module | None
+    ln_f: torch.nn.Module | None
+    lm_head: torch.nn.Module | None
+    param_bytes: int
+    eos_token_id: int
+    comm_device: torch.device  # where tensors cross: the GPU for NCCL, the CPU for gloo
+
+
+def load_stage(model_path: str | Path, plan: Plan, rank: int, dtype: torch.dtype,
+               comm_device: str = "cpu") -> PipelineStage:
+    """Build stage `rank` alone: a meta-device model whose own tensors are loaded from safetensors (notebook 05)."""
+    import copy
+
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, GPTJForCausalLM
+
+    model_path = resolve_model(str(model_path))
+    config = AutoConfig.from_pretrained(str(model_path))
+    with init_empty_weights():
+        model = GPTJForCausalLM(config)
+    st = plan.devices[rank]
+    names = [name for name, _ in model.named_parameters() if plan.stage_of_module(name) == rank]
+    load_tensors(model, model_path, names, st.device, dtype)
+    a, b = st.blocks
+    blocks = model.transformer.h[a:b]
+    for i, block in enumerate(blocks):  # the stage's own KV cache counts its layers from 0
+        block.attn.layer_idx = i
+    stage_config = copy.deepcopy(model.config)
+    stage_config.n_layer = b - a
+    params = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in set(names))
+    eos = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
+    return PipelineStage(rank, len(plan.devices), torch.device(st.device), dtype, stage_config, blocks,
+                         model.transformer.rotary_emb.to(st.device), model.transformer.wte if st.embedding else None,
+                         model.transformer.ln_f if st.head else None, model.lm_head if st.head else None, params,
+                         eos, torch.device(comm_device))
+
+
+def new_stage_cache(stage: PipelineStage):
+    """An empty KV cache for this stage's layers, one per micro-batch (notebook 05)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=stage.config)
+
+
+def forward_stage(stage: PipelineStage, x: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    """Run one stage: token ids or hidden states in; hidden states, or the last position's float32 logits, out."""
+    from transformers.masking_utils import create_causal_mask
+
+    hidden = stage.wte(x) if stage.wte is not None else x
+    q = hidden.shape[1]
+    # generate's position ids: count of real tokens so far, padding at 0; every stage derives them from the mask
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -q:]
+    if len(stage.blocks):
+        causal = create_causal_mask(config=stage.config, inputs_embeds=hidden, attention_mask=mask, cache=cache,
+                                    position_ids=positions)
+        rotary = stage.rotary(hidden, position_ids=positions)
+        for block in stage.blocks:
+            hidden = block(hidden, attention_mask=causal, position_ids=positions, cache=cache, use_cache=True,
+                           position_embeddings=rotary)
+    if stage.lm_head is None:
+        return hidden
+    return stage.lm_head(stage.ln_f(hidden)[:, -1:, :])[:, -1].to(copy=True, dtype=torch.float32)
+
+
+def make_warpers(job: PipelineJob):
+    """transformers' own temperature, top-k and top-p warpers, in generate's order (notebook 05)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList()
+    if job.do_sample and job.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(job.temperature))
+    if job.do_sample and job.top_k:
+        warpers.append(TopKLogitsWarper(top_k=job.top_k, min_tokens_to_keep=1))
+    if job.do_sample and job.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=job.top_p, min_tokens_to_keep=1))
+    return warpers
+
+
+def pick_tokens(logits: torch.Tensor, job: PipelineJob, warpers, generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy argmax, or softmax + multinomial with the micro-batch's own generator, as generate does."""
+    if not job.do_sample:
+        return torch.argmax(logits, dim=-1)
+    probs = torch.nn.functional.softmax(warpers(None, logits), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+class Inbox:
+    """The messages a stage will receive from one neighbour, in order; receives are posted ahead (`irecv`)."""
+
+    def __init__(self, stage: PipelineStage, src: int, shapes: list[tuple[tuple[int, ...], torch.dtype]],
+                 record, ahead: int = 2):
+        self.stage, self.src, self.shapes, self.record, self.ahead = stage, src, shapes, record, ahead
+        self.posted: list[tuple[torch.Tensor, object]] = []
+        self.next = 0
+
+    def post(self) -> None:
+        import torch.distributed as dist
+
+        while self.next < len(self.shapes) and len(self.posted) < self.ahead:
+            shape, dtype = self.shapes[self.next]
+            buffer = torch.empty(shape, dtype=dtype, device=self.stage.comm_device)
+            self.posted.append((buffer, dist.irecv(buffer, src=self.src)))
+            self.next += 1
+
+    def get(self, phase: str, step: int, micro_batch: int) -> torch.Tensor:
+        """Wait for the next message (timed as a "recv" event) and post the following receives."""
+        self.post()
+        start = self.record()
+        buffer, work = self.posted.pop(0)
+        work.wait()
+        self.post()
+        self.record(start, phase, step, micro_batch, "recv")
+        return buffer.to(self.stage.device)
+
+
+class Outbox:
+    """Sends that overlap the next compute (`isend`); buffers are kept alive until their send completes."""
+
+    def __init__(self, stage: PipelineStage, record, limit: int = 8):
+        self.stage, self.record, self.limit, self.pending = stage, record, limit, []
+
+    def send(self, tensor: torch.Tensor, dst: int, phase: str, step: int, micro_batch: int) -> None:
+        import torch.distributed as dist
+
+        start = self.record()
+        buffer = tensor.to(self.stage.comm_device).contiguous()
+        self.pending.append((buffer, dist.isend(buffer, dst=dst)))
+        while len(self.pending) > self.limit:
+            self.pending.pop(0)[1].wait()
+        self.record(start, phase, step, micro_batch, "send")
+
+    def flush(self) -> None:
+        while self.pending:
+            self.pending.pop(0)[1].wait()
+
+
+def inject_fault(stage: PipelineStage, fail: tuple | None, step: int) -> None:
+    """Test hook: stage S raises (or exits at once) when it reaches token K; `fail` = (S, K, "raise" | "exit")."""
+    if not fail or fail[0] != stage.rank or fail[1] != step:
+        return
+    message = f"injected fault: pipeline stage {stage.rank} stops after {step} token(s)"
+    if len(fail) > 2 and fail[2] == "exit":
+        print(message + " (process exits)", file=sys.stderr, flush=True)
+        os._exit(3)
+    raise RuntimeError(message)
+
+
+def run_stage(stage: PipelineStage, job: PipelineJob, fail: tuple | None = None) -> dict:
+    """One stage's share of a pipelined generation: prefill over micro-batches, then interleaved decode (notebook 05).
+
+    Every stage runs micro-batches in the same order (step 0 = prefill, then one step per token), so while the
+    last stage works on micro-batch A, the first already works on B. Returns this stage's events, memory and,
+    on the last stage, the new tokens.
+    """
+    import time
+
+    rank, n, dev = stage.rank, stage.world_size, stage.device
+    first, last = rank == 0, rank == n - 1
+    rows = torch.arange(job.input_ids.shape[0]).tensor_split(job.micro_batches)
+    ids = [job.input_ids[r].to(dev) for r in rows]
+    masks = [job.attention_mask[r].to(dev) for r in rows]
+    caches = [new_stage_cache(stage) for _ in rows]
+    prompt_len, steps, width = job.input_ids.shape[1], job.max_new_tokens, stage.config.n_embd
+    events: list[TimingEvent] = []
+    t0 = time.perf_counter()
+
+    def record(start=None, phase="", step=0, micro_batch=0, kind="compute"):
+        now = time.perf_counter() - t0
+        if start is not None:
+            events.append(TimingEvent(rank, phase, step, start, now, kind, micro_batch))
+        return now
+
+    inbox = None
+    if not first:  # hidden states from the previous stage, in schedule order
+        shapes = [((len(r), prompt_len if s == 0 else 1, width), stage.dtype) for s in range(steps) for r in rows]
+        inbox = Inbox(stage, rank - 1, shapes, record)
+    elif n > 1:  # token ids from the last stage, for every step but the last
+        inbox = Inbox(stage, n - 1, [((len(r),), torch.long) for s in range(steps - 1) for r in rows], record)
+    outbox = Outbox(stage, record)
+    tokens = [[] for _ in rows]
+    unfinished = [torch.ones(len(r), dtype=torch.long, device=dev) for r in rows]
+    generators = [torch.Generator(device=dev).manual_seed(job.seed) for _ in rows] if last and job.do_sample else None
+    warpers = make_warpers(job)
+    with torch.inference_mode():
+        for step in range(steps):
+            inject_fault(stage, fail, step)
+            phase = "prefill" if step == 0 else "decode"
+            for m in range(len(rows)):
+                if first:
+                    x = ids[m] if step == 0 else (inbox.get(phase, step, m) if n > 1 else tokens[m][-1])
+                    x = x.view(len(rows[m]), -1)
+                else:
+                    x = inbox.get(phase, step, m)
+                start = record()
+                out = forward_stage(stage, x, masks[m], caches[m])
+                if last:
+                    out = pick_tokens(out, job, warpers, generators[m] if generators else None)
+                    out = out * unfinished[m] + stage.eos_token_id * (1 - unfinished[m])  # pad = eos after eos
+                    unfinished[m] = unfinished[m] & (out != stage.eos_token_id).long()
+                    tokens[m].append(out)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                record(start, phase, step, m)
+                masks[m] = torch.cat([masks[m], masks[m].new_ones((len(rows[m]), 1))], dim=-1)
+                if not last:
+                    outbox.send(out, rank + 1, phase, step, m)
+                elif n > 1 and step < steps - 1:
+                    outbox.send(out, 0, phase, step, m)
+        outbox.flush()
+    kv = sum(t.numel() * t.element_size() for c in caches for layer in c.layers
+             for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
+    memory = {"stage": rank, "device": str(dev), "param_bytes": stage.param_bytes, "kv_cache_bytes": kv,
+              "total_bytes": stage.param_bytes + kv}
+    if dev.type == "cuda":
+        memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
+    else:
+        import psutil
+
+        memory["process_rss_bytes"] = psutil.Process().memory_info().rss
+    new = torch.cat([torch.stack(t, dim=1) for t in tokens]).cpu() if last else None
+    return {"events": events, "memory": memory, "new_tokens": new}
+
+
+def merge_stage_results(results: list[dict], job: PipelineJob, tokenizer, plan: Plan | None) -> RunRecord:
+    """Combine what the stages report into one RunRecord, trimmed like generate (stop when all rows hit eos)."""
+    new = results[-1]["new_tokens"]
+    eos = tokenizer.eos_token_id
+    done = (new == eos).int()
+    finished_at = torch.where(done.any(1), done.argmax(1), torch.full_like(done[:, 0], new.shape[1] - 1))
+    length = int(finished_at.max()) + 1
+    output = torch.cat([job.input_ids, new[:, :length]], dim=1)
+    events = sorted((e for r in results for e in r["events"]), key=lambda e: (e.start, e.stage))
+    last = len(results) - 1
+    ttft = max(e.end for e in events if e.stage == last and e.kind == "compute" and e.step == 0)
+    total = max(e.end for e in events)
+    batch = output.shape[0]
+    return RunRecord(texts=tokenizer.batch_decode(output, skip_special_tokens=True), prompts=[], mode="pipeline",
+                     new_tokens=batch * length, time_to_first_token=ttft,
+                     tokens_per_second=batch * (length - 1) / (total - ttft) if length > 1 and total > ttft else 0.0,
+                     total_seconds=total, events=events, memory=[r["memory"] for r in results], plan=plan,
+                     output_ids=output)
+
+
+def default_dtype(config) -> torch.dtype:
+    """The dtype the weights were saved in (float32 when the config does not say)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def pick_backend(devices: list[str], local_world_size: int | None = None) -> str:
+    """NCCL when every stage has a GPU of its own, else gloo (notebook 05)."""
+    if all(d.startswith("cuda") for d in devices) and (len(set(devices)) == len(devices) or local_world_size == 1):
+        return "nccl"
+    return "gloo"
+
+
+def configure_worker(threads: int | None, cpus: list[int] | None) -> None:
+    """Limit this process's threads and pin it to some cores (the benchmark emulates one device per core)."""
+    if cpus:
+        os.sched_setaffinity(0, set(cpus))
+    if threads:
+        torch.set_num_threads(threads)
+        with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
+            torch.set_num_interop_threads(threads)
+
+
+def serve_stage(rank: int, world_size: int, spec: dict) -> list[RunRecord] | None:
+    """Body of one stage process, under run_pipeline or torchrun: set up, load, run the jobs (notebook 05).
+
+    Rank 0 plans (or takes the given plan) and tokenizes, then broadcasts; bad configurations are refused before
+    any weights are loaded. Returns the RunRecords on rank 0, None elsewhere.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    if spec.get("devices") and len(parse_devices(spec["devices"], check=False)) != world_size:
+        raise ValueError(f"{world_size} process(es) for the {len(parse_devices(spec['devices'], check=False))} "
+                         f"device(s) in {spec['devices']!r}: start one process per device")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    cpus = spec["affinity"][rank] if spec.get("affinity") else None
+    configure_worker(spec.get("threads") or (max(1, (os.cpu_count() or 1) // local_world)
+                                             if spec.get("launched_here") else None), cpus)
+    setup: list = [None]
+    if rank == 0:
+        try:
+            setup[0] = prepare_pipeline(spec, world_size)
+        except (ValueError, MemoryError, FileNotFoundError) as err:
+            setup[0] = err
+    if world_size == 1 and isinstance(setup[0], Exception):
+        raise setup[0]
+    names = spec.get("stage_devices") or [d.name for d in parse_devices(spec["devices"], check=False)]
+    backend = spec.get("backend") or pick_backend(names, local_world)
+    timeout = datetime.timedelta(seconds=spec.get("timeout", PIPELINE_TIMEOUT))
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(names[rank]))
+    dist.init_process_group(backend, init_method=spec.get("init_method", "env://"), rank=rank,
+                            world_size=world_size, timeout=timeout)
+    try:
+        dist.broadcast_object_list(setup, src=0)
+        if isinstance(setup[0], Exception):
+            raise setup[0]
+        plan, jobs, model_path = setup[0]
+        dtype = getattr(torch, spec.get("dtype") or plan.dtype)
+        stage = load_stage(model_path, plan, rank, dtype, plan.devices[rank].device if backend == "nccl" else "cpu")
+        tokenizer = load_tokenizer(str(model_path)) if rank == 0 else None
+        records = []
+        for job in jobs:
+            dist.barrier()
+            result = run_stage(stage, job, spec.get("fail"))
+            gathered = [None] * world_size if rank == 0 else None
+            dist.gather_object(result, gathered, dst=0)
+            if rank == 0:
+                records.append(merge_stage_results(gathered, job, tokenizer, plan))
+                records[-1].prompts = list(spec.get("prompts") or [])
+        return records if rank == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def prepare_pipeline(spec: dict, world_size: int) -> tuple[Plan, list[PipelineJob], Path]:
+    """On rank 0: the plan (given, or made from the devices) and the jobs, checked; nothing loaded yet."""
+    model_path = resolve_model(str(spec["model"]))
+    config = load_config(str(model_path))
+    jobs = spec.get("jobs")
+    if jobs is None:
+        ids, mask = encode_prompts(load_tokenizer(str(model_path)), spec["prompts"])
+        jobs = [make_job(ids, mask, spec.get("micro_batches", 1), **spec.get("sampling", {}))]
+    if spec.get("plan_json"):
+        plan = Plan.from_json(spec["plan_json"])
+    else:
+        check_stage_count(len(parse_devices(spec["devices"], check=False)), config.n_layer)
+        dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else default_dtype(config)
+        longest = max(j.input_ids.shape[1] + j.max_new_tokens for j in jobs)
+        plan = plan_split(config, spec["devices"], dtype=dtype, max_new_tokens=longest,
+                          batch_size=max(j.input_ids.shape[0] for j in jobs), model_name=str(spec["model"]))
+    check_pipeline_plan(plan, config.n_layer, world_size)
+    return plan, jobs, model_path
+
+
+def pipeline_worker(rank: int, spec: dict) -> None:
+    """Entry point of a stage process started by run_pipeline; results go to files, errors too (notebook 05)."""
+    import pickle
+    import time
+    import traceback
+
+    try:
+        records = serve_stage(rank, spec["world_size"], spec)
+        if rank == 0:
+            tmp = Path(spec["result_path"] + ".tmp")
+            tmp.write_bytes(pickle.dumps(records))
+            os.replace(tmp, spec["result_path"])
+    except BaseException as err:
+        report = {"stage": rank, "time": time.time(), "error": f"{type(err).__name__}: {err}",
+                  "traceback": traceback.format_exc(), "neighbour": is_neighbour_error(err)}
+        Path(spec["error_dir"], f"stage{rank}.json").write_text(json.dumps(report))
+        raise
+
+
+def is_neighbour_error(err: BaseException) -> bool:
+    """Did this error come from the transport (a neighbour vanished or timed out), not from this stage itself?"""
+    import torch.distributed as dist
+
+    text = str(err).lower()
+    return isinstance(err, dist.DistError) or any(w in text for w in ("connection", "gloo", "timed out", "nccl"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_stages(spec: dict, world_size: int) -> list[RunRecord]:
+    """Start one process per stage (spawn), watch them, and return rank 0's records (notebook 05).
+
+    When a stage raises or dies, the others are stopped at once and the error names the stage that failed first.
+    """
+    import multiprocessing
+    import multiprocessing.connection
+    import pickle
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="gptj-pipeline-") as tmp:
+        spec = {**spec, "world_size": world_size, "result_path": str(Path(tmp, "result.pkl")), "error_dir": tmp,
+                "init_method": f"tcp://127.0.0.1:{free_port()}", "launched_here": True}
+        procs = [ctx.Process(target=pipeline_worker, args=(r, spec), daemon=True, name=f"pipeline-stage-{r}")
+                 for r in range(world_size)]
+        exits: dict[int, float] = {}
+        try:
+            for p in procs:
+                p.start()
+            while len(exits) < world_size:
+                multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None], timeout=1.0)
+                for r, p in enumerate(procs):
+                    if p.exitcode is not None and r not in exits:
+                        exits[r] = time.time()
+                if any(procs[r].exitcode != 0 for r in exits):
+                    break
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        failed = {r: t for r, t in exits.items() if procs[r].exitcode != 0}
+        if failed:
+            raise RuntimeError(describe_stage_failure(tmp, failed, procs, spec))
+        return pickle.loads(Path(spec["result_path"]).read_bytes())
+
+
+def describe_stage_failure(error_dir: str, failed: dict[int, float], procs, spec: dict) -> str:
+    """Name the stage that failed first (its own report, or its exit code) and what it said."""
+    reports = [json.loads(p.read_text()) for p in Path(error_dir).glob("stage*.json")]
+    for r, t in failed.items():
+        if not any(rep["stage"] == r for rep in reports):  # died without a word: killed, or exited hard
+            reports.append({"stage": r, "time": t, "error": f"process exited with code {procs[r].exitcode}",
+                            "traceback": "", "neighbour": False})
+    # a stage's own error beats the transport errors its neighbours then see; among equals, the earliest
+    first = min(reports, key=lambda rep: (rep["neighbour"], rep["time"]))
+    if isinstance(first.get("error"), str) and first["error"].startswith(("ValueError", "MemoryError")):
+        return first["error"].split(": ", 1)[1]
+    tail = "\n".join(first["traceback"].strip().splitlines()[-6:])
+    return f"pipeline stage {first['stage']} failed: {first['error']}" + (f"\n{tail}" if tail else "")
+
+
+def run_pipeline_jobs(model, devices: str | list[Device] | None, jobs: list[PipelineJob], plan: Plan | None = None,
+                      dtype: torch.dtype | None = None, timeout: float = PIPELINE_TIMEOUT, threads: int | None = None,
+                      affinity: list[list[int]] | None = None, fail: tuple | None = None) -> list[RunRecord]:
+    """Several generations in one start of the stage processes (benchmarks and tests reuse the loaded stages)."""
+    model_path = resolve_model(str(getattr(getattr(model, "config", None), "_name_or_path", None) or model))
+    config = load_config(str(model_path))
+    if plan is None:
+        if devices is None:
+            raise ValueError("give devices (like 'cpu,cpu') or a plan")
+        spec_devices = devices if isinstance(devices, str) else ",".join(f"{d.name}={d.budget_bytes}" for d in devices)
+        check_stage_count(len(parse_devices(spec_devices, check=False)), config.n_layer)
+        dtype = dtype or default_dtype(config)
+        plan = plan_split(config, spec_devices, dtype=dtype,
+                          max_new_tokens=max(j.input_ids.shape[1] + j.max_new_tokens for j in jobs),
+                          batch_size=max(j.input_ids.shape[0] for j in jobs), model_name=str(model))
+    check_pipeline_plan(plan, config.n_layer)
+    if affinity is not None and len(affinity) != len(plan.devices):
+        raise ValueError(f"affinity needs one list of cores per stage ({len(plan.devices)}), got {len(affinity)}")
+    dtype_name = str(dtype).replace("torch.", "") if dtype is not None else None
+    spec = {"model": str(model_path), "plan_json": plan.to_json(), "jobs": jobs, "dtype": dtype_name,
+            "timeout": timeout, "threads": threads, "affinity": affinity, "fail": fail,
+            "stage_devices": [s.device for s in plan.devices], "backend": pick_backend([s.device for s in plan.devices])}
+    return launch_stages(spec, len(plan.devices))
+
+
+def run_pipeline(model, prompts: list[str] | torch.Tensor, devices: str | list[Device] | None = None,
+                 micro_batches: int = 1, plan: Plan | None = None, dtype: torch.dtype | None = None,
+                 timeout: float = PIPELINE_TIMEOUT, threads: int | None = None,
+                 affinity: list[list[int]] | None = None, fail: tuple | None = None, **sampling) -> RunRecord:
+    """Generate with one process per stage, micro-batches flowing through them at once; texts + RunRecord (notebook 05).
+
+    `model` is a name or folder ("tiny", "gpt-j-6b", a path); `sampling` takes max_new_tokens, do_sample,
+    temperature, top_p, top_k and seed, as notebook 03. Greedy tokens equal `model.generate` on the whole batch;
+    seeded sampling equals `torch.manual_seed(seed); model.generate(...)` run on each micro-batch alone.
+    """
+    model_path = resolve_model(str(getattr(getattr(model, "config", None), "_name_or_path", None) or model))
+    ids, mask = encode_prompts(load_tokenizer(str(model_path)), prompts)
+    job = make_job(ids, mask, micro_batches, **sampling)
+    record = run_pipeline_jobs(model_path, devices, [job], plan=plan, dtype=dtype, timeout=timeout, threads=threads,
+                               affinity=affinity, fail=fail)[0]
+    record.prompts = list(prompts) if not isinstance(prompts, torch.Tensor) else []
+    return record
 
 
 # --------------------------------------------------------------------------
