@@ -975,12 +975,12 @@ def inject_fault(stage: PipelineStage, fail: tuple | None, step: int) -> None:
     raise RuntimeError(message)
 
 
-def run_stage(stage: PipelineStage, job: PipelineJob, fail: tuple | None = None) -> dict:
+def run_stage(stage: PipelineStage, job: PipelineJob, t0: float, fail: tuple | None = None) -> dict:
     """One stage's share of a pipelined generation: prefill over micro-batches, then interleaved decode (notebook 05).
 
     Every stage runs micro-batches in the same order (step 0 = prefill, then one step per token), so while the
-    last stage works on micro-batch A, the first already works on B. Returns this stage's events, memory and,
-    on the last stage, the new tokens.
+    last stage works on micro-batch A, the first already works on B. Returns this stage's events (seconds since
+    `t0`, a time.time() shared by all stages), memory and, on the last stage, the new tokens.
     """
     import time
 
@@ -992,10 +992,9 @@ def run_stage(stage: PipelineStage, job: PipelineJob, fail: tuple | None = None)
     caches = [new_stage_cache(stage) for _ in rows]
     prompt_len, steps, width = job.input_ids.shape[1], job.max_new_tokens, stage.config.n_embd
     events: list[TimingEvent] = []
-    t0 = time.perf_counter()
 
     def record(start=None, phase="", step=0, micro_batch=0, kind="compute"):
-        now = time.perf_counter() - t0
+        now = time.time() - t0  # one clock for all stages (on one machine; across machines as synced as theirs)
         if start is not None:
             events.append(TimingEvent(rank, phase, step, start, now, kind, micro_batch))
         return now
@@ -1101,6 +1100,7 @@ def serve_stage(rank: int, world_size: int, spec: dict) -> list[RunRecord] | Non
     any weights are loaded. Returns the RunRecords on rank 0, None elsewhere.
     """
     import datetime
+    import time
 
     import torch.distributed as dist
 
@@ -1137,7 +1137,9 @@ def serve_stage(rank: int, world_size: int, spec: dict) -> list[RunRecord] | Non
         records = []
         for job in jobs:
             dist.barrier()
-            result = run_stage(stage, job, spec.get("fail"))
+            t0 = [time.time()]
+            dist.broadcast_object_list(t0, src=0)
+            result = run_stage(stage, job, t0[0], spec.get("fail"))
             gathered = [None] * world_size if rank == 0 else None
             dist.gather_object(result, gathered, dst=0)
             if rank == 0:
@@ -1184,7 +1186,15 @@ def pipeline_worker(rank: int, spec: dict) -> None:
         report = {"stage": rank, "time": time.time(), "error": f"{type(err).__name__}: {err}",
                   "traceback": traceback.format_exc(), "neighbour": is_neighbour_error(err)}
         Path(spec["error_dir"], f"stage{rank}.json").write_text(json.dumps(report))
-        raise
+        raise SystemExit(1) from None  # the launcher reports it, naming the stage
+
+
+class PipelineError(RuntimeError):
+    """A stage process failed; `stage` names it, `failed_at` is when (time.time()) (notebook 05)."""
+
+    def __init__(self, message: str, stage: int, failed_at: float):
+        super().__init__(message)
+        self.stage, self.failed_at = stage, failed_at
 
 
 def is_neighbour_error(err: BaseException) -> bool:
@@ -1242,11 +1252,11 @@ def launch_stages(spec: dict, world_size: int) -> list[RunRecord]:
                     p.join()
         failed = {r: t for r, t in exits.items() if procs[r].exitcode != 0}
         if failed:
-            raise RuntimeError(describe_stage_failure(tmp, failed, procs, spec))
+            raise describe_stage_failure(tmp, failed, procs)
         return pickle.loads(Path(spec["result_path"]).read_bytes())
 
 
-def describe_stage_failure(error_dir: str, failed: dict[int, float], procs, spec: dict) -> str:
+def describe_stage_failure(error_dir: str, failed: dict[int, float], procs) -> Exception:
     """Name the stage that failed first (its own report, or its exit code) and what it said."""
     reports = [json.loads(p.read_text()) for p in Path(error_dir).glob("stage*.json")]
     for r, t in failed.items():
@@ -1255,10 +1265,12 @@ def describe_stage_failure(error_dir: str, failed: dict[int, float], procs, spec
                             "traceback": "", "neighbour": False})
     # a stage's own error beats the transport errors its neighbours then see; among equals, the earliest
     first = min(reports, key=lambda rep: (rep["neighbour"], rep["time"]))
-    if isinstance(first.get("error"), str) and first["error"].startswith(("ValueError", "MemoryError")):
-        return first["error"].split(": ", 1)[1]
-    tail = "\n".join(first["traceback"].strip().splitlines()[-6:])
-    return f"pipeline stage {first['stage']} failed: {first['error']}" + (f"\n{tail}" if tail else "")
+    kind, _, text = first["error"].partition(": ")
+    if kind in ("ValueError", "MemoryError", "FileNotFoundError"):  # a bad configuration, refused before loading
+        return {"ValueError": ValueError, "MemoryError": MemoryError, "FileNotFoundError": FileNotFoundError}[kind](text)
+    tail = "\n".join(first["traceback"].strip().splitlines()[-6:-1])
+    message = f"pipeline stage {first['stage']} failed: {first['error']}" + (f"\n{tail}" if tail else "")
+    return PipelineError(message, first["stage"], first["time"])
 
 
 def run_pipeline_jobs(model, devices: str | list[Device] | None, jobs: list[PipelineJob], plan: Plan | None = None,
@@ -1382,6 +1394,52 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(plan.to_json() if args.json else format_plan(plan))
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file, one per line (blank lines skipped)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompts file {path} does not exist: write one prompt per line")
+    prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} has no prompts: write one prompt per line")
+    return prompts
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    """pipeline: generate with one process per stage; under torchrun this process is one stage."""
+    sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    fail = (args.fail_stage, args.fail_after, args.fail_mode) if args.fail_stage is not None else None
+    if "RANK" not in os.environ:  # plain `python -m gptj_helpers pipeline`: start the stages from here
+        prompts = read_prompts(args.prompts_file)
+        try:
+            record = run_pipeline(args.model, prompts, args.devices, micro_batches=args.micro_batches,
+                                  dtype=getattr(torch, args.dtype) if args.dtype else None, timeout=args.timeout,
+                                  fail=fail, **sampling)
+        except PipelineError as err:
+            raise SystemExit(f"error: {err}") from err
+    else:  # one stage of a torchrun launch
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        spec = {"model": args.model, "devices": args.devices, "micro_batches": args.micro_batches,
+                "sampling": sampling, "dtype": args.dtype, "timeout": args.timeout, "fail": fail,
+                "prompts": read_prompts(args.prompts_file) if rank == 0 else None}
+        try:
+            records = serve_stage(rank, world, spec)
+        except (ValueError, FileNotFoundError, MemoryError):
+            raise
+        except Exception as err:
+            if is_neighbour_error(err):
+                raise SystemExit(f"error: pipeline stage {rank} lost a neighbouring stage (see its error): {err}") from err
+            raise SystemExit(f"error: pipeline stage {rank} failed: {type(err).__name__}: {err}") from err
+        if rank != 0:
+            return
+        record = records[0]
+    for i, text in enumerate(record.texts):
+        print(f"[{i}] {text}")
+    print(f"# {len(record.memory)} stages, {record.new_tokens} tokens in {record.total_seconds:.2f} s, "
+          f"first token after {record.time_to_first_token:.2f} s", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per task of the series."""
     parser = argparse.ArgumentParser(prog="python -m gptj_helpers", description=__doc__.splitlines()[0])
@@ -1406,6 +1464,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reserve", default="0", help="bytes kept free on every device, e.g. 1GiB")
     p.add_argument("--json", action="store_true", help="print the Plan object as JSON")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("pipeline", help="generate with one process per stage (torchrun or started from here)")
+    p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, or a model folder")
+    p.add_argument("--devices", required=True, help='one stage per device, e.g. "cpu,cpu" or "cuda:0,cuda:1"')
+    p.add_argument("--prompts-file", required=True, help="a text file with one prompt per line")
+    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=0, help="0: no top-k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: the saved dtype")
+    p.add_argument("--timeout", type=float, default=PIPELINE_TIMEOUT, help="seconds a stage waits for a neighbour")
+    p.add_argument("--fail-stage", type=int, help=argparse.SUPPRESS)  # tests: inject a fault in this stage
+    p.add_argument("--fail-after", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--fail-mode", choices=["raise", "exit"], default="raise", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("run-notebooks", help="execute notebooks headless (make demo, make notebooks)")
     p.add_argument("notebooks", nargs="+")

@@ -1,0 +1,270 @@
+"""Notebook 05: pipelined generation in stage processes equals generate; torchrun, two "nodes", faults, bad configs.
+
+Starting stage processes costs seconds (each imports torch), so each launch runs several jobs and the
+module-scoped fixtures are shared by the tests that check them.
+"""
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+import gptj_helpers as gh
+from conftest import ROOT
+
+PROMPTS = ["The list", "A dictionary is a mapping of", "Hello", "def f(x): return x +", "import os"]
+NEW = 8
+SAMPLING = dict(do_sample=True, temperature=0.9, top_p=0.7, top_k=0, seed=7)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    _model, tokenizer = tiny
+    return gh.encode_prompts(tokenizer, PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, batch):
+    """Greedy tokens of plain generate on the unsplit model, for the whole batch."""
+    model, tokenizer = tiny
+    ids, mask = batch
+    return model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW,
+                          pad_token_id=tokenizer.eos_token_id)
+
+
+def sampled_reference(model, tokenizer, ids, mask, micro_batches, seed=SAMPLING["seed"]):
+    """Notebook 03's seeded sampling, run on each micro-batch alone: what the pipeline promises to equal."""
+    options = {k: v for k, v in SAMPLING.items() if k != "seed"}
+    outs = []
+    for rows in torch.arange(ids.shape[0]).tensor_split(micro_batches):
+        torch.manual_seed(seed)
+        outs.append(model.generate(ids[rows], attention_mask=mask[rows], max_new_tokens=NEW,
+                                   pad_token_id=tokenizer.eos_token_id, **options))
+    return outs
+
+
+def jobs_for(batch):
+    ids, mask = batch
+    greedy = [gh.make_job(ids, mask, m, max_new_tokens=NEW) for m in (1, 2, 4)]
+    return greedy + [gh.make_job(ids, mask, m, max_new_tokens=NEW, **SAMPLING) for m in (1, 2)]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2stages", "3stages"])
+def runs(request, tiny_path, batch):
+    """One start of n stage processes running greedy (1, 2, 4 micro-batches) and sampling (1, 2) jobs."""
+    n = request.param
+    records = gh.run_pipeline_jobs(str(tiny_path), ",".join(["cpu"] * n), jobs_for(batch), timeout=30)
+    return n, records
+
+
+@pytest.mark.timeout(300)
+def test_greedy_equals_unsplit_and_naive_split(runs, tiny, tiny_path, batch, reference):
+    n, records = runs
+    model, tokenizer = tiny
+    ids, mask = batch
+    naive = gh.place_stages(tiny_path, gh.plan_split(model.config, ",".join(["cpu"] * n), dtype=torch.float32))
+    naive_out = naive.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW,
+                               pad_token_id=tokenizer.eos_token_id)
+    assert torch.equal(naive_out, reference)
+    for record, m in zip(records[:3], (1, 2, 4)):
+        assert torch.equal(record.output_ids, reference), f"{n} stages, {m} micro-batches"
+        assert record.texts == tokenizer.batch_decode(reference, skip_special_tokens=True)
+
+
+@pytest.mark.timeout(300)
+def test_seeded_sampling_equals_generate_per_micro_batch(runs, tiny, batch):
+    _n, records = runs
+    model, tokenizer = tiny
+    ids, mask = batch
+    for record, m in zip(records[3:], (1, 2)):
+        rows = torch.arange(ids.shape[0]).tensor_split(m)
+        for r, expected in zip(rows, sampled_reference(model, tokenizer, ids, mask, m)):
+            got = record.output_ids[r]
+            assert torch.equal(got[:, :expected.shape[1]], expected)
+            assert (got[:, expected.shape[1]:] == tokenizer.eos_token_id).all()  # only padding beyond
+    # the comparison can fail: another seed samples other tokens
+    other = sampled_reference(model, tokenizer, ids, mask, 1, seed=SAMPLING["seed"] + 1)[0]
+    assert not torch.equal(records[3].output_ids[:, :other.shape[1]], other)
+
+
+@pytest.mark.timeout(300)
+def test_record_has_schedule_and_memory_per_stage(runs, tiny, batch):
+    n, records = runs
+    model, _tokenizer = tiny
+    ids, _mask = batch
+    config = model.config
+    for record, m in zip(records[:3], (1, 2, 4)):
+        assert record.mode == "pipeline" and len(record.memory) == n
+        compute = [e for e in record.events if e.kind == "compute"]
+        for s in range(n):
+            mine = [(e.step, e.micro_batch) for e in compute if e.stage == s]
+            assert mine == [(t, b) for t in range(NEW) for b in range(m)]  # every stage, schedule order
+        ends = {(e.stage, e.step, e.micro_batch): e for e in compute}
+        for e in compute:  # a stage starts a micro-batch only after the previous stage has finished it
+            if e.stage > 0:
+                assert e.start >= ends[(e.stage - 1, e.step, e.micro_batch)].end
+            elif e.step > 0:
+                assert e.start >= ends[(n - 1, e.step - 1, e.micro_batch)].end
+        kinds = {(e.stage, e.kind) for e in record.events}
+        assert {(0, "send"), (n - 1, "recv"), (0, "recv"), (n - 1, "send")} <= kinds
+        for s, row in enumerate(record.memory):
+            blocks = record.plan.devices[s].blocks
+            assert row["param_bytes"] == record.plan.devices[s].param_bytes
+            # keys and values of prompt + all but the last new token, for every row and layer of the stage
+            per_layer = gh.kv_cache_bytes_per_layer(config, torch.float32, ids.shape[1] + NEW - 1, ids.shape[0])
+            assert row["kv_cache_bytes"] == (blocks[1] - blocks[0]) * per_layer
+        assert 0 < record.time_to_first_token <= record.total_seconds
+
+
+def test_eos_padding_and_trim_like_generate():
+    """Rows that finished are padded with eos, and the output stops when every row has finished."""
+    class Tok:
+        eos_token_id = 0
+
+        def batch_decode(self, ids, skip_special_tokens):
+            return [" ".join(map(str, row.tolist())) for row in ids]
+
+    job = gh.make_job(torch.tensor([[5, 6], [7, 8]]), torch.ones(2, 2, dtype=torch.long), max_new_tokens=5)
+    new = torch.tensor([[3, 0, 0, 0, 0], [4, 4, 0, 0, 0]])
+    events = [gh.TimingEvent(0, "prefill", 0, 0.0, 1.0), gh.TimingEvent(0, "decode", 1, 1.0, 2.0)]
+    record = gh.merge_stage_results([{"events": events, "memory": {}, "new_tokens": new}], job, Tok(), None)
+    assert record.output_ids.tolist() == [[5, 6, 3, 0, 0], [7, 8, 4, 4, 0]]
+    never = torch.tensor([[3, 1, 2, 1, 2], [4, 4, 0, 0, 0]])
+    record = gh.merge_stage_results([{"events": events, "memory": {}, "new_tokens": never}], job, Tok(), None)
+    assert record.output_ids.shape == (2, 7)
+
+
+def run_torchrun(args, timeout=180, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT)
+
+
+def expected_lines(texts):
+    return "".join(f"[{i}] {t}\n" for i, t in enumerate(texts))
+
+
+def leftover_workers(marker: str) -> list:
+    """Processes still running whose command line mentions this test's unique file."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with_marker = any(marker in part for part in (p.info["cmdline"] or []))
+        if with_marker and p.pid != os.getpid():
+            found.append(p)
+    return found
+
+
+@pytest.mark.timeout(240)
+def test_torchrun_single_node(tiny, tiny_path, tmp_path, reference):
+    _model, tokenizer = tiny
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    proc = run_torchrun(["--standalone", "--nproc-per-node", "2", "--max-restarts", "0", "-m", "gptj_helpers",
+                         "pipeline", "--model", str(tiny_path), "--devices", "cpu,cpu", "--prompts-file",
+                         str(prompts), "--micro-batches", "2", "--max-new-tokens", str(NEW), "--timeout", "20"])
+    try:
+        out, err = proc.communicate(timeout=200)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert out == expected_lines(tokenizer.batch_decode(reference, skip_special_tokens=True))
+
+
+@pytest.mark.timeout(240)
+def test_two_nodes_on_localhost_sampling(tiny, tiny_path, tmp_path, batch):
+    """Two torchrun launchers, one process each, meet at a free port: the same code spans machines."""
+    model, tokenizer = tiny
+    ids, mask = batch
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    port = str(gh.free_port())
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+              "--max-restarts", "0"]
+    cli = ["-m", "gptj_helpers", "pipeline", "--model", str(tiny_path), "--devices", "cpu,cpu", "--prompts-file",
+           str(prompts), "--max-new-tokens", str(NEW), "--timeout", "20", "--do-sample",
+           "--temperature", str(SAMPLING["temperature"]), "--top-p", str(SAMPLING["top_p"]),
+           "--top-k", str(SAMPLING["top_k"]), "--seed", str(SAMPLING["seed"])]
+    nodes = [run_torchrun([*common, "--node-rank", str(r), *cli]) for r in (0, 1)]
+    try:
+        results = [p.communicate(timeout=200) for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    assert [p.returncode for p in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    expected = sampled_reference(model, tokenizer, ids, mask, 1)[0]
+    assert results[0][0] == expected_lines(tokenizer.batch_decode(expected, skip_special_tokens=True))
+    assert results[1][0] == ""  # only rank 0 prints
+
+
+@pytest.mark.timeout(120)
+def test_stage_that_raises_ends_run_naming_it(tiny_path):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(gh.PipelineError, match="pipeline stage 1 failed.*injected fault") as info:
+        gh.run_pipeline(str(tiny_path), PROMPTS[:2], "cpu,cpu", micro_batches=2, max_new_tokens=NEW,
+                        timeout=20, fail=(1, 3, "raise"))
+    assert info.value.stage == 1
+    assert time.time() - info.value.failed_at < 30
+    new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
+           and "resource_tracker" not in " ".join(p.cmdline())]
+    assert new == []
+
+
+@pytest.mark.timeout(180)
+def test_torchrun_stage_that_exits_ends_run(tiny_path, tmp_path):
+    prompts = tmp_path / "prompts-exit-test.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    proc = run_torchrun(["--standalone", "--nproc-per-node", "2", "--max-restarts", "0", "--monitor-interval",
+                         "0.5", "-m", "gptj_helpers", "pipeline", "--model", str(tiny_path), "--devices",
+                         "cpu,cpu", "--prompts-file", str(prompts), "--max-new-tokens", str(NEW), "--timeout", "20",
+                         "--fail-stage", "0", "--fail-after", "2", "--fail-mode", "exit"])
+    fault_seen = None
+    lines = []
+    try:
+        for line in proc.stderr:  # read as it comes, to time the end from the fault
+            lines.append(line)
+            if fault_seen is None and "injected fault: pipeline stage 0" in line:
+                fault_seen = time.time()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert fault_seen is not None, "".join(lines)[-3000:]
+    assert time.time() - fault_seen < 30
+    assert proc.returncode != 0
+    assert leftover_workers(str(prompts)) == []
+
+
+@pytest.mark.parametrize("devices, error, match", [
+    ("9xcpu", ValueError, "9 stages but the model has only 8 blocks"),
+    ("2x1MiB", MemoryError, "does not fit"),
+])
+def test_bad_configs_refused_before_starting(tiny_path, monkeypatch, devices, error, match):
+    monkeypatch.setattr(gh, "launch_stages", lambda *a, **k: pytest.fail("stage processes were started"))
+    with pytest.raises(error, match=match):
+        gh.run_pipeline(str(tiny_path), PROMPTS, devices)
+
+
+def test_bad_job_options_refused(tiny_path, monkeypatch):
+    monkeypatch.setattr(gh, "launch_stages", lambda *a, **k: pytest.fail("stage processes were started"))
+    with pytest.raises(ValueError, match="micro_batches=6"):
+        gh.run_pipeline(str(tiny_path), PROMPTS, "cpu,cpu", micro_batches=6)
+    plan = gh.plan_split(gh.load_config(str(tiny_path)), "cpu,cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="3 process"):
+        gh.check_pipeline_plan(plan, 8, world_size=3)
+
+
+@pytest.mark.timeout(120)
+def test_torchrun_world_size_must_match_stages(tiny_path, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n")
+    proc = run_torchrun(["--standalone", "--nproc-per-node", "1", "--max-restarts", "0", "-m", "gptj_helpers",
+                         "pipeline", "--model", str(tiny_path), "--devices", "cpu,cpu", "--prompts-file",
+                         str(prompts)])
+    try:
+        _out, err = proc.communicate(timeout=100)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "1 process(es) for the 2 device(s)" in err
