@@ -1050,10 +1050,10 @@ def run_stage(stage: PipelineStage, job: PipelineJob, t0: float, fail: tuple | N
     return {"events": events, "memory": memory, "new_tokens": new}
 
 
-def merge_stage_results(results: list[dict], job: PipelineJob, tokenizer, plan: Plan | None) -> RunRecord:
+def merge_stage_results(results: list[dict], job: PipelineJob, tokenizer, plan: Plan | None,
+                        eos: int) -> RunRecord:
     """Combine what the stages report into one RunRecord, trimmed like generate (stop when all rows hit eos)."""
     new = results[-1]["new_tokens"]
-    eos = tokenizer.eos_token_id
     done = (new == eos).int()
     finished_at = torch.where(done.any(1), done.argmax(1), torch.full_like(done[:, 0], new.shape[1] - 1))
     length = int(finished_at.max()) + 1
@@ -1143,7 +1143,7 @@ def serve_stage(rank: int, world_size: int, spec: dict) -> list[RunRecord] | Non
             gathered = [None] * world_size if rank == 0 else None
             dist.gather_object(result, gathered, dst=0)
             if rank == 0:
-                records.append(merge_stage_results(gathered, job, tokenizer, plan))
+                records.append(merge_stage_results(gathered, job, tokenizer, plan, stage.eos_token_id))
                 records[-1].prompts = list(spec.get("prompts") or [])
         return records if rank == 0 else None
     finally:
@@ -1271,6 +1271,40 @@ def describe_stage_failure(error_dir: str, failed: dict[int, float], procs) -> E
     tail = "\n".join(first["traceback"].strip().splitlines()[-6:-1])
     message = f"pipeline stage {first['stage']} failed: {first['error']}" + (f"\n{tail}" if tail else "")
     return PipelineError(message, first["stage"], first["time"])
+
+
+def measure_module_seconds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           max_new_tokens: int = 4, repeats: int = 1) -> dict[str, list[float]]:
+    """Seconds of each module (embedding, every block, head) for one prefill and one decode step, timed inside
+    `generate` with hooks (the fastest of `repeats`): the `cost` to balance a pipeline's stages by (notebook 05)."""
+    import time
+
+    if repeats > 1:
+        runs = [measure_module_seconds(model, input_ids, attention_mask, max_new_tokens) for _ in range(repeats)]
+        return {phase: [min(r[phase][i] for r in runs) for i in range(len(runs[0][phase]))] for phase in runs[0]}
+    t = model.transformer
+    parts = [(t.wte, t.wte), *((b, b) for b in t.h), (t.ln_f, model.lm_head)]  # (first module, last module)
+    seconds = {"prefill": [0.0] * len(parts), "decode": [0.0] * len(parts)}
+    started: dict[int, tuple[float, str]] = {}
+    handles = []
+    for i, (head_module, tail_module) in enumerate(parts):
+        def pre(module, args, i=i):
+            started[i] = (time.perf_counter(), "prefill" if args[0].shape[1] > 1 else "decode")
+
+        def post(module, args, out, i=i):
+            start, phase = started.pop(i)
+            seconds[phase][i] += time.perf_counter() - start
+
+        handles += [head_module.register_forward_pre_hook(pre), tail_module.register_forward_hook(post)]
+    try:
+        with torch.inference_mode():
+            model.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=max_new_tokens,
+                           min_new_tokens=max_new_tokens, pad_token_id=model.config.eos_token_id)
+    finally:
+        for h in handles:
+            h.remove()
+    seconds["decode"] = [s / max(1, max_new_tokens - 1) for s in seconds["decode"]]
+    return seconds
 
 
 def run_pipeline_jobs(model, devices: str | list[Device] | None, jobs: list[PipelineJob], plan: Plan | None = None,

@@ -130,10 +130,10 @@ def test_eos_padding_and_trim_like_generate():
     job = gh.make_job(torch.tensor([[5, 6], [7, 8]]), torch.ones(2, 2, dtype=torch.long), max_new_tokens=5)
     new = torch.tensor([[3, 0, 0, 0, 0], [4, 4, 0, 0, 0]])
     events = [gh.TimingEvent(0, "prefill", 0, 0.0, 1.0), gh.TimingEvent(0, "decode", 1, 1.0, 2.0)]
-    record = gh.merge_stage_results([{"events": events, "memory": {}, "new_tokens": new}], job, Tok(), None)
+    record = gh.merge_stage_results([{"events": events, "memory": {}, "new_tokens": new}], job, Tok(), None, 0)
     assert record.output_ids.tolist() == [[5, 6, 3, 0, 0], [7, 8, 4, 4, 0]]
     never = torch.tensor([[3, 1, 2, 1, 2], [4, 4, 0, 0, 0]])
-    record = gh.merge_stage_results([{"events": events, "memory": {}, "new_tokens": never}], job, Tok(), None)
+    record = gh.merge_stage_results([{"events": events, "memory": {}, "new_tokens": never}], job, Tok(), None, 0)
     assert record.output_ids.shape == (2, 7)
 
 
