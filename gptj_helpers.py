@@ -1145,6 +1145,7 @@ def serve_stage(rank: int, world_size: int, spec: dict) -> list[RunRecord] | Non
             if rank == 0:
                 records.append(merge_stage_results(gathered, job, tokenizer, plan, stage.eos_token_id))
                 records[-1].prompts = list(spec.get("prompts") or [])
+        dist.barrier()  # nobody leaves while a neighbour still talks to it
         return records if rank == 0 else None
     finally:
         dist.destroy_process_group()
@@ -1187,6 +1188,14 @@ def pipeline_worker(rank: int, spec: dict) -> None:
                   "traceback": traceback.format_exc(), "neighbour": is_neighbour_error(err)}
         Path(spec["error_dir"], f"stage{rank}.json").write_text(json.dumps(report))
         raise SystemExit(1) from None  # the launcher reports it, naming the stage
+    leave_process()
+
+
+def leave_process(code: int = 0) -> None:
+    """Exit a stage process at once: gloo's threads can abort an orderly interpreter shutdown (SIGABRT)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class PipelineError(RuntimeError):
@@ -1466,12 +1475,14 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
                 raise SystemExit(f"error: pipeline stage {rank} lost a neighbouring stage (see its error): {err}") from err
             raise SystemExit(f"error: pipeline stage {rank} failed: {type(err).__name__}: {err}") from err
         if rank != 0:
-            return
+            leave_process()
         record = records[0]
     for i, text in enumerate(record.texts):
         print(f"[{i}] {text}")
     print(f"# {len(record.memory)} stages, {record.new_tokens} tokens in {record.total_seconds:.2f} s, "
           f"first token after {record.time_to_first_token:.2f} s", file=sys.stderr)
+    if "RANK" in os.environ:
+        leave_process()
 
 
 def build_parser() -> argparse.ArgumentParser:
