@@ -421,6 +421,7 @@ class Plan:
     dtype: str
     total_params: int
     devices: list[StagePlan]
+    module_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # embedding, one block, head
 
     def to_json(self) -> str:
         """The plan as JSON text."""
@@ -499,8 +500,10 @@ def plan_split(model_or_config, devices: str | list[Device], dtype: torch.dtype 
         bounds.append((cut[s][j], j))
         j = cut[s][j]
     stages = [stage(s, a, b) for s, (a, b) in enumerate(reversed(bounds))]
-    plan = Plan(model_name or getattr(config, "name_or_path", "") or "gptj", str(dtype).replace("torch.", ""),
-                sizes["params"], stages)
+    if model_name is None:
+        model_name = str(model_or_config) if isinstance(model_or_config, (str, Path)) else "gptj"
+    plan = Plan(model_name, str(dtype).replace("torch.", ""),
+                sizes["params"], stages, {k: sizes[k] for k in ("embedding", "block", "head")})
     if best[n][n_layer] == math.inf or max(s.fill for s in stages) > 1:
         raise MemoryError(explain_infeasible(config, devices, dtype, reserve, prompt_tokens, max_new_tokens, batch_size))
     return plan
@@ -622,10 +625,12 @@ def boundary_hook(device: torch.device, dtype: torch.dtype | None):
     return hook
 
 
-def place_stages(model_path: str | Path, plan: Plan, dtype: torch.dtype | list[torch.dtype] | None = None):
+def place_stages(model_path: str | Path, plan: Plan, dtype: torch.dtype | list[torch.dtype] | None = None,
+                 stages: list[int] | None = None):
     """Load each stage's tensors straight from safetensors onto its device, and hook the stage boundaries (notebook 02).
 
     `dtype` may be one dtype or one per stage. Returns a `GPTJForCausalLM` that runs across the devices.
+    With `stages`, only those stages are loaded; the rest stay on the meta device (no memory).
     """
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -651,6 +656,8 @@ def place_stages(model_path: str | Path, plan: Plan, dtype: torch.dtype | list[t
         for name in names:
             by_stage.setdefault(plan.stage_of_module(name), []).append(name)
         for s, stage_names in by_stage.items():
+            if stages is not None and s not in stages:
+                continue
             device = torch.device(plan.devices[s].device)
             with safe_open(model_path / file, framework="pt", device=str(device)) as f:
                 for name in stage_names:
@@ -671,6 +678,35 @@ def place_stages(model_path: str | Path, plan: Plan, dtype: torch.dtype | list[t
     model.hooks["lm_head"] = model.lm_head.register_forward_hook(lambda m, a, out: out.to(first_device))
     model.plan = plan
     return model.eval()
+
+
+def plot_plan(plan: Plan, title: str | None = None):
+    """Draw a plan: one bar per device, filled by embedding, blocks, head, KV cache and reserve, against its budget."""
+    import matplotlib.pyplot as plt
+
+    gib = 2**30
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(plan.devices), 3.6))
+    colors = {"embedding": "tab:green", "blocks": "tab:blue", "head": "tab:purple", "KV cache": "tab:orange",
+              "reserve": "tab:gray"}
+    for i, s in enumerate(plan.devices):
+        n_blocks = s.blocks[1] - s.blocks[0]
+        parts = {"embedding": plan.module_bytes["embedding"] * s.embedding,
+                 "blocks": plan.module_bytes["block"] * n_blocks, "head": plan.module_bytes["head"] * s.head,
+                 "KV cache": s.kv_cache_bytes, "reserve": s.reserve_bytes}
+        bottom = 0.0
+        for label, nbytes in parts.items():
+            ax.bar(i, nbytes / gib, bottom=bottom, color=colors[label], label=label if i == 0 else None,
+                   edgecolor="white", width=0.7)
+            bottom += nbytes / gib
+        ax.hlines(s.budget_bytes / gib, i - 0.42, i + 0.42, colors="black", linewidth=2,
+                  label="budget" if i == 0 else None)
+        ax.text(i, bottom, f"{n_blocks} blocks\n{s.fill:.0%}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(plan.devices)), [f"{i}: {s.device}" for i, s in enumerate(plan.devices)], fontsize=8)
+    ax.set_ylabel("memory (GiB)")
+    ax.set_title(title or f"{plan.model} ({plan.dtype}) split over {len(plan.devices)} devices")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
 
 
 def measure_memory(model, cache=None) -> list[dict]:
@@ -762,6 +798,17 @@ def output_dir() -> Path | None:
     """Where notebooks save figures: $GPTJ_HELPERS_OUT when set (`make demo` sets build/), else nowhere."""
     out = os.environ.get("GPTJ_HELPERS_OUT")
     return Path(out) if out else None
+
+
+def save_figure(fig, name: str) -> Path | None:
+    """Save a figure as PNG under `output_dir()` when one is set (make demo); notebooks under nbval save nothing."""
+    out = output_dir()
+    if out is None:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
 
 
 def run_notebooks(paths: list[str | Path], out_dir: str | Path | None = None, inplace: bool = False,
