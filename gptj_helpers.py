@@ -659,8 +659,8 @@ def place_stages(model_path: str | Path, plan: Plan, dtype: torch.dtype | list[t
             if stages is not None and s not in stages:
                 continue
             device = torch.device(plan.devices[s].device)
-            with safe_open(model_path / file, framework="pt", device=str(device)) as f:
-                for name in stage_names:
+            for name in stage_names:  # one tensor per opening: the file's mapping never holds more than that
+                with safe_open(model_path / file, framework="pt", device=str(device)) as f:
                     set_module_tensor_to_device(model, name, device, value=f.get_tensor(name), dtype=dtypes[s])
     model.transformer.rotary_emb.to(plan.devices[0].device)
     # every block after the first stage gets the hook: the first one moves the hidden states across the
