@@ -7,7 +7,7 @@ BUILD  := build
 export PYTHONPATH := $(CURDIR)
 export MPLBACKEND := Agg
 
-.PHONY: demo test lab venv notebooks clean
+.PHONY: demo test lab venv notebooks clean set-repo
 
 venv: $(STAMP)
 
@@ -34,3 +34,10 @@ lab: $(STAMP)  ## JupyterLab on notebooks/, for people
 
 clean:
 	rm -rf $(BUILD)
+
+REPO_SLUG := OWNER/REPO
+set-repo:  ## fill the repository's address into badges and install lines: make set-repo REPO=you/repo
+	@test -n "$(REPO)" || (echo "usage: make set-repo REPO=owner/name" && exit 2)
+	grep -rl --include='*.md' --include='*.ipynb' --include='*.toml' '$(REPO_SLUG)' README.md notebooks pyproject.toml \
+	  | xargs -r sed -i 's#$(REPO_SLUG)#$(REPO)#g'
+	sed -i 's#^REPO_SLUG := .*#REPO_SLUG := $(REPO)#' Makefile

@@ -873,6 +873,39 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(plan.to_json() if args.json else format_plan(plan))
 
 
+SETUPS = {  # README's "Which setup do I have?": name -> (model, devices, dtype)
+    "Colab, 1 x T4 16 GB": ("gpt-j-6b", "cuda:0=15GiB", "float16"),
+    "Kaggle, 2 x T4 16 GB": ("gpt-j-6b", "cuda:0=15GiB,cuda:1=15GiB", "float16"),
+    "4 x 8 GB": ("gpt-j-6b", "4x7GiB", "float16"),
+    "3 x 10 GB (the seed's box)": ("gpt-j-6b", "3x9GiB", "float16"),
+    "8 x 4 GB": ("gpt-j-6b", "8x3.5GiB", "float16"),
+    "CPU only (tiny default)": ("tiny", "3x4MiB", "float32"),
+}
+
+
+def setups_markdown(reserve: str = "1GiB", prompt_tokens: int = 512, max_new_tokens: int = 256) -> str:
+    """The README's table of common setups, each planned by `plan_split` (README)."""
+    rows = ["| setup | settings line | blocks per device | fullest device |", "|---|---|---|---|"]
+    for name, (model, devices, dtype) in SETUPS.items():
+        res = reserve if model != "tiny" else "0"
+        plan = plan_split(model, parse_devices(devices, check=False), dtype=getattr(torch, dtype), reserve=res,
+                          prompt_tokens=prompt_tokens if model != "tiny" else 16,
+                          max_new_tokens=max_new_tokens if model != "tiny" else 48, model_name=model)
+        blocks = " / ".join(str(st.blocks[1] - st.blocks[0]) for st in plan.devices)
+        fullest = max(plan.devices, key=lambda st: st.fill)
+        settings = f'`MODEL = "{model}"; DEVICES = "{devices}"; DTYPE = torch.{dtype}`'
+        rows.append(f"| {name} | {settings} | {blocks} | {format_size(fullest.total_bytes)} of "
+                    f"{format_size(fullest.budget_bytes)} ({fullest.fill:.0%}) |")
+    note = (f"Planned by `python -m gptj_helpers setups`: GPT-J-6B in float16 with {prompt_tokens} prompt tokens, "
+            f"{max_new_tokens} new tokens, batch 1 and a {reserve} reserve per GPU for the CUDA context and activations.")
+    return "\n".join(rows) + "\n\n" + note
+
+
+def cmd_setups(args: argparse.Namespace) -> None:
+    """setups: print the README's table of common setups."""
+    print(setups_markdown())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per task of the series."""
     parser = argparse.ArgumentParser(prog="python -m gptj_helpers", description=__doc__.splitlines()[0])
@@ -897,6 +930,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reserve", default="0", help="bytes kept free on every device, e.g. 1GiB")
     p.add_argument("--json", action="store_true", help="print the Plan object as JSON")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("setups", help="plan GPT-J-6B for common setups (the README's table)")
+    p.set_defaults(func=cmd_setups)
 
     p = sub.add_parser("run-notebooks", help="execute notebooks headless (make demo, make notebooks)")
     p.add_argument("notebooks", nargs="+")
