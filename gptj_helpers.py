@@ -348,7 +348,6 @@ def download_gptj(repo_id: str = GPTJ_6B_REPO, revision: str | None = GPTJ_6B_RE
     """Download config, tokenizer and one copy of the weights with huggingface_hub: progress bars, retries (notebook 01)."""
     from fnmatch import fnmatch
 
-    import httpx
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -366,7 +365,9 @@ def download_gptj(repo_id: str = GPTJ_6B_REPO, revision: str | None = GPTJ_6B_RE
     patterns = ["*.json", "*.txt", "*.model", weights]
     try:
         return Path(snapshot_download(**kwargs, allow_patterns=patterns))
-    except httpx.TransportError as err:  # a dropped connection, after huggingface_hub's own retries
+    except Exception as err:  # a dropped connection (httpx's or httpx2's TransportError), after the hub's retries
+        if not any(cls.__name__ == "TransportError" for cls in type(err).__mro__):
+            raise
         raise ConnectionError(f"downloading {repo_id}@{revision} was interrupted ({type(err).__name__}: {err}). "
                               "Run the same command again: finished files are kept, the rest starts over.") from err
 
