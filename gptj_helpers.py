@@ -503,6 +503,7 @@ def write_safetensors_shards(out: Path, groups, total: int, desc: str, progress:
             save_file(tensors, str(out / fname), metadata={"format": "pt"})
             weight_map.update({k: fname for k in tensors})
             size += sum(t.numel() * t.element_size() for t in tensors.values())
+            del tensors  # before the next group is built: one group in memory at a time
     index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
