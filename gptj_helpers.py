@@ -662,7 +662,7 @@ def convert_to_safetensors(src: str | Path, out_dir: str | Path, dtype: torch.dt
         raise ValueError(f"{file} holds a {type(state).__name__}, not a dict of tensor names to tensors")
     for name, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{file}: {name!r} is a {type(value).__name__}, not a tensor; this is not a weight file")
+            raise ValueError(f"{file}: {name!r} is not a tensor ({type(value).__name__}); this is not a weight file")
     names = [k for k in state if not k.endswith((".attn.bias", ".attn.masked_bias"))]  # old mask buffers
 
     def groups(bar):
@@ -690,12 +690,16 @@ def measure_command(argv: list[str], timeout: float = 3600) -> dict:
     """Run `python -m gptj_helpers ARGV` in a fresh process: seconds, and peak RSS above its baseline after imports (notebook 01)."""
     import subprocess
 
-    code = ("import json, resource, sys, time, numpy, psutil, safetensors.torch, tqdm.auto, gptj_helpers as gh\n"
+    # Linux: VmHWM is this process's own peak, reset after the imports (ru_maxrss would include the parent's at fork)
+    code = ("import json, re, resource, sys, time, numpy, psutil, safetensors.torch, tqdm.auto, gptj_helpers as gh\n"
             "from transformers import GPTJConfig\n"
-            "base = psutil.Process().memory_info().rss; start = time.perf_counter()\n"
-            "rc = gh.main(sys.argv[1:])\n"
-            "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)\n"
-            "print(json.dumps(dict(rc=rc, seconds=time.perf_counter() - start, baseline=base, peak=peak)))")
+            "base = psutil.Process().memory_info().rss\n"
+            "try: open('/proc/self/clear_refs', 'w').write('5')\n"
+            "except OSError: pass\n"
+            "start = time.perf_counter(); rc = gh.main(sys.argv[1:]); seconds = time.perf_counter() - start\n"
+            "try: peak = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
+            "except OSError: peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "print(json.dumps(dict(rc=rc, seconds=seconds, baseline=base, peak=peak)))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_DIR), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout, env=env)
     result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"rc": proc.returncode}

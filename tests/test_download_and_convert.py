@@ -432,8 +432,20 @@ def test_pickle_with_anything_but_tensors_is_refused(tmp_path, case):
     obj = {"code": {"w": torch.ones(2), "x": Payload(marker)}, "not a tensor": {"w": torch.ones(2), "step": 7},
            "not a dict": [torch.ones(2)]}[case]
     torch.save(obj, tmp_path / "pytorch_model.bin")
-    match = {"code": "holds more than tensors", "not a tensor": "'step' is a int, not a tensor",
+    match = {"code": "holds more than tensors", "not a tensor": r"'step' is not a tensor \(int\)",
              "not a dict": "holds a list"}[case]
     with pytest.raises(ValueError, match=match):
         gh.convert_to_safetensors(tmp_path / "pytorch_model.bin", tmp_path / "out")
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(120)
+def test_measured_peak_is_the_child_own_not_the_parent(tmp_path):
+    held = torch.ones(75_000_000)  # 300 MB in this (parent) process: a forked child must not report it
+    gh.make_tiny_gptj(tmp_path / "slim", format="jax-slim")
+    run = gh.measure_command(["convert-jax", str(tmp_path / "slim"), str(tmp_path / "hf"), "--config",
+                              str(tmp_path / "slim" / "jax_config.json"), "--no-progress"])
+    assert run["rc"] == 0 and (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    assert 0 < run["peak_over_baseline"] < held.numel() * 4 // 2
+    with pytest.raises(RuntimeError, match="convert-jax .* failed: .*shard_0 is missing"):
+        gh.measure_command(["convert-jax", str(tmp_path / "nowhere"), str(tmp_path / "x")])
