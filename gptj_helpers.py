@@ -353,10 +353,9 @@ def download_gptj(repo_id: str = GPTJ_6B_REPO, revision: str | None = GPTJ_6B_RE
 
     kwargs = dict(repo_id=repo_id, revision=revision, endpoint=endpoint, cache_dir=cache_dir, local_dir=local_dir)
     with contextlib.suppress(LocalEntryNotFoundError):  # complete already? then no network at all
-        with contextlib.suppress(LocalEntryNotFoundError):
-            path = Path(snapshot_download(**kwargs, local_files_only=True, allow_patterns=["*.json"]))
-            if model_files_complete(path):
-                return path
+        path = Path(snapshot_download(**kwargs, local_files_only=True, allow_patterns=["*.json"]))
+        if model_files_complete(path):
+            return path
     check_online(endpoint)
     files = HfApi(endpoint=endpoint).list_repo_files(repo_id, revision=revision)
     weights = next((p for p in WEIGHT_PATTERNS if any(fnmatch(f, p) for f in files)), None)
