@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 BUILD  := build
 # the working tree's helpers win over any installed copy (also inside notebook kernels)
 export PYTHONPATH := $(CURDIR)
-export MPLBACKEND := Agg
+
 
 .PHONY: demo test lab venv notebooks clean set-repo
 
