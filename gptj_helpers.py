@@ -1101,6 +1101,7 @@ class RunRecord:
     events: list[TimingEvent] = dataclasses.field(default_factory=list)
     memory: list[dict] = dataclasses.field(default_factory=list)  # one row per stage, see measure_memory
     plan: Plan | None = None
+    settings: dict = dataclasses.field(default_factory=dict)  # what was asked: max_new_tokens, sampling, batch
 
     def busy_seconds(self) -> list[float]:
         """Compute time of each stage."""
@@ -1110,6 +1111,212 @@ class RunRecord:
             if e.kind == "compute":
                 busy[e.stage] += e.end - e.start
         return busy
+
+
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 0.7, "top_k": 0}  # the seed's settings; top_k=0: no top-k filter
+
+
+def check_generation(config, tokenizer, prompts: str | list[str], max_new_tokens: int, greedy: bool = False,
+                     temperature: float = 1.0, top_p: float = 0.7, top_k: int = 0) -> list[list[int]]:
+    """Refuse bad settings before any work, saying what to do; returns each prompt's token ids (notebook 03)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given: pass a string or a non-empty list of strings")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: generate at least 1 new token")
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature={temperature}: sampling needs a temperature above 0 "
+                         "(1.0 is the model's own distribution); for the single most likely text use greedy")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: it must be in (0, 1]; 1.0 keeps every token, the seed used 0.7")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k}: it must be 0 (no top-k filter, as in the seed) or a positive count")
+    ids = []
+    for i, prompt in enumerate(prompts):
+        tokens = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else []
+        if not tokens:
+            raise ValueError(f"prompt {i} ({prompt!r}) is empty: every prompt needs at least one token")
+        if len(tokens) + max_new_tokens > config.n_positions:
+            raise ValueError(f"prompt {i} has {len(tokens)} tokens; with max_new_tokens={max_new_tokens} that is "
+                             f"{len(tokens) + max_new_tokens}, more than the model's context of {config.n_positions} "
+                             f"tokens: shorten the prompt or ask for at most {config.n_positions - len(tokens)} new tokens")
+        ids.append(tokens)
+    return ids
+
+
+def pad_left(ids: list[list[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token ids into one batch with its attention mask, so every prompt ends where generation starts (notebook 03)."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    return input_ids, mask
+
+
+def stage_modules(model) -> list[tuple[list[str], torch.device]]:
+    """Each stage's module names in forward order and its device; an unsplit model is one stage (notebook 03)."""
+    plan: Plan | None = getattr(model, "plan", None)
+    n_layer = model.config.n_layer
+    parts = [(s.embedding, s.blocks, s.head, torch.device(s.device)) for s in plan.devices] if plan else \
+        [(True, (0, n_layer), True, model.transformer.wte.weight.device)]
+    return [((["transformer.wte"] if emb else []) + [f"transformer.h.{b}" for b in range(*blocks)]
+             + (["transformer.ln_f", "lm_head"] if head else []), device) for emb, blocks, head, device in parts]
+
+
+class StageRecorder:
+    """Times each stage's share of every forward pass from hooks at the stage boundaries (notebooks 03 and 04).
+
+    A forward pre-hook on a stage's first module and a forward hook on its last one stamp start and end.
+    On the CPU a stamp is `time.perf_counter()`; on CUDA it is an event on the stage's device, read after
+    one synchronize at the end, so the times are the device's and the hooks never stall it.
+    The first forward of a run is the prefill, every later one a decode step.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.stages = stage_modules(model)
+        self.cuda = sorted({d for _, d in self.stages if d.type == "cuda"}, key=str)
+        self.step = -1
+        self.stamps: list[tuple[int, int, object, object]] = []  # (stage, step, start, end)
+        self.handles: list = []
+
+    def now(self) -> float:
+        """Host seconds since the recording started."""
+        import time
+
+        return time.perf_counter() - self.t0
+
+    def stamp(self, device: torch.device):
+        """A point in time on `device`: host seconds on the CPU, a recorded CUDA event on a GPU."""
+        if device.type != "cuda":
+            return self.now()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+    def seconds(self, stamp, device: torch.device) -> float:
+        """A stamp as seconds since the start (CUDA events are measured from that device's start event)."""
+        return stamp if device.type != "cuda" else self.origin[device].elapsed_time(stamp) / 1000
+
+    def __enter__(self) -> "StageRecorder":
+        import time
+
+        modules = dict(self.model.named_modules())
+        for d in self.cuda:
+            torch.cuda.synchronize(d)
+        self.t0 = time.perf_counter()
+        self.origin = {d: self.stamp(d) for d in self.cuda}
+
+        def count_step(module, args):
+            self.step += 1
+
+        self.handles.append(self.model.register_forward_pre_hook(count_step))
+        for s, (names, device) in enumerate(self.stages):
+            if not names:
+                continue
+            opened = {}
+            self.handles.append(modules[names[0]].register_forward_pre_hook(
+                lambda m, a, s=s, device=device, opened=opened: opened.__setitem__(s, self.stamp(device))))
+            self.handles.append(modules[names[-1]].register_forward_hook(
+                lambda m, a, out, s=s, device=device, opened=opened:
+                self.stamps.append((s, self.step, opened.pop(s), self.stamp(device)))))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        for d in self.cuda:
+            torch.cuda.synchronize(d)
+
+    def events(self) -> list[TimingEvent]:
+        """The recorded busy intervals, in seconds since the start, in the order they happened."""
+        devices = [d for _, d in self.stages]
+        return [TimingEvent(s, "prefill" if step == 0 else "decode", step, self.seconds(a, devices[s]),
+                            self.seconds(b, devices[s])) for s, step, a, b in self.stamps]
+
+
+class TokenTimes:
+    """A transformers streamer that notes when each step's tokens arrive, then hands them on to `inner` (notebook 03)."""
+
+    def __init__(self, clock, inner=None):
+        self.clock, self.inner, self.times, self.prompt_seen = clock, inner, [], False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:  # generate first puts the prompt, then one batch of tokens per step
+            self.times.append(self.clock())
+        self.prompt_seen = True
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+
+
+def generate_text(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 50, greedy: bool = False,
+                  temperature: float = 1.0, top_p: float = 0.7, top_k: int = 0, seed: int | None = None,
+                  stream=False) -> tuple[list[str], RunRecord]:
+    """Generate continuations with transformers' `generate` and KV cache through a split (or whole) model (notebook 03).
+
+    Returns `(texts, record)`: `texts[i]` is the continuation of `prompts[i]` alone (the prompt is not
+    repeated; print `prompt + text` for what the seed printed), and `record.texts is texts`.
+    Sampling uses the seed's settings by default (top_p=0.7, top_k=0 = no top-k filter, temperature 1.0);
+    `seed` calls `torch.manual_seed(seed)` right before `generate`. Prompts of different lengths are
+    left-padded with the end-of-text token. `stream=True` prints the prompt and then each piece of text as
+    it is produced (one prompt only); any transformers streamer (`TextIteratorStreamer`...) may be passed instead.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    ids = check_generation(model.config, tokenizer, prompts, max_new_tokens, greedy, temperature, top_p, top_k)
+    if stream is True and len(prompts) > 1:
+        raise ValueError(f"stream=True prints one prompt at a time, got {len(prompts)}: generate them one by one, "
+                         "or pass your own streamer that handles a batch")
+    if stream is True:
+        from transformers import TextStreamer
+
+        print(prompts[0], end="", flush=True)
+        stream = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    eos = tokenizer.eos_token_id
+    stages = stage_modules(model)
+    input_ids, mask = pad_left(ids, eos, stages[0][1])
+    knobs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p,
+                                                 "top_k": top_k}
+    with StageRecorder(model) as recorder:
+        times = TokenTimes(recorder.now, inner=None if stream is False else stream)
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=eos, streamer=times, return_dict_in_generate=True, **knobs)
+        total = recorder.now()
+    cache = getattr(out, "cache", None)
+    if cache is None:  # older transformers call it past_key_values
+        cache = getattr(out, "past_key_values", None)
+    new = out.sequences[:, input_ids.shape[1]:].cpu()
+    counts = [int((row == eos).nonzero()[0, 0]) + 1 if (row == eos).any() else len(row) for row in new]
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, counts)]
+    first, last = times.times[0], times.times[-1]
+    after_first = sum(counts) - len(prompts)
+    record = RunRecord(
+        texts=texts, prompts=prompts, mode="naive" if len(stages) > 1 else "single", new_tokens=sum(counts),
+        time_to_first_token=first, tokens_per_second=after_first / (last - first) if last > first else float("nan"),
+        total_seconds=total, events=recorder.events(), memory=measure_memory(model, cache),
+        plan=getattr(model, "plan", None),
+        settings={"max_new_tokens": max_new_tokens, "greedy": greedy, **({} if greedy else knobs), "seed": seed,
+                  "batch_size": len(prompts), "prompt_tokens": [len(x) for x in ids]})
+    return texts, record
+
+
+def format_timing(record: RunRecord) -> str:
+    """Time to first token, tokens/s, total time, and each stage's busy time and KV cache, as a small table (notebook 03)."""
+    busy = record.busy_seconds()
+    lines = [f"time to first token {record.time_to_first_token * 1000:9.1f} ms",
+             f"tokens/s after it   {record.tokens_per_second:9.1f}   (batch of {len(record.prompts)})",
+             f"total               {record.total_seconds * 1000:9.1f} ms for {record.new_tokens} new tokens",
+             "stage  device   busy ms  share of total  KV cache at the end"]
+    for s, row in enumerate(record.memory):
+        b = busy[s] if s < len(busy) else 0.0
+        lines.append(f"{s:5}  {row['device']:7} {b * 1000:8.1f}  {b / record.total_seconds:14.0%}  "
+                     f"{format_size(row['kv_cache_bytes']):>12}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------
@@ -1246,6 +1453,36 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(plan.to_json() if args.json else format_plan(plan))
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    """generate: continue prompts through the model split over --devices; text on stdout, timings on stderr."""
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    tokenizer = load_tokenizer(args.model)
+    config = load_config(args.model)
+    knobs = dict(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    ids = check_generation(config, tokenizer, args.prompt, args.max_new_tokens, **knobs)  # before any loading
+    devices = parse_devices(args.devices)
+    dtype = dtype or (torch.float16 if all(d.name.startswith("cuda") for d in devices) else torch.float32)
+    batch = 1 if args.stream else len(ids)
+    plan = plan_split(config, devices, dtype=dtype, prompt_tokens=max(map(len, ids)),
+                      max_new_tokens=args.max_new_tokens, batch_size=batch, model_name=args.model)
+    print(format_plan(plan), file=sys.stderr)
+    model = place_stages(resolve_model(args.model), plan)
+    groups = [[p] for p in args.prompt] if args.stream else [args.prompt]  # streaming shows one prompt at a time
+    first = True
+    for prompts in groups:
+        texts, record = generate_text(model, tokenizer, prompts, args.max_new_tokens, seed=args.seed,
+                                      stream=args.stream, **knobs)
+        for prompt, text in zip(prompts, texts):
+            if not first and not args.stream:
+                print()
+            if not args.stream:
+                print(prompt + text, flush=True)
+            first = False
+        if args.stream and prompts is not groups[-1]:
+            print(flush=True)
+        print(format_timing(record), file=sys.stderr)
+
+
 SETUPS = {  # README's "Which setup do I have?": name -> (model, devices, dtype)
     "Colab, 1 x T4 16 GB": ("gpt-j-6b", "cuda:0=15GiB", "float16"),
     "Kaggle, 2 x T4 16 GB": ("gpt-j-6b", "cuda:0=15GiB,cuda:1=15GiB", "float16"),
@@ -1336,6 +1573,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the executed copies and their figures")
     p.add_argument("--inplace", action="store_true", help="write the outputs back into the notebooks")
     p.set_defaults(func=cmd_run_notebooks)
+
+    p = sub.add_parser("generate", help="generate text through the model split over devices (sampling like the seed)")
+    p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, a hub id, or a model folder")
+    p.add_argument("--devices", required=True, help='e.g. "cpu", "4xcpu" or "cuda:0=6GiB,cuda:1=10GiB"')
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    p.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"])
+    p.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"])
+    p.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"], help="0: no top-k filter (the seed's)")
+    p.add_argument("--seed", type=int, help="seed the sampler for a reproducible text")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (prompts one at a time)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                   help="default: float16 on GPUs, float32 on the CPU")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
