@@ -7,7 +7,7 @@ BUILD  := build
 export PYTHONPATH := $(CURDIR)
 
 
-.PHONY: demo test lab venv notebooks clean set-repo
+.PHONY: demo test lab venv notebooks tiny-model clean set-repo
 
 venv: $(STAMP)
 
@@ -28,6 +28,9 @@ test: $(STAMP)  ## unit tests, then every committed notebook checked by nbval
 
 notebooks: $(STAMP)  ## re-execute the committed notebooks in place (after changing the helpers)
 	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --inplace
+
+tiny-model: $(STAMP)  ## retrain the tiny default that speaks into assets/tiny-gptj (about 10 minutes on 2 CPU cores)
+	$(PY) assets/train_tiny.py assets/tiny-gptj
 
 lab: $(STAMP)  ## JupyterLab on notebooks/, for people
 	$(PY) -m jupyter lab notebooks/

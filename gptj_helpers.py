@@ -34,6 +34,7 @@ TINY_SEED = 0
 TINY_VERSION = 1  # bump when the tiny recipe changes, so old caches are not reused
 EOS_TOKEN = "<|endoftext|>"
 REPO_DIR = Path(__file__).resolve().parent
+TINY_TRAINED = REPO_DIR / "assets" / "tiny-gptj"  # committed; absent when only the module is installed
 
 
 def gptj_6b_config():
@@ -147,7 +148,7 @@ def build_atomically(final: Path, build) -> Path:
 
 
 def tiny_model_path(seed: int = TINY_SEED) -> Path:
-    """The tiny default's folder, built on first use (notebook 00)."""
+    """The tiny random GPT-J's folder, built on first use; "tiny" without the repository's trained one (notebook 00)."""
     final = cache_dir() / f"tiny-v{TINY_VERSION}-seed{seed}"
     return build_atomically(final, lambda tmp: make_tiny_gptj(tmp, seed=seed))
 
@@ -161,8 +162,8 @@ def hub_id(name: str) -> tuple[str, str | None]:
 
 def resolve_model(name: str = "tiny") -> Path:
     """Turn "tiny", a local folder, "gpt-j-6b" or a hub id into a local folder with config and weights (notebook 00)."""
-    if name == "tiny":
-        return tiny_model_path()
+    if name == "tiny":  # the trained weights in assets/ (make tiny-model), else the random model
+        return TINY_TRAINED if (TINY_TRAINED / "model.safetensors").exists() else tiny_model_path()
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
