@@ -5,9 +5,9 @@ STAMP  := $(VENV)/.installed
 BUILD  := build
 # the working tree's helpers win over any installed copy (also inside notebook kernels)
 export PYTHONPATH := $(CURDIR)
-export MPLBACKEND := Agg
 
-.PHONY: demo test lab venv notebooks clean
+
+.PHONY: demo test lab venv notebooks tiny-model clean set-repo
 
 venv: $(STAMP)
 
@@ -29,8 +29,18 @@ test: $(STAMP)  ## unit tests, then every committed notebook checked by nbval
 notebooks: $(STAMP)  ## re-execute the committed notebooks in place (after changing the helpers)
 	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --inplace
 
+tiny-model: $(STAMP)  ## retrain the tiny default that speaks into assets/tiny-gptj (about 10 minutes on 2 CPU cores)
+	$(PY) assets/train_tiny.py assets/tiny-gptj
+
 lab: $(STAMP)  ## JupyterLab on notebooks/, for people
 	$(PY) -m jupyter lab notebooks/
 
 clean:
 	rm -rf $(BUILD)
+
+REPO_SLUG := OWNER/REPO
+set-repo:  ## fill the repository's address into badges and install lines: make set-repo REPO=you/repo
+	@test -n "$(REPO)" || (echo "usage: make set-repo REPO=owner/name" && exit 2)
+	grep -rl --include='*.md' --include='*.ipynb' --include='*.toml' '$(REPO_SLUG)' README.md notebooks pyproject.toml \
+	  | xargs -r sed -i 's#$(REPO_SLUG)#$(REPO)#g'
+	sed -i 's#^REPO_SLUG := .*#REPO_SLUG := $(REPO)#' Makefile

@@ -34,6 +34,7 @@ TINY_SEED = 0
 TINY_VERSION = 1  # bump when the tiny recipe changes, so old caches are not reused
 EOS_TOKEN = "<|endoftext|>"
 REPO_DIR = Path(__file__).resolve().parent
+TINY_TRAINED = REPO_DIR / "assets" / "tiny-gptj"  # committed; absent when only the module is installed
 
 
 def gptj_6b_config():
@@ -103,13 +104,19 @@ def quiet_progress():
         hf_logging.enable_progress_bar()
 
 
-def make_tiny_gptj(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
-    """Write the tiny random GPT-J (safetensors + config.json) and its tokenizer to `out_dir` (notebook 00)."""
+def make_tiny_gptj(out_dir: str | Path, seed: int = TINY_SEED, format: str = "hf") -> Path:
+    """Write the tiny random GPT-J (safetensors + config.json) and its tokenizer to `out_dir` (notebook 00).
+
+    format="jax-slim" writes the same weights in the original JAX checkpoint layout instead (notebook 01)."""
     from transformers import GPTJForCausalLM
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     model = GPTJForCausalLM(tiny_config()).eval()
+    if format == "jax-slim":
+        return write_jax_checkpoint(model.state_dict(), tiny_config(), out_dir)
+    if format != "hf":
+        raise ValueError(f"unknown format {format!r}: use hf or jax-slim")
     with quiet_progress():
         model.save_pretrained(str(out_dir))
     train_tiny_tokenizer(out_dir)
@@ -141,7 +148,7 @@ def build_atomically(final: Path, build) -> Path:
 
 
 def tiny_model_path(seed: int = TINY_SEED) -> Path:
-    """The tiny default's folder, built on first use (notebook 00)."""
+    """The tiny random GPT-J's folder, built on first use; "tiny" without the repository's trained one (notebook 00)."""
     final = cache_dir() / f"tiny-v{TINY_VERSION}-seed{seed}"
     return build_atomically(final, lambda tmp: make_tiny_gptj(tmp, seed=seed))
 
@@ -155,8 +162,8 @@ def hub_id(name: str) -> tuple[str, str | None]:
 
 def resolve_model(name: str = "tiny") -> Path:
     """Turn "tiny", a local folder, "gpt-j-6b" or a hub id into a local folder with config and weights (notebook 00)."""
-    if name == "tiny":
-        return tiny_model_path()
+    if name == "tiny":  # the trained weights in assets/ (make tiny-model), else the random model
+        return TINY_TRAINED if (TINY_TRAINED / "model.safetensors").exists() else tiny_model_path()
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -351,21 +358,49 @@ def describe_environment() -> str:
 # 01 · download and convert
 # --------------------------------------------------------------------------
 
-def download_model(repo_id: str, revision: str | None = None, local_dir: str | Path | None = None,
-                   endpoint: str | None = None, cache_dir: str | Path | None = None) -> Path:
-    """Download a model's config, tokenizer and weights from the hub with progress bars; resumable (notebook 01)."""
-    from huggingface_hub import snapshot_download
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # first match wins: never fetch both copies
+
+
+def download_gptj(repo_id: str = GPTJ_6B_REPO, revision: str | None = GPTJ_6B_REVISION,
+                  local_dir: str | Path | None = None, endpoint: str | None = None,
+                  cache_dir: str | Path | None = None) -> Path:
+    """Download config, tokenizer and one copy of the weights with huggingface_hub: progress bars, retries (notebook 01)."""
+    from fnmatch import fnmatch
+
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
-    kwargs = dict(repo_id=repo_id, revision=revision, allow_patterns=patterns, endpoint=endpoint,
-                  cache_dir=cache_dir, local_dir=local_dir)
-    try:  # already there? then no network at all
-        return Path(snapshot_download(**kwargs, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass
+    kwargs = dict(repo_id=repo_id, revision=revision, endpoint=endpoint, cache_dir=cache_dir, local_dir=local_dir)
+    with contextlib.suppress(LocalEntryNotFoundError):  # complete already? then no network at all
+        path = Path(snapshot_download(**kwargs, local_files_only=True, allow_patterns=["*.json"]))
+        if model_files_complete(path):
+            return path
     check_online(endpoint)
-    return Path(snapshot_download(**kwargs))
+    files = HfApi(endpoint=endpoint).list_repo_files(repo_id, revision=revision)
+    weights = next((p for p in WEIGHT_PATTERNS if any(fnmatch(f, p) for f in files)), None)
+    if weights is None:
+        raise FileNotFoundError(f"{repo_id}@{revision} has no safetensors or pytorch_model.bin weights")
+    patterns = ["*.json", "*.txt", "*.model", weights]
+    try:
+        return Path(snapshot_download(**kwargs, allow_patterns=patterns))
+    except Exception as err:  # a dropped connection (httpx's or httpx2's TransportError), after the hub's retries
+        if not any(cls.__name__ == "TransportError" for cls in type(err).__mro__):
+            raise
+        raise ConnectionError(f"downloading {repo_id}@{revision} was interrupted ({type(err).__name__}: {err}). "
+                              "Run the same command again: finished files are kept, the rest starts over.") from err
+
+
+download_model = download_gptj  # the name notebook 00's resolve_model uses
+
+
+def model_files_complete(path: Path) -> bool:
+    """True when a folder has config.json and every weight file its index names (or one unsharded file)."""
+    if not (path / "config.json").exists():
+        return False
+    for index in path.glob("*.index.json"):
+        names = set(json.loads(index.read_text())["weight_map"].values())
+        return all((path / n).exists() for n in names)
+    return any((path / n).exists() for n in ("model.safetensors", "pytorch_model.bin"))
 
 
 def check_online(endpoint: str | None = None, timeout: float = 3.0) -> None:
@@ -386,6 +421,309 @@ def check_online(endpoint: str | None = None, timeout: float = 3.0) -> None:
             why = f"cannot reach {url.hostname}: {err}"
     raise ConnectionError(f"{why}. Downloading weights needs the internet: run this where it is available, "
                           "or pass the path of a local model folder, or use model='tiny' (the offline default).")
+
+
+# The original mesh-transformer-jax "slim" checkpoint: shard_S/P.npz, facts in ../shared/reference.
+GPTJ_6B_JAX_CONFIG = {"layers": 28, "d_model": 4096, "n_heads": 16, "n_vocab": 50400, "pe_rotary_dims": 64,
+                      "seq": 2048, "cores_per_replica": 8}
+JAX_PIECES = 16  # each shard's leaves are cut into 16 .npz files
+
+
+def jax_config_of(config) -> dict:
+    """A mesh-transformer-jax config dict from a JSON path, a dict, or a GPTJConfig; None is GPT-J-6B's (notebook 01)."""
+    if config is None:
+        return dict(GPTJ_6B_JAX_CONFIG)
+    if isinstance(config, (str, Path)):
+        config = json.loads(Path(config).read_text())
+    if not isinstance(config, dict):  # a transformers GPTJConfig
+        config = {"layers": config.n_layer, "d_model": config.n_embd, "n_heads": config.n_head,
+                  "n_vocab": config.vocab_size, "pe_rotary_dims": config.rotary_dim, "seq": config.n_positions,
+                  "cores_per_replica": 8}
+    missing = [k for k in GPTJ_6B_JAX_CONFIG if k not in config]
+    if missing:
+        raise ValueError(f"the JAX config lacks {missing}: it needs {sorted(GPTJ_6B_JAX_CONFIG)}")
+    return config
+
+
+def hf_config_of(jax_config: dict):
+    """The GPTJConfig that transformers needs for a converted JAX checkpoint (notebook 01)."""
+    from transformers import GPTJConfig
+
+    c = jax_config
+    eos = 50256 if c["n_vocab"] > 50256 else 0
+    return GPTJConfig(vocab_size=c["n_vocab"], n_positions=c["seq"], n_embd=c["d_model"], n_layer=c["layers"],
+                      n_head=c["n_heads"], rotary_dim=c["pe_rotary_dims"], n_inner=None,
+                      activation_function="gelu_new", layer_norm_epsilon=1e-5, bos_token_id=eos,
+                      eos_token_id=eos, tie_word_embeddings=False)
+
+
+@dataclass(frozen=True)
+class JaxLeaf:
+    """One leaf of the slim checkpoint: its name, its shape in one shard, and where it goes in Hugging Face."""
+
+    name: str           # "causal_transformer_shard/~/layer_7/~/linear_3/w"
+    shard_shape: tuple  # shape of the slice one shard holds
+    target: str         # Hugging Face tensor name
+    merge: str          # out: rows = shards' w.T | in: columns = shards' w.T | rows: w as is | cat | sum | first
+
+
+def jax_leaves(jax_config: dict) -> list[JaxLeaf]:
+    """The slim checkpoint's leaves in `jax.tree_flatten` order (keys sorted as strings), `step` last (notebook 01)."""
+    c = jax_config
+    d, v, s = c["d_model"], c["n_vocab"], c["cores_per_replica"]
+    ff = 4 * d
+    for name, size in (("d_model", d), ("n_vocab", v), ("d_model * 4", ff), ("n_heads", c["n_heads"])):
+        if size % s:
+            raise ValueError(f"JAX config: {name} = {size} is not divisible by cores_per_replica = {s}")
+    top = "causal_transformer_shard/~/"
+    spec = {"embedding_shard/~/linear": {"b": ((d,), "transformer.wte.bias", "sum"),
+                                         "w": ((v // s, d), "transformer.wte.weight", "rows")},
+            "projection_shard/~/linear": {"b": ((v // s,), "lm_head.bias", "cat"),
+                                          "w": ((d, v // s), "lm_head.weight", "out")},
+            "projection_shard/~/replicated_layer_norm": {"offset": ((d,), "transformer.ln_f.bias", "first"),
+                                                         "scale": ((d,), "transformer.ln_f.weight", "first")}}
+    for i in range(c["layers"]):
+        h, m = f"layer_{i}/~/", f"transformer.h.{i}."
+        for lin, proj in (("linear", "q_proj"), ("linear_1", "v_proj"), ("linear_2", "k_proj")):
+            spec[h + lin] = {"w": ((d, d // s), f"{m}attn.{proj}.weight", "out")}
+        spec[h + "linear_3"] = {"w": ((d // s, d), f"{m}attn.out_proj.weight", "in")}
+        spec[h + "linear_4"] = {"b": ((ff // s,), f"{m}mlp.fc_in.bias", "cat"),
+                                "w": ((d, ff // s), f"{m}mlp.fc_in.weight", "out")}
+        spec[h + "linear_5"] = {"b": ((d,), f"{m}mlp.fc_out.bias", "sum"),
+                                "w": ((ff // s, d), f"{m}mlp.fc_out.weight", "in")}
+        spec[h + "replicated_layer_norm"] = {"offset": ((d,), f"{m}ln_1.bias", "first"),
+                                             "scale": ((d,), f"{m}ln_1.weight", "first")}
+    leaves = [JaxLeaf(f"{top}{mod}/{leaf}", *spec[mod][leaf]) for mod in sorted(spec) for leaf in sorted(spec[mod])]
+    return leaves + [JaxLeaf("step", (), "", "skip")]
+
+
+def split_pieces(items: list, n: int = JAX_PIECES) -> list[list]:
+    """Cut a list into n contiguous pieces, the first `len % n` one longer (mesh-transformer-jax's split)."""
+    k, m = divmod(len(items), n)
+    return [items[i * k + min(i, m):(i + 1) * k + min(i + 1, m)] for i in range(n)]
+
+
+def target_group(name: str) -> str:
+    """Which output shard a Hugging Face tensor goes to: "embedding", "block-07", or "head" (notebook 01)."""
+    match = re.match(r"transformer\.h\.(\d+)\.", name)
+    return f"block-{int(match.group(1)):02d}" if match else "embedding" if "wte" in name else "head"
+
+
+def write_safetensors_shards(out: Path, groups, total: int, desc: str, progress: bool = True) -> None:
+    """Write each (group, {name: tensor}) as it arrives, then `model.safetensors.index.json` (notebook 01)."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    weight_map, size = {}, 0
+    with tqdm(total=total, unit="tensor", desc=desc, disable=not progress) as bar:
+        for group, tensors in groups(bar):
+            fname = f"model-{group}.safetensors"
+            save_file(tensors, str(out / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in tensors})
+            size += sum(t.numel() * t.element_size() for t in tensors.values())
+            del tensors  # before the next group is built: one group in memory at a time
+    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """Refuse NaN or inf in a weight, naming it."""
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what} contains NaN or inf (after conversion to {t.dtype}): the checkpoint is damaged, "
+                         "or its values overflow this dtype (try --dtype bfloat16 or float32)")
+
+
+def refuse_existing(out_dir: Path) -> None:
+    """Converters never write into an existing folder."""
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists: choose a new output folder or delete it first")
+
+
+def read_npz_array(npz, path: Path, j: int, leaf: JaxLeaf) -> torch.Tensor:
+    """One array of one piece file as a torch tensor; raw 2-byte (V2) arrays are bfloat16 bits."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        arr = npz[f"arr_{j}"]
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as err:
+        raise ValueError(f"{path}: cannot read arr_{j} ({leaf.name}): {err}. The file is truncated or damaged: "
+                         "extract or download it again") from err
+    if arr.shape != leaf.shard_shape:
+        raise ValueError(f"{path}: arr_{j} ({leaf.name}) has shape {arr.shape}, the config expects "
+                         f"{leaf.shard_shape}: does --config match this checkpoint?")
+    if arr.dtype.kind == "V":
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+def convert_jax_checkpoint(slim_dir: str | Path, out_dir: str | Path, config=None,
+                           dtype: torch.dtype = torch.float16, progress: bool = True) -> Path:
+    """Convert the original slim JAX checkpoint to a Hugging Face safetensors folder, one block at a time (notebook 01)."""
+    import zipfile
+
+    import numpy as np
+
+    slim_dir, out_dir = Path(slim_dir), Path(out_dir)
+    jcfg = jax_config_of(config)
+    leaves, shards = jax_leaves(jcfg), jcfg["cores_per_replica"]
+    pieces = split_pieces(leaves)
+    for s in range(shards):
+        folder = slim_dir / f"shard_{s}"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is missing: a slim checkpoint has shard_0 ... shard_{shards - 1}")
+        for p in range(JAX_PIECES):
+            if not (folder / f"{p}.npz").is_file():
+                raise FileNotFoundError(f"{folder / f'{p}.npz'} is missing: each shard has 0.npz ... 15.npz")
+    refuse_existing(out_dir)
+
+    def merged(leaf: JaxLeaf, files: list, j: int, bias: torch.Tensor | None) -> torch.Tensor:
+        parts = (read_npz_array(npz, path, j, leaf) for npz, path in files)
+        if leaf.merge == "first":
+            t = next(parts).to(dtype)
+        elif leaf.merge == "sum":
+            t = sum(part.float() for part in parts).to(dtype if leaf.target != "transformer.wte.bias" else torch.float32)
+        elif leaf.merge == "cat":
+            t = torch.cat([part.to(dtype) for part in parts])
+        else:  # a weight: fill the merged (out, in) tensor one shard at a time
+            k, d = leaf.shard_shape[::-1] if leaf.merge == "out" else leaf.shard_shape
+            t = torch.empty((d, k * shards) if leaf.merge == "in" else (k * shards, d), dtype=dtype)
+            for s, part in enumerate(parts):
+                if leaf.merge == "rows":  # the embedding: rows as they are, plus the summed bias of all shards
+                    t[s * k:(s + 1) * k] = part.float() + bias
+                elif leaf.merge == "out":
+                    t[s * k:(s + 1) * k] = part.T
+                else:
+                    t[:, s * k:(s + 1) * k] = part.T
+                check_finite(t[s * k:(s + 1) * k] if leaf.merge != "in" else t[:, s * k:(s + 1) * k],
+                             f"{leaf.name} in {files[s][1]}")
+            return t
+        check_finite(t, f"{leaf.name} ({leaf.target})")
+        return t
+
+    def groups(bar):
+        group, tensors = None, {}
+        for p, piece in enumerate(pieces):
+            paths = [slim_dir / f"shard_{s}" / f"{p}.npz" for s in range(shards)]
+            try:
+                files = [(np.load(path), path) for path in paths]
+            except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+                raise ValueError(f"cannot open a piece of {paths}: {err}; the file is truncated or damaged") from err
+            for npz, path in files:
+                if len(npz.files) != len(piece):
+                    raise ValueError(f"{path} holds {len(npz.files)} arrays, a {jcfg['layers']}-layer config expects "
+                                     f"{len(piece)}: does --config match this checkpoint?")
+            for j, leaf in enumerate(piece):
+                if leaf.merge == "skip":
+                    continue
+                if target_group(leaf.target) != group and tensors:
+                    yield group, tensors
+                    tensors = {}
+                group = target_group(leaf.target)
+                tensors[leaf.target] = merged(leaf, files, j, tensors.pop("transformer.wte.bias", None))
+                bar.update()
+            for npz, _ in files:
+                npz.close()
+        yield group, tensors
+
+    def build(tmp: Path) -> None:
+        hf_config_of(jcfg).save_pretrained(str(tmp))
+        write_safetensors_shards(tmp, groups, len(leaves) - 1, f"converting {slim_dir.name}", progress)
+
+    return build_atomically(out_dir, build)
+
+
+def write_jax_checkpoint(state_dict: dict, config, out_dir: str | Path) -> Path:
+    """Write a Hugging Face GPT-J state dict in the slim JAX layout: bf16, 8 shards x 16 pieces, plus its config (notebook 01)."""
+    import numpy as np
+
+    jcfg, out_dir = jax_config_of(config), Path(out_dir)
+    leaves, shards = jax_leaves(jcfg), jcfg["cores_per_replica"]
+
+    def shard_slice(leaf: JaxLeaf, s: int):
+        if leaf.merge == "skip":
+            return np.array(0, dtype=np.int32)
+        t = state_dict.get(leaf.target, torch.zeros(leaf.shard_shape))  # wte has no bias in Hugging Face
+        k = leaf.shard_shape[1 if leaf.merge == "out" else 0]
+        t = {"out": lambda: t[s * k:(s + 1) * k].T, "in": lambda: t[:, s * k:(s + 1) * k].T,
+             "rows": lambda: t[s * k:(s + 1) * k], "cat": lambda: t[s * k:(s + 1) * k],
+             "sum": lambda: t if s == 0 else torch.zeros_like(t), "first": lambda: t}[leaf.merge]()
+        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view("V2")  # raw bf16 bits, as JAX saved
+
+    for s in range(shards):
+        (out_dir / f"shard_{s}").mkdir(parents=True, exist_ok=True)
+        for p, piece in enumerate(split_pieces(leaves)):
+            np.savez(out_dir / f"shard_{s}" / f"{p}.npz", *[shard_slice(leaf, s) for leaf in piece])
+    (out_dir / "jax_config.json").write_text(json.dumps(jcfg, indent=2))
+    return out_dir
+
+
+def convert_to_safetensors(src: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
+                           progress: bool = True) -> Path:
+    """Turn a pytorch_model.bin (and the config and tokenizer beside it) into safetensors shards, memory-mapped (notebook 01)."""
+    import pickle
+
+    src, out_dir = Path(src), Path(out_dir)
+    file = src / "pytorch_model.bin" if src.is_dir() else src
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist")
+    refuse_existing(out_dir)
+    try:  # weights_only: the unpickler builds tensors and plain containers, and runs no other code
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{file} holds more than tensors, so it was not loaded ({str(err).splitlines()[0]}). "
+                         "Convert only weight files; never torch.load a pickle you do not trust.") from err
+    except RuntimeError as err:
+        raise ValueError(f"{file} is not a torch.save zip file that can be memory-mapped: {err}") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{file} holds a {type(state).__name__}, not a dict of tensor names to tensors")
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{file}: {name!r} is not a tensor ({type(value).__name__}); this is not a weight file")
+    names = [k for k in state if not k.endswith((".attn.bias", ".attn.masked_bias"))]  # old mask buffers
+
+    def groups(bar):
+        for group in sorted({target_group(k) for k in names}):
+            tensors = {k: state[k].to(dtype or state[k].dtype, copy=True) for k in names if target_group(k) == group}
+            for k, t in tensors.items():
+                check_finite(t, f"{k} in {file}")
+            bar.update(len(tensors))
+            yield group, tensors
+
+    def build(tmp: Path) -> None:
+        for extra in file.parent.iterdir():  # config and tokenizer files travel along
+            if extra.suffix in (".json", ".txt", ".model") and not extra.name.endswith(".bin.index.json"):
+                shutil.copy(extra, tmp / extra.name)
+        if dtype is not None and (tmp / "config.json").exists():
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] = str(dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        write_safetensors_shards(tmp, groups, len(names), f"converting {file.name}", progress)
+
+    return build_atomically(out_dir, build)
+
+
+def measure_command(argv: list[str], timeout: float = 3600) -> dict:
+    """Run `python -m gptj_helpers ARGV` in a fresh process: seconds, and peak RSS above its baseline after imports (notebook 01)."""
+    import subprocess
+
+    # Linux: VmHWM is this process's own peak, reset after the imports (ru_maxrss would include the parent's at fork)
+    code = ("import json, re, resource, sys, time, numpy, psutil, safetensors.torch, tqdm.auto, gptj_helpers as gh\n"
+            "from transformers import GPTJConfig\n"
+            "base = psutil.Process().memory_info().rss\n"
+            "try: open('/proc/self/clear_refs', 'w').write('5')\n"
+            "except OSError: pass\n"
+            "start = time.perf_counter(); rc = gh.main(sys.argv[1:]); seconds = time.perf_counter() - start\n"
+            "try: peak = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
+            "except OSError: peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "print(json.dumps(dict(rc=rc, seconds=seconds, baseline=base, peak=peak)))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_DIR), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout, env=env)
+    result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"rc": proc.returncode}
+    if result["rc"] != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.strip()[-2000:]}")
+    return {**result, "peak_over_baseline": result["peak"] - result["baseline"]}
 
 
 # --------------------------------------------------------------------------
@@ -421,6 +759,7 @@ class Plan:
     dtype: str
     total_params: int
     devices: list[StagePlan]
+    module_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # embedding, one block, head
 
     def to_json(self) -> str:
         """The plan as JSON text."""
@@ -499,8 +838,10 @@ def plan_split(model_or_config, devices: str | list[Device], dtype: torch.dtype 
         bounds.append((cut[s][j], j))
         j = cut[s][j]
     stages = [stage(s, a, b) for s, (a, b) in enumerate(reversed(bounds))]
-    plan = Plan(model_name or getattr(config, "name_or_path", "") or "gptj", str(dtype).replace("torch.", ""),
-                sizes["params"], stages)
+    if model_name is None:
+        model_name = str(model_or_config) if isinstance(model_or_config, (str, Path)) else "gptj"
+    plan = Plan(model_name, str(dtype).replace("torch.", ""),
+                sizes["params"], stages, {k: sizes[k] for k in ("embedding", "block", "head")})
     if best[n][n_layer] == math.inf or max(s.fill for s in stages) > 1:
         raise MemoryError(explain_infeasible(config, devices, dtype, reserve, prompt_tokens, max_new_tokens, batch_size))
     return plan
@@ -622,28 +963,16 @@ def boundary_hook(device: torch.device, dtype: torch.dtype | None):
     return hook
 
 
-def load_tensors(model, model_path: Path, names: list[str], device: str, dtype: torch.dtype | None,
-                 files: dict[str, str] | None = None) -> None:
-    """Load the named tensors of a meta-device model straight from safetensors onto `device` (notebooks 02 and 05)."""
-    from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
-
-    files = files or stage_parameter_names(model_path)
-    missing = [name for name in names if name not in files]
-    if missing:
-        raise ValueError(f"{model_path} lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
-    for file in sorted({files[name] for name in names}):
-        with safe_open(Path(model_path) / file, framework="pt", device=str(device)) as f:
-            for name in (n for n in names if files[n] == file):
-                set_module_tensor_to_device(model, name, device, value=f.get_tensor(name), dtype=dtype)
-
-
-def place_stages(model_path: str | Path, plan: Plan, dtype: torch.dtype | list[torch.dtype] | None = None):
+def place_stages(model_path: str | Path, plan: Plan, dtype: torch.dtype | list[torch.dtype] | None = None,
+                 stages: list[int] | None = None):
     """Load each stage's tensors straight from safetensors onto its device, and hook the stage boundaries (notebook 02).
 
     `dtype` may be one dtype or one per stage. Returns a `GPTJForCausalLM` that runs across the devices.
+    With `stages`, only those stages are loaded; the rest stay on the meta device (no memory).
     """
     from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
     from transformers import AutoConfig, GPTJForCausalLM
 
     model_path = resolve_model(str(model_path))
@@ -655,9 +984,22 @@ def place_stages(model_path: str | Path, plan: Plan, dtype: torch.dtype | list[t
     with init_empty_weights():
         model = GPTJForCausalLM(config)
     files = stage_parameter_names(model_path)
-    names = [name for name, _ in model.named_parameters()]
-    for s, st in enumerate(plan.devices):
-        load_tensors(model, model_path, [k for k in names if plan.stage_of_module(k) == s], st.device, dtypes[s], files)
+    expected = {name for name, _ in model.named_parameters()}
+    missing = expected - set(files)
+    if missing:
+        raise ValueError(f"{model_path} lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
+    for file in sorted(set(files.values())):
+        names = [k for k, f in files.items() if f == file and k in expected]
+        by_stage: dict[int, list[str]] = {}
+        for name in names:
+            by_stage.setdefault(plan.stage_of_module(name), []).append(name)
+        for s, stage_names in by_stage.items():
+            if stages is not None and s not in stages:
+                continue
+            device = torch.device(plan.devices[s].device)
+            for name in stage_names:  # one tensor per opening: the file's mapping never holds more than that
+                with safe_open(model_path / file, framework="pt", device=str(device)) as f:
+                    set_module_tensor_to_device(model, name, device, value=f.get_tensor(name), dtype=dtypes[s])
     model.transformer.rotary_emb.to(plan.devices[0].device)
     # every block after the first stage gets the hook: the first one moves the hidden states across the
     # boundary; all of them need the mask, position ids and rotary sin/cos, which the model hands each block
@@ -674,6 +1016,35 @@ def place_stages(model_path: str | Path, plan: Plan, dtype: torch.dtype | list[t
     model.hooks["lm_head"] = model.lm_head.register_forward_hook(lambda m, a, out: out.to(first_device))
     model.plan = plan
     return model.eval()
+
+
+def plot_plan(plan: Plan, title: str | None = None):
+    """Draw a plan: one bar per device, filled by embedding, blocks, head, KV cache and reserve, against its budget."""
+    import matplotlib.pyplot as plt
+
+    gib = 2**30
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(plan.devices), 3.6))
+    colors = {"embedding": "tab:green", "blocks": "tab:blue", "head": "tab:purple", "KV cache": "tab:orange",
+              "reserve": "tab:gray"}
+    for i, s in enumerate(plan.devices):
+        n_blocks = s.blocks[1] - s.blocks[0]
+        parts = {"embedding": plan.module_bytes["embedding"] * s.embedding,
+                 "blocks": plan.module_bytes["block"] * n_blocks, "head": plan.module_bytes["head"] * s.head,
+                 "KV cache": s.kv_cache_bytes, "reserve": s.reserve_bytes}
+        bottom = 0.0
+        for label, nbytes in parts.items():
+            ax.bar(i, nbytes / gib, bottom=bottom, color=colors[label], label=label if i == 0 else None,
+                   edgecolor="white", width=0.7)
+            bottom += nbytes / gib
+        ax.hlines(s.budget_bytes / gib, i - 0.42, i + 0.42, colors="black", linewidth=2,
+                  label="budget" if i == 0 else None)
+        ax.text(i, bottom, f"{n_blocks} blocks\n{s.fill:.0%}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(plan.devices)), [f"{i}: {s.device}" for i, s in enumerate(plan.devices)], fontsize=8)
+    ax.set_ylabel("memory (GiB)")
+    ax.set_title(title or f"{plan.model} ({plan.dtype}) split over {len(plan.devices)} devices")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
 
 
 def measure_memory(model, cache=None) -> list[dict]:
@@ -732,6 +1103,7 @@ class RunRecord:
     memory: list[dict] = dataclasses.field(default_factory=list)  # one row per stage, see measure_memory
     plan: Plan | None = None
     output_ids: torch.Tensor | None = None  # prompt + new token ids, left-padded, like generate's output
+    settings: dict = dataclasses.field(default_factory=dict)  # what was asked: max_new_tokens, sampling, batch
 
     def busy_seconds(self) -> list[float]:
         """Compute time of each stage."""
@@ -741,6 +1113,212 @@ class RunRecord:
             if e.kind == "compute":
                 busy[e.stage] += e.end - e.start
         return busy
+
+
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 0.7, "top_k": 0}  # the seed's settings; top_k=0: no top-k filter
+
+
+def check_generation(config, tokenizer, prompts: str | list[str], max_new_tokens: int, greedy: bool = False,
+                     temperature: float = 1.0, top_p: float = 0.7, top_k: int = 0) -> list[list[int]]:
+    """Refuse bad settings before any work, saying what to do; returns each prompt's token ids (notebook 03)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given: pass a string or a non-empty list of strings")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: generate at least 1 new token")
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature={temperature}: sampling needs a temperature above 0 "
+                         "(1.0 is the model's own distribution); for the single most likely text use greedy")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: it must be in (0, 1]; 1.0 keeps every token, the seed used 0.7")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k}: it must be 0 (no top-k filter, as in the seed) or a positive count")
+    ids = []
+    for i, prompt in enumerate(prompts):
+        tokens = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else []
+        if not tokens:
+            raise ValueError(f"prompt {i} ({prompt!r}) is empty: every prompt needs at least one token")
+        if len(tokens) + max_new_tokens > config.n_positions:
+            raise ValueError(f"prompt {i} has {len(tokens)} tokens; with max_new_tokens={max_new_tokens} that is "
+                             f"{len(tokens) + max_new_tokens}, more than the model's context of {config.n_positions} "
+                             f"tokens: shorten the prompt or ask for at most {config.n_positions - len(tokens)} new tokens")
+        ids.append(tokens)
+    return ids
+
+
+def pad_left(ids: list[list[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token ids into one batch with its attention mask, so every prompt ends where generation starts (notebook 03)."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    return input_ids, mask
+
+
+def stage_modules(model) -> list[tuple[list[str], torch.device]]:
+    """Each stage's module names in forward order and its device; an unsplit model is one stage (notebook 03)."""
+    plan: Plan | None = getattr(model, "plan", None)
+    n_layer = model.config.n_layer
+    parts = [(s.embedding, s.blocks, s.head, torch.device(s.device)) for s in plan.devices] if plan else \
+        [(True, (0, n_layer), True, model.transformer.wte.weight.device)]
+    return [((["transformer.wte"] if emb else []) + [f"transformer.h.{b}" for b in range(*blocks)]
+             + (["transformer.ln_f", "lm_head"] if head else []), device) for emb, blocks, head, device in parts]
+
+
+class StageRecorder:
+    """Times each stage's share of every forward pass from hooks at the stage boundaries (notebooks 03 and 04).
+
+    A forward pre-hook on a stage's first module and a forward hook on its last one stamp start and end.
+    On the CPU a stamp is `time.perf_counter()`; on CUDA it is an event on the stage's device, read after
+    one synchronize at the end, so the times are the device's and the hooks never stall it.
+    The first forward of a run is the prefill, every later one a decode step.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.stages = stage_modules(model)
+        self.cuda = sorted({d for _, d in self.stages if d.type == "cuda"}, key=str)
+        self.step = -1
+        self.stamps: list[tuple[int, int, object, object]] = []  # (stage, step, start, end)
+        self.handles: list = []
+
+    def now(self) -> float:
+        """Host seconds since the recording started."""
+        import time
+
+        return time.perf_counter() - self.t0
+
+    def stamp(self, device: torch.device):
+        """A point in time on `device`: host seconds on the CPU, a recorded CUDA event on a GPU."""
+        if device.type != "cuda":
+            return self.now()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+    def seconds(self, stamp, device: torch.device) -> float:
+        """A stamp as seconds since the start (CUDA events are measured from that device's start event)."""
+        return stamp if device.type != "cuda" else self.origin[device].elapsed_time(stamp) / 1000
+
+    def __enter__(self) -> "StageRecorder":
+        import time
+
+        modules = dict(self.model.named_modules())
+        for d in self.cuda:
+            torch.cuda.synchronize(d)
+        self.t0 = time.perf_counter()
+        self.origin = {d: self.stamp(d) for d in self.cuda}
+
+        def count_step(module, args):
+            self.step += 1
+
+        self.handles.append(self.model.register_forward_pre_hook(count_step))
+        for s, (names, device) in enumerate(self.stages):
+            if not names:
+                continue
+            opened = {}
+            self.handles.append(modules[names[0]].register_forward_pre_hook(
+                lambda m, a, s=s, device=device, opened=opened: opened.__setitem__(s, self.stamp(device))))
+            self.handles.append(modules[names[-1]].register_forward_hook(
+                lambda m, a, out, s=s, device=device, opened=opened:
+                self.stamps.append((s, self.step, opened.pop(s), self.stamp(device)))))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        for d in self.cuda:
+            torch.cuda.synchronize(d)
+
+    def events(self) -> list[TimingEvent]:
+        """The recorded busy intervals, in seconds since the start, in the order they happened."""
+        devices = [d for _, d in self.stages]
+        return [TimingEvent(s, "prefill" if step == 0 else "decode", step, self.seconds(a, devices[s]),
+                            self.seconds(b, devices[s])) for s, step, a, b in self.stamps]
+
+
+class TokenTimes:
+    """A transformers streamer that notes when each step's tokens arrive, then hands them on to `inner` (notebook 03)."""
+
+    def __init__(self, clock, inner=None):
+        self.clock, self.inner, self.times, self.prompt_seen = clock, inner, [], False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:  # generate first puts the prompt, then one batch of tokens per step
+            self.times.append(self.clock())
+        self.prompt_seen = True
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+
+
+def generate_text(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 50, greedy: bool = False,
+                  temperature: float = 1.0, top_p: float = 0.7, top_k: int = 0, seed: int | None = None,
+                  stream=False) -> tuple[list[str], RunRecord]:
+    """Generate continuations with transformers' `generate` and KV cache through a split (or whole) model (notebook 03).
+
+    Returns `(texts, record)`: `texts[i]` is the continuation of `prompts[i]` alone (the prompt is not
+    repeated; print `prompt + text` for what the seed printed), and `record.texts is texts`.
+    Sampling uses the seed's settings by default (top_p=0.7, top_k=0 = no top-k filter, temperature 1.0);
+    `seed` calls `torch.manual_seed(seed)` right before `generate`. Prompts of different lengths are
+    left-padded with the end-of-text token. `stream=True` prints the prompt and then each piece of text as
+    it is produced (one prompt only); any transformers streamer (`TextIteratorStreamer`...) may be passed instead.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    ids = check_generation(model.config, tokenizer, prompts, max_new_tokens, greedy, temperature, top_p, top_k)
+    if stream is True and len(prompts) > 1:
+        raise ValueError(f"stream=True prints one prompt at a time, got {len(prompts)}: generate them one by one, "
+                         "or pass your own streamer that handles a batch")
+    if stream is True:
+        from transformers import TextStreamer
+
+        print(prompts[0], end="", flush=True)
+        stream = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    eos = tokenizer.eos_token_id
+    stages = stage_modules(model)
+    input_ids, mask = pad_left(ids, eos, stages[0][1])
+    knobs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p,
+                                                 "top_k": top_k}
+    with StageRecorder(model) as recorder:
+        times = TokenTimes(recorder.now, inner=None if stream is False else stream)
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=eos, streamer=times, return_dict_in_generate=True, **knobs)
+        total = recorder.now()
+    cache = getattr(out, "cache", None)
+    if cache is None:  # older transformers call it past_key_values
+        cache = getattr(out, "past_key_values", None)
+    new = out.sequences[:, input_ids.shape[1]:].cpu()
+    counts = [int((row == eos).nonzero()[0, 0]) + 1 if (row == eos).any() else len(row) for row in new]
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, counts)]
+    first, last = times.times[0], times.times[-1]
+    after_first = sum(counts) - len(prompts)
+    record = RunRecord(
+        texts=texts, prompts=prompts, mode="naive" if len(stages) > 1 else "single", new_tokens=sum(counts),
+        time_to_first_token=first, tokens_per_second=after_first / (last - first) if last > first else float("nan"),
+        total_seconds=total, events=recorder.events(), memory=measure_memory(model, cache),
+        plan=getattr(model, "plan", None),
+        settings={"max_new_tokens": max_new_tokens, "greedy": greedy, **({} if greedy else knobs), "seed": seed,
+                  "batch_size": len(prompts), "prompt_tokens": [len(x) for x in ids]})
+    return texts, record
+
+
+def format_timing(record: RunRecord) -> str:
+    """Time to first token, tokens/s, total time, and each stage's busy time and KV cache, as a small table (notebook 03)."""
+    busy = record.busy_seconds()
+    lines = [f"time to first token {record.time_to_first_token * 1000:9.1f} ms",
+             f"tokens/s after it   {record.tokens_per_second:9.1f}   (batch of {len(record.prompts)})",
+             f"total               {record.total_seconds * 1000:9.1f} ms for {record.new_tokens} new tokens",
+             "stage  device   busy ms  share of total  KV cache at the end"]
+    for s, row in enumerate(record.memory):
+        b = busy[s] if s < len(busy) else 0.0
+        lines.append(f"{s:5}  {row['device']:7} {b * 1000:8.1f}  {b / record.total_seconds:14.0%}  "
+                     f"{format_size(row['kv_cache_bytes']):>12}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------
@@ -762,41 +1340,29 @@ class PipelineJob:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     micro_batches: int = 1
-    max_new_tokens: int = 20
-    do_sample: bool = False
+    max_new_tokens: int = 50
+    greedy: bool = False
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = 0.7
     top_k: int = 0
-    seed: int = 0
-
-
-def encode_prompts(tokenizer, prompts: list[str] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask of a batch, left-padded with eos as generate expects (notebooks 03 and 05)."""
-    if isinstance(prompts, torch.Tensor):
-        ids = prompts if prompts.dim() == 2 else prompts[None]
-        return ids.long(), torch.ones_like(ids, dtype=torch.long)
-    if not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty strings (or a 2-D tensor of token ids)")
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    return batch["input_ids"], batch["attention_mask"]
+    seed: int = 0  # each micro-batch samples with its own torch.Generator seeded with this
 
 
 def make_job(input_ids: torch.Tensor, attention_mask: torch.Tensor, micro_batches: int = 1,
-             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             top_k: int = 0, seed: int = 0) -> PipelineJob:
-    """Check the options of one pipelined generation and bundle them (notebook 05)."""
+             max_new_tokens: int = 50, greedy: bool = False, temperature: float = 1.0, top_p: float = 0.7,
+             top_k: int = 0, seed: int | None = None) -> PipelineJob:
+    """Check the options of one pipelined generation and bundle them; options as generate_text's (notebook 05)."""
     batch = input_ids.shape[0]
     if not 1 <= micro_batches <= batch:
         raise ValueError(f"micro_batches={micro_batches}: use between 1 and the number of prompts ({batch})")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: generate at least one token")
-    if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
+    if not greedy and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
         raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0 "
                          f"(got {temperature}, {top_p}, {top_k})")
-    return PipelineJob(input_ids, attention_mask, micro_batches, max_new_tokens, do_sample, temperature, top_p,
+    if seed is None:  # like generate without a seed: whatever torch's global generator gives
+        seed = int(torch.randint(2**62, ()))
+    return PipelineJob(input_ids, attention_mask, micro_batches, max_new_tokens, greedy, temperature, top_p,
                        top_k, seed)
 
 
@@ -841,16 +1407,11 @@ def load_stage(model_path: str | Path, plan: Plan, rank: int, dtype: torch.dtype
     """Build stage `rank` alone: a meta-device model whose own tensors are loaded from safetensors (notebook 05)."""
     import copy
 
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, GPTJForCausalLM
-
-    model_path = resolve_model(str(model_path))
-    config = AutoConfig.from_pretrained(str(model_path))
-    with init_empty_weights():
-        model = GPTJForCausalLM(config)
-    st = plan.devices[rank]
+    model = place_stages(model_path, plan, dtype, stages=[rank])  # the other stages stay on the meta device
+    for hook in model.hooks.values():  # this process runs its modules itself, nothing crosses inside it
+        hook.remove()
+    config, st = model.config, plan.devices[rank]
     names = [name for name, _ in model.named_parameters() if plan.stage_of_module(name) == rank]
-    load_tensors(model, model_path, names, st.device, dtype)
     a, b = st.blocks
     blocks = model.transformer.h[a:b]
     for i, block in enumerate(blocks):  # the stage's own KV cache counts its layers from 0
@@ -897,18 +1458,18 @@ def make_warpers(job: PipelineJob):
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     warpers = LogitsProcessorList()
-    if job.do_sample and job.temperature != 1.0:
+    if not job.greedy and job.temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(job.temperature))
-    if job.do_sample and job.top_k:
+    if not job.greedy and job.top_k:
         warpers.append(TopKLogitsWarper(top_k=job.top_k, min_tokens_to_keep=1))
-    if job.do_sample and job.top_p < 1.0:
+    if not job.greedy and job.top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p=job.top_p, min_tokens_to_keep=1))
     return warpers
 
 
 def pick_tokens(logits: torch.Tensor, job: PipelineJob, warpers, generator: torch.Generator | None) -> torch.Tensor:
     """Greedy argmax, or softmax + multinomial with the micro-batch's own generator, as generate does."""
-    if not job.do_sample:
+    if job.greedy:
         return torch.argmax(logits, dim=-1)
     probs = torch.nn.functional.softmax(warpers(None, logits), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
@@ -1008,7 +1569,7 @@ def run_stage(stage: PipelineStage, job: PipelineJob, t0: float, fail: tuple | N
     outbox = Outbox(stage, record)
     tokens = [[] for _ in rows]
     unfinished = [torch.ones(len(r), dtype=torch.long, device=dev) for r in rows]
-    generators = [torch.Generator(device=dev).manual_seed(job.seed) for _ in rows] if last and job.do_sample else None
+    generators = [torch.Generator(device=dev).manual_seed(job.seed) for _ in rows] if last and not job.greedy else None
     warpers = make_warpers(job)
     with torch.inference_mode():
         for step in range(steps):
@@ -1058,15 +1619,19 @@ def merge_stage_results(results: list[dict], job: PipelineJob, tokenizer, plan: 
     finished_at = torch.where(done.any(1), done.argmax(1), torch.full_like(done[:, 0], new.shape[1] - 1))
     length = int(finished_at.max()) + 1
     output = torch.cat([job.input_ids, new[:, :length]], dim=1)
+    counts = (finished_at + 1).tolist()  # each row's tokens up to its eos, as generate_text counts them
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, counts)]
     events = sorted((e for r in results for e in r["events"]), key=lambda e: (e.start, e.stage))
     last = len(results) - 1
     ttft = max(e.end for e in events if e.stage == last and e.kind == "compute" and e.step == 0)
     total = max(e.end for e in events)
-    batch = output.shape[0]
-    return RunRecord(texts=tokenizer.batch_decode(output, skip_special_tokens=True), prompts=[], mode="pipeline",
-                     new_tokens=batch * length, time_to_first_token=ttft,
-                     tokens_per_second=batch * (length - 1) / (total - ttft) if length > 1 and total > ttft else 0.0,
+    after_first = sum(counts) - len(counts)
+    knobs = {} if job.greedy else {"temperature": job.temperature, "top_p": job.top_p, "top_k": job.top_k}
+    return RunRecord(texts=texts, prompts=[], mode="pipeline", new_tokens=sum(counts), time_to_first_token=ttft,
+                     tokens_per_second=after_first / (total - ttft) if total > ttft else float("nan"),
                      total_seconds=total, events=events, memory=[r["memory"] for r in results], plan=plan,
+                     settings={"max_new_tokens": job.max_new_tokens, "greedy": job.greedy, **knobs, "seed": job.seed,
+                               "batch_size": len(counts), "micro_batches": job.micro_batches},
                      output_ids=output)
 
 
@@ -1157,8 +1722,8 @@ def prepare_pipeline(spec: dict, world_size: int) -> tuple[Plan, list[PipelineJo
     config = load_config(str(model_path))
     jobs = spec.get("jobs")
     if jobs is None:
-        ids, mask = encode_prompts(load_tokenizer(str(model_path)), spec["prompts"])
-        jobs = [make_job(ids, mask, spec.get("micro_batches", 1), **spec.get("sampling", {}))]
+        jobs = [prompts_job(model_path, config, spec["prompts"], spec.get("micro_batches", 1),
+                            **spec.get("sampling", {}))]
     if spec.get("plan_json"):
         plan = Plan.from_json(spec["plan_json"])
     else:
@@ -1341,22 +1906,34 @@ def run_pipeline_jobs(model, devices: str | list[Device] | None, jobs: list[Pipe
     return launch_stages(spec, len(plan.devices))
 
 
-def run_pipeline(model, prompts: list[str] | torch.Tensor, devices: str | list[Device] | None = None,
+def prompts_job(model_path: Path, config, prompts: list[str], micro_batches: int = 1, max_new_tokens: int = 50,
+                **knobs) -> PipelineJob:
+    """Tokenize and left-pad prompts as generate_text does, checked the same way, into a job (notebook 05)."""
+    tokenizer = load_tokenizer(str(model_path))
+    ids = check_generation(config, tokenizer, prompts, max_new_tokens,
+                           **{k: v for k, v in knobs.items() if k != "seed"})
+    input_ids, mask = pad_left(ids, tokenizer.eos_token_id, "cpu")
+    return make_job(input_ids, mask, micro_batches, max_new_tokens, **knobs)
+
+
+def run_pipeline(model, prompts: list[str], devices: str | list[Device] | None = None,
                  micro_batches: int = 1, plan: Plan | None = None, dtype: torch.dtype | None = None,
                  timeout: float = PIPELINE_TIMEOUT, threads: int | None = None,
                  affinity: list[list[int]] | None = None, fail: tuple | None = None, **sampling) -> RunRecord:
     """Generate with one process per stage, micro-batches flowing through them at once; texts + RunRecord (notebook 05).
 
-    `model` is a name or folder ("tiny", "gpt-j-6b", a path); `sampling` takes max_new_tokens, do_sample,
-    temperature, top_p, top_k and seed, as notebook 03. Greedy tokens equal `model.generate` on the whole batch;
-    seeded sampling equals `torch.manual_seed(seed); model.generate(...)` run on each micro-batch alone.
+    `model` is a name or folder ("tiny", "gpt-j-6b", a path); `sampling` takes generate_text's max_new_tokens,
+    greedy, temperature, top_p, top_k and seed. Like generate_text, `texts[i]` continues `prompts[i]`. Greedy tokens
+    equal `model.generate` on the whole batch; seeded sampling equals `torch.manual_seed(seed); model.generate(...)`
+    run on each micro-batch alone (each micro-batch has its own generator), so on the whole batch when
+    micro_batches=1.
     """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     model_path = resolve_model(str(getattr(getattr(model, "config", None), "_name_or_path", None) or model))
-    ids, mask = encode_prompts(load_tokenizer(str(model_path)), prompts)
-    job = make_job(ids, mask, micro_batches, **sampling)
+    job = prompts_job(model_path, load_config(str(model_path)), prompts, micro_batches, **sampling)
     record = run_pipeline_jobs(model_path, devices, [job], plan=plan, dtype=dtype, timeout=timeout, threads=threads,
                                affinity=affinity, fail=fail)[0]
-    record.prompts = list(prompts) if not isinstance(prompts, torch.Tensor) else []
+    record.prompts = prompts
     return record
 
 
@@ -1373,6 +1950,34 @@ def output_dir() -> Path | None:
     """Where notebooks save figures: $GPTJ_HELPERS_OUT when set (`make demo` sets build/), else nowhere."""
     out = os.environ.get("GPTJ_HELPERS_OUT")
     return Path(out) if out else None
+
+
+def show_figure(fig, name: str) -> Path | None:
+    """Show a figure in the notebook as a bare PNG, and save it under `output_dir()` when one is set (make demo).
+
+    A bare PNG carries no "<Figure size ...>" text, so nbval (which skips images) has nothing to compare.
+    """
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    path = None
+    out = output_dir()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{name}.png"
+        path.write_bytes(buffer.getvalue())
+    plt.close(fig)
+    try:
+        from IPython.display import display
+
+        display({"image/png": base64.b64encode(buffer.getvalue()).decode()}, raw=True)
+    except ImportError:  # plain Python: saving is all we can do
+        pass
+    return path
 
 
 def run_notebooks(paths: list[str | Path], out_dir: str | Path | None = None, inplace: bool = False,
@@ -1409,8 +2014,27 @@ def cmd_make_tiny(args: argparse.Namespace) -> None:
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"make-tiny: {out} exists and is not empty; choose a new folder")
-    build_atomically(out, lambda tmp: make_tiny_gptj(tmp, seed=args.seed))
+    build_atomically(out, lambda tmp: make_tiny_gptj(tmp, seed=args.seed, format=args.format))
     print(out)
+
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    """download [REPO] --revision R --local-dir DIR: fetch config, tokenizer and one copy of the weights."""
+    print(download_gptj(args.repo_id, revision=args.revision, local_dir=args.local_dir, endpoint=args.endpoint))
+
+
+def cmd_convert_jax(args: argparse.Namespace) -> None:
+    """convert-jax SLIM_DIR OUT_DIR: the original JAX slim checkpoint to safetensors."""
+    print(convert_jax_checkpoint(args.slim_dir, args.out_dir, config=args.config, dtype=DTYPES[args.dtype],
+                                 progress=not args.no_progress))
+
+
+def cmd_convert_bin(args: argparse.Namespace) -> None:
+    """convert-bin SRC OUT_DIR: a pytorch_model.bin (or its folder) to safetensors."""
+    print(convert_to_safetensors(args.src, args.out_dir, dtype=DTYPES.get(args.dtype), progress=not args.no_progress))
 
 
 def cmd_devices(args: argparse.Namespace) -> None:
@@ -1437,6 +2061,67 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(plan.to_json() if args.json else format_plan(plan))
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    """generate: continue prompts through the model split over --devices; text on stdout, timings on stderr."""
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    tokenizer = load_tokenizer(args.model)
+    config = load_config(args.model)
+    knobs = dict(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    ids = check_generation(config, tokenizer, args.prompt, args.max_new_tokens, **knobs)  # before any loading
+    devices = parse_devices(args.devices)
+    dtype = dtype or (torch.float16 if all(d.name.startswith("cuda") for d in devices) else torch.float32)
+    batch = 1 if args.stream else len(ids)
+    plan = plan_split(config, devices, dtype=dtype, prompt_tokens=max(map(len, ids)),
+                      max_new_tokens=args.max_new_tokens, batch_size=batch, model_name=args.model)
+    print(format_plan(plan), file=sys.stderr)
+    model = place_stages(resolve_model(args.model), plan)
+    groups = [[p] for p in args.prompt] if args.stream else [args.prompt]  # streaming shows one prompt at a time
+    first = True
+    for prompts in groups:
+        texts, record = generate_text(model, tokenizer, prompts, args.max_new_tokens, seed=args.seed,
+                                      stream=args.stream, **knobs)
+        for prompt, text in zip(prompts, texts):
+            if not first and not args.stream:
+                print()
+            if not args.stream:
+                print(prompt + text, flush=True)
+            first = False
+        if args.stream and prompts is not groups[-1]:
+            print(flush=True)
+        print(format_timing(record), file=sys.stderr)
+
+
+SETUPS = {  # README's "Which setup do I have?": name -> (model, devices, dtype)
+    "Colab, 1 x T4 16 GB": ("gpt-j-6b", "cuda:0=15GiB", "float16"),
+    "Kaggle, 2 x T4 16 GB": ("gpt-j-6b", "cuda:0=15GiB,cuda:1=15GiB", "float16"),
+    "4 x 8 GB": ("gpt-j-6b", "4x7GiB", "float16"),
+    "3 x 10 GB (the seed's box)": ("gpt-j-6b", "3x9GiB", "float16"),
+    "8 x 4 GB": ("gpt-j-6b", "8x3.5GiB", "float16"),
+    "CPU only (tiny default)": ("tiny", "3x4MiB", "float32"),
+}
+
+
+def setups_markdown(reserve: str = "1GiB", prompt_tokens: int = 512, max_new_tokens: int = 256) -> str:
+    """The README's table of common setups, each planned by `plan_split` (README)."""
+    rows = ["| setup | settings line | blocks per device | fullest device |", "|---|---|---|---|"]
+    for name, (model, devices, dtype) in SETUPS.items():
+        res = reserve if model != "tiny" else "0"
+        plan = plan_split(model, parse_devices(devices, check=False), dtype=getattr(torch, dtype), reserve=res,
+                          prompt_tokens=prompt_tokens if model != "tiny" else 16,
+                          max_new_tokens=max_new_tokens if model != "tiny" else 48, model_name=model)
+        blocks = " / ".join(str(st.blocks[1] - st.blocks[0]) for st in plan.devices)
+        fullest = max(plan.devices, key=lambda st: st.fill)
+        settings = f'`MODEL = "{model}"; DEVICES = "{devices}"; DTYPE = torch.{dtype}`'
+        rows.append(f"| {name} | {settings} | {blocks} | {format_size(fullest.total_bytes)} of "
+                    f"{format_size(fullest.budget_bytes)} ({fullest.fill:.0%}) |")
+    note = (f"Planned by `python -m gptj_helpers setups`: GPT-J-6B in float16 with {prompt_tokens} prompt tokens, "
+            f"{max_new_tokens} new tokens, batch 1 and a {reserve} reserve per GPU for the CUDA context and activations.")
+    return "\n".join(rows) + "\n\n" + note
+
+
+def cmd_setups(args: argparse.Namespace) -> None:
+    """setups: print the README's table of common setups."""
+    print(setups_markdown())
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a text file, one per line (blank lines skipped)."""
     path = Path(path)
@@ -1450,7 +2135,7 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """pipeline: generate with one process per stage; under torchrun this process is one stage."""
-    sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+    sampling = dict(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     fail = (args.fail_stage, args.fail_after, args.fail_mode) if args.fail_stage is not None else None
     if "RANK" not in os.environ:  # plain `python -m gptj_helpers pipeline`: start the stages from here
@@ -1477,10 +2162,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         if rank != 0:
             leave_process()
         record = records[0]
-    for i, text in enumerate(record.texts):
-        print(f"[{i}] {text}")
-    print(f"# {len(record.memory)} stages, {record.new_tokens} tokens in {record.total_seconds:.2f} s, "
-          f"first token after {record.time_to_first_token:.2f} s", file=sys.stderr)
+    print("\n\n".join(prompt + text for prompt, text in zip(record.prompts, record.texts)), flush=True)
+    print(format_timing(record), file=sys.stderr)
     if "RANK" in os.environ:
         leave_process()
 
@@ -1493,7 +2176,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny", help="write the tiny default GPT-J (random weights) and its tokenizer")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=TINY_SEED)
+    p.add_argument("--format", choices=["hf", "jax-slim"], default="hf",
+                   help="hf: safetensors + tokenizer (default); jax-slim: the original JAX checkpoint layout")
     p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("download", help="download GPT-J (or another hub model) with huggingface_hub")
+    p.add_argument("repo_id", nargs="?", default=GPTJ_6B_REPO)
+    p.add_argument("--revision", default=GPTJ_6B_REVISION, help="branch or commit (default: float16)")
+    p.add_argument("--local-dir", help="put the files here instead of the hub cache")
+    p.add_argument("--endpoint", help="hub URL (default: huggingface.co or $HF_ENDPOINT)")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("convert-jax", help="convert the original JAX slim checkpoint to safetensors, streamed")
+    p.add_argument("slim_dir", help="the folder holding shard_0 ... shard_7")
+    p.add_argument("out_dir")
+    p.add_argument("--config", help="mesh-transformer-jax config JSON (default: GPT-J-6B's)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float16")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_convert_jax)
+
+    p = sub.add_parser("convert-bin", help="convert a pytorch_model.bin to safetensors without running pickle code")
+    p.add_argument("src", help="pytorch_model.bin, or the folder holding it (its config and tokenizer are copied)")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: keep the saved dtype")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_convert_bin)
 
     p = sub.add_parser("devices", help="list this machine's devices, or parse a device spec like 3x5GiB")
     p.add_argument("spec", nargs="?")
@@ -1510,17 +2217,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the Plan object as JSON")
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("setups", help="plan GPT-J-6B for common setups (the README's table)")
+    p.set_defaults(func=cmd_setups)
     p = sub.add_parser("pipeline", help="generate with one process per stage (torchrun or started from here)")
     p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, or a model folder")
     p.add_argument("--devices", required=True, help='one stage per device, e.g. "cpu,cpu" or "cuda:0,cuda:1"')
     p.add_argument("--prompts-file", required=True, help="a text file with one prompt per line")
     p.add_argument("--micro-batches", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=0, help="0: no top-k")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    p.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"])
+    p.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"])
+    p.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"], help="0: no top-k filter (the seed's)")
+    p.add_argument("--seed", type=int, help="seed the samplers for a reproducible text")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: the saved dtype")
     p.add_argument("--timeout", type=float, default=PIPELINE_TIMEOUT, help="seconds a stage waits for a neighbour")
     p.add_argument("--fail-stage", type=int, help=argparse.SUPPRESS)  # tests: inject a fault in this stage
@@ -1533,6 +2242,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the executed copies and their figures")
     p.add_argument("--inplace", action="store_true", help="write the outputs back into the notebooks")
     p.set_defaults(func=cmd_run_notebooks)
+
+    p = sub.add_parser("generate", help="generate text through the model split over devices (sampling like the seed)")
+    p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, a hub id, or a model folder")
+    p.add_argument("--devices", required=True, help='e.g. "cpu", "4xcpu" or "cuda:0=6GiB,cuda:1=10GiB"')
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    p.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"])
+    p.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"])
+    p.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"], help="0: no top-k filter (the seed's)")
+    p.add_argument("--seed", type=int, help="seed the sampler for a reproducible text")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (prompts one at a time)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                   help="default: float16 on GPUs, float32 on the CPU")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
@@ -1541,7 +2265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ConnectionError, MemoryError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, MemoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

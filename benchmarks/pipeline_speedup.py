@@ -143,9 +143,9 @@ def main() -> int:
 
         naive = gh.place_stages(path, plans["prefill"], dtype=torch.float32)  # one process, stages in turn
         jobs = {"prefill": gh.make_job(prefill_ids, torch.ones_like(prefill_ids), args.prefill_micro_batches,
-                                       max_new_tokens=1),
+                                       max_new_tokens=1, greedy=True),
                 "decode": gh.make_job(decode_ids, torch.ones_like(decode_ids), args.decode_micro_batches,
-                                      max_new_tokens=args.decode_tokens)}
+                                      max_new_tokens=args.decode_tokens, greedy=True)}
         times: dict[str, list[float]] = {k: [] for k in ("naive1 prefill", "naive1 decode", "naive2 prefill",
                                                          "naive2 decode", "pipe prefill", "pipe decode")}
         records = {}

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("MPLBACKEND", "Agg")  # tests draw figures without a display
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -17,13 +17,14 @@ from conftest import ROOT
 
 PROMPTS = ["The list", "A dictionary is a mapping of", "Hello", "def f(x): return x +", "import os"]
 NEW = 8
-SAMPLING = dict(do_sample=True, temperature=0.9, top_p=0.7, top_k=0, seed=7)
+SAMPLING = dict(temperature=0.9, top_p=0.7, top_k=0, seed=7)
 
 
 @pytest.fixture(scope="module")
 def batch(tiny):
-    _model, tokenizer = tiny
-    return gh.encode_prompts(tokenizer, PROMPTS)
+    model, tokenizer = tiny
+    ids = gh.check_generation(model.config, tokenizer, PROMPTS, NEW)
+    return gh.pad_left(ids, tokenizer.eos_token_id, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def reference(tiny, batch):
 
 def sampled_reference(model, tokenizer, ids, mask, micro_batches, seed=SAMPLING["seed"]):
     """Notebook 03's seeded sampling, run on each micro-batch alone: what the pipeline promises to equal."""
-    options = {k: v for k, v in SAMPLING.items() if k != "seed"}
+    options = {"do_sample": True, **{k: v for k, v in SAMPLING.items() if k != "seed"}}
     outs = []
     for rows in torch.arange(ids.shape[0]).tensor_split(micro_batches):
         torch.manual_seed(seed)
@@ -48,7 +49,7 @@ def sampled_reference(model, tokenizer, ids, mask, micro_batches, seed=SAMPLING[
 
 def jobs_for(batch):
     ids, mask = batch
-    greedy = [gh.make_job(ids, mask, m, max_new_tokens=NEW) for m in (1, 2, 4)]
+    greedy = [gh.make_job(ids, mask, m, max_new_tokens=NEW, greedy=True) for m in (1, 2, 4)]
     return greedy + [gh.make_job(ids, mask, m, max_new_tokens=NEW, **SAMPLING) for m in (1, 2)]
 
 
@@ -71,7 +72,7 @@ def test_greedy_equals_unsplit_and_naive_split(runs, tiny, tiny_path, batch, ref
     assert torch.equal(naive_out, reference)
     for record, m in zip(records[:3], (1, 2, 4)):
         assert torch.equal(record.output_ids, reference), f"{n} stages, {m} micro-batches"
-        assert record.texts == tokenizer.batch_decode(reference, skip_special_tokens=True)
+        assert record.texts == continuations(tokenizer, reference, ids.shape[1])
 
 
 @pytest.mark.timeout(300)
@@ -124,14 +125,16 @@ def test_eos_padding_and_trim_like_generate():
     class Tok:
         eos_token_id = 0
 
-        def batch_decode(self, ids, skip_special_tokens):
-            return [" ".join(map(str, row.tolist())) for row in ids]
+        def decode(self, row, skip_special_tokens):
+            return " ".join(map(str, row.tolist()))
 
-    job = gh.make_job(torch.tensor([[5, 6], [7, 8]]), torch.ones(2, 2, dtype=torch.long), max_new_tokens=5)
+    job = gh.make_job(torch.tensor([[5, 6], [7, 8]]), torch.ones(2, 2, dtype=torch.long), max_new_tokens=5,
+                      greedy=True)
     new = torch.tensor([[3, 0, 0, 0, 0], [4, 4, 0, 0, 0]])
     events = [gh.TimingEvent(0, "prefill", 0, 0.0, 1.0), gh.TimingEvent(0, "decode", 1, 1.0, 2.0)]
     record = gh.merge_stage_results([{"events": events, "memory": {}, "new_tokens": new}], job, Tok(), None, 0)
     assert record.output_ids.tolist() == [[5, 6, 3, 0, 0], [7, 8, 4, 4, 0]]
+    assert record.texts == ["3 0", "4 4 0"] and record.new_tokens == 5  # up to each row's eos, as generate_text
     never = torch.tensor([[3, 1, 2, 1, 2], [4, 4, 0, 0, 0]])
     record = gh.merge_stage_results([{"events": events, "memory": {}, "new_tokens": never}], job, Tok(), None, 0)
     assert record.output_ids.shape == (2, 7)
@@ -143,8 +146,18 @@ def run_torchrun(args, timeout=180, env=None):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT)
 
 
-def expected_lines(texts):
-    return "".join(f"[{i}] {t}\n" for i, t in enumerate(texts))
+def continuations(tokenizer, output, prompt_len):
+    """What generate_text returns: each row's new tokens up to and including its first eos, decoded."""
+    texts = []
+    for row in output[:, prompt_len:]:
+        n = int((row == tokenizer.eos_token_id).nonzero()[0, 0]) + 1 if (row == tokenizer.eos_token_id).any() else len(row)
+        texts.append(tokenizer.decode(row[:n], skip_special_tokens=True))
+    return texts
+
+
+def expected_stdout(texts):
+    """What `generate` (and so `pipeline`) prints: prompt + continuation, a blank line between."""
+    return "\n\n".join(p + t for p, t in zip(PROMPTS, texts)) + "\n"
 
 
 def leftover_workers(marker: str) -> list:
@@ -158,19 +171,20 @@ def leftover_workers(marker: str) -> list:
 
 
 @pytest.mark.timeout(240)
-def test_torchrun_single_node(tiny, tiny_path, tmp_path, reference):
+def test_torchrun_single_node(tiny, tiny_path, tmp_path, batch, reference):
     _model, tokenizer = tiny
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     proc = run_torchrun(["--standalone", "--nproc-per-node", "2", "--max-restarts", "0", "-m", "gptj_helpers",
                          "pipeline", "--model", str(tiny_path), "--devices", "cpu,cpu", "--prompts-file",
-                         str(prompts), "--micro-batches", "2", "--max-new-tokens", str(NEW), "--timeout", "20"])
+                         str(prompts), "--micro-batches", "2", "--max-new-tokens", str(NEW), "--timeout", "20",
+                         "--greedy"])
     try:
         out, err = proc.communicate(timeout=200)
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
-    assert out == expected_lines(tokenizer.batch_decode(reference, skip_special_tokens=True))
+    assert out == expected_stdout(continuations(tokenizer, reference, batch[0].shape[1]))
 
 
 @pytest.mark.timeout(240)
@@ -184,7 +198,7 @@ def test_two_nodes_on_localhost_sampling(tiny, tiny_path, tmp_path, batch):
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
               "--max-restarts", "0"]
     cli = ["-m", "gptj_helpers", "pipeline", "--model", str(tiny_path), "--devices", "cpu,cpu", "--prompts-file",
-           str(prompts), "--max-new-tokens", str(NEW), "--timeout", "20", "--do-sample",
+           str(prompts), "--max-new-tokens", str(NEW), "--timeout", "20",
            "--temperature", str(SAMPLING["temperature"]), "--top-p", str(SAMPLING["top_p"]),
            "--top-k", str(SAMPLING["top_k"]), "--seed", str(SAMPLING["seed"])]
     nodes = [run_torchrun([*common, "--node-rank", str(r), *cli]) for r in (0, 1)]
@@ -195,7 +209,7 @@ def test_two_nodes_on_localhost_sampling(tiny, tiny_path, tmp_path, batch):
             p.kill()
     assert [p.returncode for p in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
     expected = sampled_reference(model, tokenizer, ids, mask, 1)[0]
-    assert results[0][0] == expected_lines(tokenizer.batch_decode(expected, skip_special_tokens=True))
+    assert results[0][0] == expected_stdout(continuations(tokenizer, expected, ids.shape[1]))
     assert results[1][0] == ""  # only rank 0 prints
 
 
@@ -204,7 +218,7 @@ def test_stage_that_raises_ends_run_naming_it(tiny_path):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(gh.PipelineError, match="pipeline stage 1 failed.*injected fault") as info:
         gh.run_pipeline(str(tiny_path), PROMPTS[:2], "cpu,cpu", micro_batches=2, max_new_tokens=NEW,
-                        timeout=20, fail=(1, 3, "raise"))
+                        greedy=True, timeout=20, fail=(1, 3, "raise"))
     assert info.value.stage == 1
     assert time.time() - info.value.failed_at < 30
     new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
