@@ -252,12 +252,12 @@ def test_torchrun_stage_that_exits_ends_run(tiny_path, tmp_path):
 
 @pytest.mark.parametrize("devices, error, match", [
     ("9xcpu", ValueError, "9 stages but the model has only 8 blocks"),
-    ("2x1MiB", MemoryError, "does not fit"),
+    ("2x2MiB", MemoryError, "does not fit"),
 ])
 def test_bad_configs_refused_before_starting(tiny_path, monkeypatch, devices, error, match):
     monkeypatch.setattr(gh, "launch_stages", lambda *a, **k: pytest.fail("stage processes were started"))
     with pytest.raises(error, match=match):
-        gh.run_pipeline(str(tiny_path), PROMPTS, devices)
+        gh.run_pipeline(str(tiny_path), PROMPTS, devices, max_new_tokens=NEW)
 
 
 def test_bad_job_options_refused(tiny_path, monkeypatch):
