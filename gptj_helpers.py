@@ -1423,19 +1423,6 @@ def hook_stages(model, plan: Plan, dtypes: list[torch.dtype]):
     return model
 
 
-def save_figure(fig, name: str) -> Path | None:
-    """Save a figure as PNG under `output_dir()` when one is set (`make demo`), else nowhere (notebook 04)."""
-    out = output_dir()
-    if out is None:
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    final = out / f"{name}.png"
-    tmp = out / f".{name}.tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, final)
-    return final
-
-
 def size_unit(nbytes: float) -> tuple[str, int]:
     """MiB or GiB, whichever reads better for sizes up to `nbytes`."""
     return ("GiB", 2**30) if nbytes >= 2**30 else ("MiB", 2**20)

@@ -122,14 +122,13 @@ def test_timeline_draws_a_pipeline_record():
 
 def test_figures_are_saved_only_with_an_output_folder(run, tmp_path, monkeypatch):
     _, record = run
-    fig = gh.plot_utilisation(record)
     monkeypatch.delenv("GPTJ_HELPERS_OUT", raising=False)
-    assert gh.save_figure(fig, "utilisation") is None
+    assert gh.show_figure(gh.plot_utilisation(record), "utilisation") is None
     monkeypatch.setenv("GPTJ_HELPERS_OUT", str(tmp_path / "figures"))
-    path = gh.save_figure(fig, "utilisation")
-    assert path == tmp_path / "figures" / "utilisation.png"
+    path = gh.show_figure(gh.plot_timeline(record), "timeline")
+    assert path == tmp_path / "figures" / "timeline.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in path.parent.iterdir()] == ["utilisation.png"]
+    assert [p.name for p in path.parent.iterdir()] == ["timeline.png"]
 
 
 def test_scaling_measurements_and_plot(tiny_path):
