@@ -1487,8 +1487,9 @@ def plot_memory(record: RunRecord, plan: Plan | None = None):
 TIMELINE_COLORS = {"prefill": "tab:purple", "decode": "tab:blue", "send": "tab:orange", "recv": "tab:green"}
 
 
-def plot_timeline(record: RunRecord, max_step: int = 3):
-    """A Gantt chart of each stage's busy intervals for the prefill and the first decode steps (notebooks 04, 05).
+def plot_timeline(record: RunRecord, max_step: int = 3, first_step: int | None = None):
+    """A Gantt chart of each stage's busy intervals for a few steps: decode steps 1 to `max_step`, or from
+    `first_step` (0 includes the prefill; the default when the record has no decode step) (notebooks 04, 05).
 
     Any RunRecord works: compute intervals are coloured by phase, the pipeline's "send"/"recv" events by kind,
     and micro-batches are numbered inside their bars when there are several.
@@ -1496,7 +1497,9 @@ def plot_timeline(record: RunRecord, max_step: int = 3):
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    events = [e for e in record.events if e.step <= max_step]
+    if first_step is None:
+        first_step = 1 if any(e.step >= 1 for e in record.events) else 0
+    events = [e for e in record.events if first_step <= e.step <= max_step]
     if not events:
         raise ValueError("this RunRecord has no timing events to draw")
     t0 = min(e.start for e in events)
@@ -1518,7 +1521,9 @@ def plot_timeline(record: RunRecord, max_step: int = 3):
     ax.set_yticks(stages, [f"stage {s}" for s in stages])
     ax.invert_yaxis()
     ax.set_xlabel("time since the first event shown (ms)")
-    ax.set_title(f"Who is busy when: {record.mode} run, prefill and decode steps 1 to {max_step}"
+    shown = sorted({e.step for e in events})
+    steps = f"steps {shown[0]} to {shown[-1]}" if len(shown) > 1 else f"step {shown[0]}"
+    ax.set_title(f"Who is busy when: {record.mode} run, {steps} (step 0 = the prefill)"
                  + (" (numbers: micro-batches)" if several else ""))
     fig.tight_layout()
     return fig
@@ -1548,33 +1553,48 @@ def plot_utilisation(record: RunRecord):
 
 
 def prompt_of_length(tokenizer, tokens: int, words: str = "The list of numbers is sorted. ") -> str:
-    """A prompt of `tokens` tokens (repeated words, cut; within a token or two if no cut re-tokenizes exactly) (notebook 04)."""
-    piece = tokenizer(words)["input_ids"]
-    ids = piece * (tokens // len(piece) + 2)
-    texts = [tokenizer.decode(ids[:k]) for k in range(max(tokens - 2, 1), tokens + 3)]
-    return min(texts, key=lambda t: abs(len(tokenizer(t)["input_ids"]) - tokens))
+    """The shortest prefix of repeated `words` that is `tokens` tokens long (or just over), for scaling runs (notebook 04)."""
+    text = words
+    while len(tokenizer(text)["input_ids"]) < tokens:
+        text += words
+    low, high = 1, len(text)
+    while low < high:  # bisect the character length
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if len(tokenizer(text[:mid])["input_ids"]) < tokens else (low, mid)
+    return text[:low]
 
 
 def measure_scaling(model_name: str = "tiny", n_devices=(1, 2, 4, 8), prompt_lengths=(8, 64, 256),
                     fixed_devices: int = 4, max_new_tokens: int = 16, device: str = "cpu",
-                    dtype: torch.dtype = torch.float32, reps: int = 2) -> list[dict]:
-    """Greedy runs over 1, 2, 4, 8 virtual devices, and over prompt lengths at `fixed_devices`; best of `reps` (notebook 04)."""
+                    dtype: torch.dtype = torch.float32, reps: int = 3, threads: int | None = 1) -> list[dict]:
+    """Greedy runs over 1, 2, 4, 8 virtual devices, and over prompt lengths at `fixed_devices` (notebook 04).
+
+    The cases are interleaved over `reps` rounds and each keeps its best run, so a busy machine hurts all
+    alike. On the CPU, torch runs `threads` threads meanwhile (1: steadier when other work shares the cores).
+    """
     tokenizer = load_tokenizer(model_name)
     path = resolve_model(model_name)
-    rows = []
     cases = [(n, prompt_lengths[0]) for n in n_devices] + [(fixed_devices, p) for p in prompt_lengths[1:]]
-    models = {}
-    for n, length in cases:
-        if n not in models:
-            plan = plan_split(str(path), f"{n}x{device}", dtype=dtype, model_name=model_name)
-            models[n] = place_stages(path, plan)
-        prompt = prompt_of_length(tokenizer, length)
-        runs = [generate_text(models[n], tokenizer, prompt, max_new_tokens=max_new_tokens, greedy=True)[1]
-                for _ in range(reps)]
-        best = max(runs, key=lambda r: r.tokens_per_second)
-        rows.append({"n_devices": n, "prompt_tokens": best.settings["prompt_tokens"][0],
+    models = {n: place_stages(path, plan_split(str(path), f"{n}x{device}", dtype=dtype, model_name=model_name))
+              for n in dict.fromkeys(n for n, _ in cases)}
+    prompts = {p: prompt_of_length(tokenizer, p) for _, p in cases}
+    old_threads = torch.get_num_threads()
+    if threads and device == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        runs: dict = {case: [] for case in cases}
+        for _ in range(reps):
+            for n, length in cases:
+                runs[(n, length)].append(generate_text(models[n], tokenizer, prompts[length],
+                                                       max_new_tokens=max_new_tokens, greedy=True)[1])
+    finally:
+        torch.set_num_threads(old_threads)
+    rows = []
+    for case in cases:
+        best = max(runs[case], key=lambda r: r.tokens_per_second)
+        rows.append({"n_devices": case[0], "prompt_tokens": best.settings["prompt_tokens"][0],
                      "tokens_per_second": best.tokens_per_second, "ms_per_token": 1000 / best.tokens_per_second,
-                     "time_to_first_token_ms": min(r.time_to_first_token for r in runs) * 1000,
+                     "time_to_first_token_ms": min(r.time_to_first_token for r in runs[case]) * 1000,
                      "utilisation": utilisation(best)})
     return rows
 
@@ -1635,7 +1655,8 @@ def copy_seconds(src: str, dst: str, nbytes: int, reps: int = 5) -> float:
 
 def compare_estimates(record: RunRecord, config) -> list[dict]:
     """Estimates beside measurements for one run: memory per device (the planner's formulas for the run's
-    tokens) and time per decode step (sum of the per-stage times plus boundary copies) (notebook 04)."""
+    tokens) and the mean time per decode step (sum of the stages' mean times plus boundary copies, against
+    the mean time between consecutive steps' starts on stage 0) (notebook 04)."""
     import statistics
 
     plan = record.plan
@@ -1660,12 +1681,12 @@ def compare_estimates(record: RunRecord, config) -> list[dict]:
                          / 2**20, "measured": row["cuda_peak_bytes"] / 2**20})
     decode = [e for e in record.events if e.phase == "decode" and e.kind == "compute"]
     n = len(record.memory)
-    per_stage = [statistics.median([e.end - e.start for e in decode if e.stage == s] or [0.0]) for s in range(n)]
+    per_stage = [statistics.mean([e.end - e.start for e in decode if e.stage == s] or [0.0]) for s in range(n)]
     devices = [r["device"] for r in record.memory]
     hidden = batch * config.n_embd * itemsize  # one token's hidden states per sequence cross each boundary
     transfer = sum(copy_seconds(devices[s], devices[s + 1], hidden) for s in range(n - 1))
     starts = sorted(e.start for e in decode if e.stage == 0)
-    step_wall = statistics.median(b - a for a, b in zip(starts, starts[1:])) if len(starts) > 1 else float("nan")
+    step_wall = statistics.mean(b - a for a, b in zip(starts, starts[1:])) if len(starts) > 1 else float("nan")
     rows.append({"what": "time per decode step (stages + copies)", "unit": "ms",
                  "estimate": (sum(per_stage) + transfer) * 1000, "measured": step_wall * 1000})
     for row in rows:

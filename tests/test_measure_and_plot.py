@@ -95,9 +95,8 @@ def test_plots_are_figures_with_titles_units_and_legends(run):
         title, xlabel, ylabel, legend = labels_of(fig)
         assert title and legend is not None and (xlabel or ylabel)
         assert "(" in xlabel + ylabel  # a unit
-    timeline = gh.plot_timeline(record, max_step=2)
-    bars = [c for c in timeline.axes[0].collections]
-    assert len(bars) == 3 * 4  # prefill + 2 decode steps, 4 stages each
+    assert len(gh.plot_timeline(record, max_step=2).axes[0].collections) == 2 * 4  # decode steps 1, 2; 4 stages
+    assert len(gh.plot_timeline(record, max_step=2, first_step=0).axes[0].collections) == 3 * 4  # and the prefill
 
 
 def test_timeline_draws_a_pipeline_record():
