@@ -1047,11 +1047,15 @@ def plot_plan(plan: Plan, title: str | None = None):
     return fig
 
 
-def measure_memory(model, cache=None) -> list[dict]:
-    """Bytes per stage from the tensors actually placed there: parameters, buffers, KV cache (notebook 02)."""
+def measure_memory(model, cache=None, activations: list[int] | None = None) -> list[dict]:
+    """Bytes per stage from the tensors actually placed there: parameters, buffers, KV cache (notebook 02).
+
+    `activations` (one estimate per stage, as `generate_text` records them; notebook 04) is added to the total.
+    """
     plan: Plan | None = getattr(model, "plan", None)
     stages = plan.devices if plan else [None]
-    rows = [{"stage": s, "device": st.device if st else str(model.device), "param_bytes": 0, "kv_cache_bytes": 0}
+    rows = [{"stage": s, "device": st.device if st else str(model.device), "param_bytes": 0, "kv_cache_bytes": 0,
+             "activation_bytes": activations[s] if activations else 0, "budget_bytes": st.budget_bytes if st else None}
             for s, st in enumerate(stages)]
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         s = plan.stage_of_module(name) if plan and not name.startswith("transformer.rotary") else 0
@@ -1063,7 +1067,7 @@ def measure_memory(model, cache=None) -> list[dict]:
                 if isinstance(t, torch.Tensor):
                     rows[s]["kv_cache_bytes"] += t.numel() * t.element_size()
     for row in rows:
-        row["total_bytes"] = row["param_bytes"] + row["kv_cache_bytes"]
+        row["total_bytes"] = row["param_bytes"] + row["kv_cache_bytes"] + row["activation_bytes"]
     if torch.cuda.is_available():
         for row in rows:
             if row["device"].startswith("cuda"):
@@ -1154,14 +1158,31 @@ def pad_left(ids: list[list[int]], pad_id: int, device: torch.device | str) -> t
     return input_ids, mask
 
 
+def plan_modules(plan: Plan) -> list[tuple[list[str], torch.device]]:
+    """Each stage's module names in forward order and its device (notebook 03)."""
+    return [((["transformer.wte"] if s.embedding else []) + [f"transformer.h.{b}" for b in range(*s.blocks)]
+             + (["transformer.ln_f", "lm_head"] if s.head else []), torch.device(s.device)) for s in plan.devices]
+
+
 def stage_modules(model) -> list[tuple[list[str], torch.device]]:
-    """Each stage's module names in forward order and its device; an unsplit model is one stage (notebook 03)."""
+    """`plan_modules` of a placed model; an unsplit model is one stage (notebook 03)."""
     plan: Plan | None = getattr(model, "plan", None)
-    n_layer = model.config.n_layer
-    parts = [(s.embedding, s.blocks, s.head, torch.device(s.device)) for s in plan.devices] if plan else \
-        [(True, (0, n_layer), True, model.transformer.wte.weight.device)]
-    return [((["transformer.wte"] if emb else []) + [f"transformer.h.{b}" for b in range(*blocks)]
-             + (["transformer.ln_f", "lm_head"] if head else []), device) for emb, blocks, head, device in parts]
+    if plan:
+        return plan_modules(plan)
+    names = ["transformer.wte"] + [f"transformer.h.{b}" for b in range(model.config.n_layer)] + ["transformer.ln_f",
+                                                                                                "lm_head"]
+    return [(names, model.transformer.wte.weight.device)]
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of all tensors in a value (tuples, lists, dicts and model outputs are searched)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict) or hasattr(value, "to_tuple"):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 class StageRecorder:
@@ -1170,7 +1191,8 @@ class StageRecorder:
     A forward pre-hook on a stage's first module and a forward hook on its last one stamp start and end.
     On the CPU a stamp is `time.perf_counter()`; on CUDA it is an event on the stage's device, read after
     one synchronize at the end, so the times are the device's and the hooks never stall it.
-    The first forward of a run is the prefill, every later one a decode step.
+    The first forward of a run is the prefill, every later one a decode step. During the prefill, hooks on
+    every module also note tensor sizes, for an estimate of each stage's peak activation memory (notebook 04).
     """
 
     def __init__(self, model):
@@ -1180,6 +1202,9 @@ class StageRecorder:
         self.step = -1
         self.stamps: list[tuple[int, int, object, object]] = []  # (stage, step, start, end)
         self.handles: list = []
+        self.size_handles: list = []  # removed after the prefill
+        self.activations = [0] * len(self.stages)  # bytes, an estimate; see note_sizes
+        self.peaks: dict[torch.device, int] = {}  # CUDA only: torch.cuda.max_memory_allocated during the run
 
     def now(self) -> float:
         """Host seconds since the recording started."""
@@ -1205,11 +1230,15 @@ class StageRecorder:
         modules = dict(self.model.named_modules())
         for d in self.cuda:
             torch.cuda.synchronize(d)
+            torch.cuda.reset_peak_memory_stats(d)
         self.t0 = time.perf_counter()
         self.origin = {d: self.stamp(d) for d in self.cuda}
 
         def count_step(module, args):
             self.step += 1
+            if self.step == 1:  # the prefill is over: its tensors were the largest
+                for handle in self.size_handles:
+                    handle.remove()
 
         self.handles.append(self.model.register_forward_pre_hook(count_step))
         for s, (names, device) in enumerate(self.stages):
@@ -1221,7 +1250,23 @@ class StageRecorder:
             self.handles.append(modules[names[-1]].register_forward_hook(
                 lambda m, a, out, s=s, device=device, opened=opened:
                 self.stamps.append((s, self.step, opened.pop(s), self.stamp(device)))))
+            entry = {}
+            self.size_handles.append(modules[names[0]].register_forward_pre_hook(
+                lambda m, a, entry=entry: entry.__setitem__("bytes", tensor_bytes(a))))
+            for name in names:
+                for sub in modules[name].modules():
+                    self.size_handles.append(sub.register_forward_hook(
+                        lambda m, a, kw, out, s=s, entry=entry: self.note_sizes(s, entry["bytes"], a, kw, out),
+                        with_kwargs=True))
+        self.handles += self.size_handles
         return self
+
+    def note_sizes(self, stage: int, entry_bytes: int, args, kwargs, output) -> None:
+        """Activation estimate of a stage: the hidden states that entered it (kept for the residual) plus
+        the largest inputs + output of any one of its modules."""
+        size = entry_bytes + tensor_bytes(args) + tensor_bytes({k: v for k, v in kwargs.items() if k != "cache"}) \
+            + tensor_bytes(output)
+        self.activations[stage] = max(self.activations[stage], size)
 
     def __exit__(self, *exc) -> None:
         for handle in self.handles:
@@ -1229,6 +1274,7 @@ class StageRecorder:
         self.handles.clear()
         for d in self.cuda:
             torch.cuda.synchronize(d)
+            self.peaks[d] = torch.cuda.max_memory_allocated(d)
 
     def events(self) -> list[TimingEvent]:
         """The recorded busy intervals, in seconds since the start, in the order they happened."""
@@ -1296,11 +1342,15 @@ def generate_text(model, tokenizer, prompts: str | list[str], max_new_tokens: in
     counts = [int((row == eos).nonzero()[0, 0]) + 1 if (row == eos).any() else len(row) for row in new]
     texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, counts)]
     first, last = times.times[0], times.times[-1]
+    memory = measure_memory(model, cache, recorder.activations)
+    for row in memory:  # on CUDA, the allocator's own peak: an independent total to check the parts against
+        if torch.device(row["device"]) in recorder.peaks:
+            row["cuda_peak_bytes"] = recorder.peaks[torch.device(row["device"])]
     after_first = sum(counts) - len(prompts)
     record = RunRecord(
         texts=texts, prompts=prompts, mode="naive" if len(stages) > 1 else "single", new_tokens=sum(counts),
         time_to_first_token=first, tokens_per_second=after_first / (last - first) if last > first else float("nan"),
-        total_seconds=total, events=recorder.events(), memory=measure_memory(model, cache),
+        total_seconds=total, events=recorder.events(), memory=memory,
         plan=getattr(model, "plan", None),
         settings={"max_new_tokens": max_new_tokens, "greedy": greedy, **({} if greedy else knobs), "seed": seed,
                   "batch_size": len(prompts), "prompt_tokens": [len(x) for x in ids]})
@@ -1324,6 +1374,332 @@ def format_timing(record: RunRecord) -> str:
 # --------------------------------------------------------------------------
 # 04 · measure and plot
 # --------------------------------------------------------------------------
+
+def mini_config():
+    """A "mini" GPT-J for benchmarks: the tiny default widened to 512 (8 heads of 64), same tokenizer (notebook 04)."""
+    config = tiny_config()
+    config.n_embd, config.rotary_dim = 512, 16
+    return config
+
+
+def place_random_stages(config, plan: Plan, dtype: torch.dtype | None = None, seed: int = 0):
+    """Build the model on the meta device, then give each stage random weights directly on its device (notebook 04).
+
+    No file and no download: this is how `benchmarks/gpu_check.py` runs GPT-J-6B on a GPU. The stage
+    boundaries get the same hooks as `place_stages`.
+    """
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import GPTJForCausalLM
+
+    dtype = dtype or getattr(torch, plan.dtype)
+    with init_empty_weights():
+        model = GPTJForCausalLM(config)
+    torch.manual_seed(seed)
+    for s, (names, device) in enumerate(plan_modules(plan)):
+        for name in names:
+            module = model.get_submodule(name)
+            for pname, p in list(module.named_parameters()):
+                set_module_tensor_to_device(module, pname, device, dtype=dtype,
+                                            value=torch.empty(p.shape, dtype=dtype, device=device))
+            for bname, b in list(module.named_buffers()):
+                set_module_tensor_to_device(module, bname, device, value=b.to(device))
+            module.apply(model._init_weights)
+    if hasattr(model.transformer, "rotary_emb"):  # transformers 5 computes the rotary tables once, in the model
+        model.transformer.rotary_emb.to(plan.devices[0].device)
+    return hook_stages(model, plan, [dtype] * len(plan.devices)).eval()
+
+
+def hook_stages(model, plan: Plan, dtypes: list[torch.dtype]):
+    """The boundary hooks of `place_stages`, for a model whose weights are already on their devices."""
+    model.hooks = {}
+    for s, st in enumerate(plan.devices[1:], start=1):
+        for b in range(*st.blocks):
+            model.hooks[f"transformer.h.{b}"] = model.transformer.h[b].register_forward_pre_hook(
+                boundary_hook(torch.device(st.device), dtypes[s]), with_kwargs=True)
+    model.hooks["transformer.ln_f"] = model.transformer.ln_f.register_forward_pre_hook(
+        boundary_hook(torch.device(plan.devices[-1].device), dtypes[-1]), with_kwargs=True)
+    first_device = torch.device(plan.devices[0].device)
+    model.hooks["lm_head"] = model.lm_head.register_forward_hook(lambda m, a, out: out.to(first_device))
+    model.plan = plan
+    return model
+
+
+def size_unit(nbytes: float) -> tuple[str, int]:
+    """MiB or GiB, whichever reads better for sizes up to `nbytes`."""
+    return ("GiB", 2**30) if nbytes >= 2**30 else ("MiB", 2**20)
+
+
+MEMORY_COLORS = {"parameters": "tab:blue", "KV cache": "tab:orange", "activations (estimate)": "tab:green",
+                 "activations": "tab:green", "reserve": "tab:gray", "free": "whitesmoke"}
+
+
+def plot_memory(record: RunRecord, plan: Plan | None = None):
+    """Memory per device as stacked bars, planned beside measured, against each device's budget (notebook 04).
+
+    Planned: the planner's parameters, KV cache and reserve. Measured: the tensors placed (parameters and
+    buffers), the KV cache at the end, and the activation estimate (on CUDA the allocator's peak is drawn
+    as a dot: an independent total).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    plan = plan or record.plan
+    rows = record.memory
+    budgets = [r.get("budget_bytes") for r in rows]
+    top = max([b for b in budgets if b] + [r["total_bytes"] for r in rows])
+    unit, scale = size_unit(top)
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) + 2), 4))
+    act = "activations (estimate)"
+    for i, row in enumerate(rows):
+        bars = []
+        if plan:
+            st = plan.devices[i]
+            bars.append((i - 0.2, [("parameters", st.param_bytes), ("KV cache", st.kv_cache_bytes),
+                                   ("reserve", st.reserve_bytes)], "planned"))
+        bars.append((i + 0.2 if plan else i, [("parameters", row["param_bytes"]), ("KV cache", row["kv_cache_bytes"]),
+                                              (act, row.get("activation_bytes", 0))], "measured"))
+        for x, parts, label in bars:
+            bottom = 0
+            for kind, value in parts:
+                ax.bar(x, value / scale, 0.36, bottom=bottom / scale, color=MEMORY_COLORS[kind], edgecolor="black",
+                       linewidth=0.3)
+                bottom += value
+            if budgets[i]:
+                ax.bar(x, max(budgets[i] - bottom, 0) / scale, 0.36, bottom=bottom / scale, color="whitesmoke",
+                       edgecolor="lightgray", linewidth=0.5, hatch="//")
+            ax.text(x, bottom / scale, label, ha="center", va="bottom", fontsize=7, rotation=90)
+        if budgets[i]:
+            ax.hlines(budgets[i] / scale, i - 0.42, i + 0.42, colors="black", linestyles="--", linewidth=1.5)
+        if "cuda_peak_bytes" in row:
+            ax.plot(i + 0.2, row["cuda_peak_bytes"] / scale, "kD", markersize=5)
+    handles = [Patch(color=MEMORY_COLORS[k], label=k) for k in ("parameters", "KV cache", act, "reserve")]
+    handles.append(Patch(facecolor="whitesmoke", edgecolor="lightgray", hatch="//", label="free"))
+    handles.append(plt.Line2D([], [], color="black", linestyle="--", label="budget"))
+    if any("cuda_peak_bytes" in r for r in rows):
+        handles.append(plt.Line2D([], [], color="black", marker="D", linestyle="", label="CUDA peak (measured)"))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_xticks(range(len(rows)), [f"stage {r['stage']}\n{r['device']}" for r in rows])
+    ax.set_ylabel(f"memory ({unit})")
+    ax.set_title(f"Memory per device: planned (left) and measured (right), {record.mode} run")
+    fig.tight_layout()
+    return fig
+
+
+TIMELINE_COLORS = {"prefill": "tab:purple", "decode": "tab:blue", "send": "tab:orange", "recv": "tab:green"}
+
+
+def plot_timeline(record: RunRecord, max_step: int = 3, first_step: int | None = None):
+    """A Gantt chart of each stage's busy intervals for a few steps: decode steps 1 to `max_step`, or from
+    `first_step` (0 includes the prefill; the default when the record has no decode step) (notebooks 04, 05).
+
+    Any RunRecord works: compute intervals are coloured by phase, the pipeline's "send"/"recv" events by kind,
+    and micro-batches are numbered inside their bars when there are several.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    if first_step is None:
+        first_step = 1 if any(e.step >= 1 for e in record.events) else 0
+    events = [e for e in record.events if first_step <= e.step <= max_step]
+    if not events:
+        raise ValueError("this RunRecord has no timing events to draw")
+    t0 = min(e.start for e in events)
+    stages = sorted({e.stage for e in events})
+    several = len({e.micro_batch for e in events}) > 1
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(stages) + 1.8))
+    span = max(e.end for e in events) - t0
+    for e in events:
+        key = e.phase if e.kind == "compute" else e.kind
+        x, w = (e.start - t0) * 1000, (e.end - e.start) * 1000
+        y, h = (e.stage - 0.38, 0.76) if e.kind == "compute" else (e.stage + (0.0 if e.kind == "send" else -0.38), 0.38)
+        ax.broken_barh([(x, w)], (y, h), facecolors=TIMELINE_COLORS.get(key, "tab:gray"), edgecolor="black",
+                       linewidth=0.3)
+        if several and w > span * 1000 / 60:
+            ax.text(x + w / 2, e.stage, str(e.micro_batch), ha="center", va="center", fontsize=7, color="white")
+    kinds = sorted({e.phase if e.kind == "compute" else e.kind for e in events}, key=list(TIMELINE_COLORS).index)
+    ax.legend(handles=[Patch(color=TIMELINE_COLORS[k], label=k) for k in kinds], fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1))
+    ax.set_yticks(stages, [f"stage {s}" for s in stages])
+    ax.invert_yaxis()
+    ax.set_xlabel("time since the first event shown (ms)")
+    shown = sorted({e.step for e in events})
+    steps = f"steps {shown[0]} to {shown[-1]}" if len(shown) > 1 else f"step {shown[0]}"
+    ax.set_title(f"Who is busy when: {record.mode} run, {steps} (step 0 = the prefill)"
+                 + (" (numbers: micro-batches)" if several else ""))
+    fig.tight_layout()
+    return fig
+
+
+def utilisation(record: RunRecord) -> list[float]:
+    """Each stage's busy time over the run's wall time (notebook 04)."""
+    return [b / record.total_seconds for b in record.busy_seconds()]
+
+
+def plot_utilisation(record: RunRecord):
+    """Utilisation per device as bars, with 1/n, the most a naive split of n stages can give each (notebook 04)."""
+    import matplotlib.pyplot as plt
+
+    used = utilisation(record)
+    n = len(used)
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * n + 2), 3.5))
+    ax.bar(range(n), [u * 100 for u in used], color="tab:blue", label="busy time / wall time")
+    ax.axhline(100 / n, color="tab:red", linestyle="--", label=f"naive split ideal: 1/n = {100 / n:.0f}%")
+    ax.set_xticks(range(n), [f"stage {s}" for s in range(n)])
+    ax.set_ylabel("utilisation (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Utilisation per device, {record.mode} run (all stages together: {sum(used):.0%})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def prompt_of_length(tokenizer, tokens: int, words: str = "The list of numbers is sorted. ") -> str:
+    """The shortest prefix of repeated `words` that is `tokens` tokens long (or just over), for scaling runs (notebook 04)."""
+    text = words
+    while len(tokenizer(text)["input_ids"]) < tokens:
+        text += words
+    low, high = 1, len(text)
+    while low < high:  # bisect the character length
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if len(tokenizer(text[:mid])["input_ids"]) < tokens else (low, mid)
+    return text[:low]
+
+
+def measure_scaling(model_name: str = "tiny", n_devices=(1, 2, 4, 8), prompt_lengths=(8, 64, 256),
+                    fixed_devices: int = 4, max_new_tokens: int = 16, device: str = "cpu",
+                    dtype: torch.dtype = torch.float32, reps: int = 3, threads: int | None = 1) -> list[dict]:
+    """Greedy runs over 1, 2, 4, 8 virtual devices, and over prompt lengths at `fixed_devices` (notebook 04).
+
+    The cases are interleaved over `reps` rounds and each keeps its best run, so a busy machine hurts all
+    alike. On the CPU, torch runs `threads` threads meanwhile (1: steadier when other work shares the cores).
+    """
+    tokenizer = load_tokenizer(model_name)
+    path = resolve_model(model_name)
+    cases = [(n, prompt_lengths[0]) for n in n_devices] + [(fixed_devices, p) for p in prompt_lengths[1:]]
+    models = {n: place_stages(path, plan_split(str(path), f"{n}x{device}", dtype=dtype, model_name=model_name))
+              for n in dict.fromkeys(n for n, _ in cases)}
+    prompts = {p: prompt_of_length(tokenizer, p) for _, p in cases}
+    old_threads = torch.get_num_threads()
+    if threads and device == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        runs: dict = {case: [] for case in cases}
+        for _ in range(reps):
+            for n, length in cases:
+                runs[(n, length)].append(generate_text(models[n], tokenizer, prompts[length],
+                                                       max_new_tokens=max_new_tokens, greedy=True)[1])
+    finally:
+        torch.set_num_threads(old_threads)
+    rows = []
+    for case in cases:
+        best = max(runs[case], key=lambda r: r.tokens_per_second)
+        rows.append({"n_devices": case[0], "prompt_tokens": best.settings["prompt_tokens"][0],
+                     "tokens_per_second": best.tokens_per_second, "ms_per_token": 1000 / best.tokens_per_second,
+                     "time_to_first_token_ms": min(r.time_to_first_token for r in runs[case]) * 1000,
+                     "utilisation": utilisation(best)})
+    return rows
+
+
+def plot_scaling(rows: list[dict], fixed_devices: int = 4):
+    """Tokens/s and per-token latency vs number of devices and vs prompt length, from `measure_scaling` (notebook 04)."""
+    import matplotlib.pyplot as plt
+
+    by_n = sorted({r["n_devices"]: r for r in rows if r["prompt_tokens"] == rows[0]["prompt_tokens"]}.values(),
+                  key=lambda r: r["n_devices"])
+    by_p = sorted([r for r in rows if r["n_devices"] == fixed_devices], key=lambda r: r["prompt_tokens"])
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex="col")
+    for col, (data, key, label) in enumerate([(by_n, "n_devices", "number of devices (stages)"),
+                                              (by_p, "prompt_tokens", "prompt length (tokens)")]):
+        x = [r[key] for r in data]
+        axes[0, col].plot(x, [r["tokens_per_second"] for r in data], "o-", label="decode tokens/s")
+        axes[1, col].plot(x, [r["ms_per_token"] for r in data], "o-", label="per decode token")
+        axes[1, col].plot(x, [r["time_to_first_token_ms"] for r in data], "s--", label="to the first token")
+        axes[0, col].set_ylabel("tokens/s")
+        axes[1, col].set_ylabel("latency (ms)")
+        axes[1, col].set_xlabel(label)
+        if key == "n_devices":
+            axes[1, col].set_xticks(x)
+        else:
+            axes[1, col].set_xscale("log", base=2)
+            axes[1, col].set_xticks(x, [str(v) for v in x])
+            axes[1, col].minorticks_off()
+        for ax in axes[:, col]:
+            ax.set_ylim(bottom=0)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_title(f"vs devices (prompt of {by_n[0]['prompt_tokens']} tokens)" if by_n else "vs devices")
+    axes[0, 1].set_title(f"vs prompt length ({fixed_devices} devices)")
+    fig.suptitle("Naive split: speed is set by the sum of the stages, not by their number")
+    fig.tight_layout()
+    return fig
+
+
+def copy_seconds(src: str, dst: str, nbytes: int, reps: int = 5) -> float:
+    """Time to copy `nbytes` from one device to another (0 when both are the same: placement copies nothing)."""
+    import time
+
+    if torch.device(src) == torch.device(dst) or nbytes == 0:
+        return 0.0
+    x = torch.empty(nbytes, dtype=torch.uint8, device=src)
+    best = math.inf
+    for _ in range(reps):
+        for d in (src, dst):
+            if d.startswith("cuda"):
+                torch.cuda.synchronize(d)
+        start = time.perf_counter()
+        x.to(dst)
+        if dst.startswith("cuda"):
+            torch.cuda.synchronize(dst)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def compare_estimates(record: RunRecord, config) -> list[dict]:
+    """Estimates beside measurements for one run: memory per device (the planner's formulas for the run's
+    tokens) and the mean time per decode step (sum of the stages' mean times plus boundary copies, against
+    the mean time between consecutive steps' starts on stage 0) (notebook 04)."""
+    import statistics
+
+    plan = record.plan
+    dtype = getattr(torch, plan.dtype) if plan else torch.float32
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    steps = max(e.step for e in record.events) + 1
+    batch = record.settings.get("batch_size", 1)
+    tokens = max(record.settings.get("prompt_tokens", [0])) + steps - 1
+    rows = []
+    for s, row in enumerate(record.memory):
+        st = plan.devices[s] if plan else None
+        n_blocks = (st.blocks[1] - st.blocks[0]) if st else config.n_layer
+        planned_params = st.param_bytes if st else module_sizes(config, dtype)["total"]
+        rows.append({"what": f"stage {s} parameters", "unit": "MiB", "estimate": planned_params / 2**20,
+                     "measured": row["param_bytes"] / 2**20})
+        rows.append({"what": f"stage {s} KV cache", "unit": "MiB",
+                     "estimate": n_blocks * kv_cache_bytes_per_layer(config, dtype, tokens, batch) / 2**20,
+                     "measured": row["kv_cache_bytes"] / 2**20})
+        if "cuda_peak_bytes" in row:
+            rows.append({"what": f"stage {s} params+KV+activations vs CUDA peak ({row['device']})", "unit": "MiB",
+                         "estimate": sum(r["total_bytes"] for r in record.memory if r["device"] == row["device"])
+                         / 2**20, "measured": row["cuda_peak_bytes"] / 2**20})
+    decode = [e for e in record.events if e.phase == "decode" and e.kind == "compute"]
+    n = len(record.memory)
+    per_stage = [statistics.mean([e.end - e.start for e in decode if e.stage == s] or [0.0]) for s in range(n)]
+    devices = [r["device"] for r in record.memory]
+    hidden = batch * config.n_embd * itemsize  # one token's hidden states per sequence cross each boundary
+    transfer = sum(copy_seconds(devices[s], devices[s + 1], hidden) for s in range(n - 1))
+    starts = sorted(e.start for e in decode if e.stage == 0)
+    step_wall = statistics.mean(b - a for a, b in zip(starts, starts[1:])) if len(starts) > 1 else float("nan")
+    rows.append({"what": "time per decode step (stages + copies)", "unit": "ms",
+                 "estimate": (sum(per_stage) + transfer) * 1000, "measured": step_wall * 1000})
+    for row in rows:
+        row["ratio"] = row["measured"] / row["estimate"] if row["estimate"] else float("nan")
+    return rows
+
+
+def format_estimates(rows: list[dict]) -> str:
+    """Estimate | measured | ratio, one line each (notebook 04)."""
+    return "\n".join(f"{r['what']:44} estimate {r['estimate']:9.3f} {r['unit']:3} | measured {r['measured']:9.3f} "
+                     f"{r['unit']:3} | ratio {r['ratio']:.2f}" for r in rows)
 
 
 # --------------------------------------------------------------------------

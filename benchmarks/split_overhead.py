@@ -23,11 +23,10 @@ import gptj_helpers as gh
 
 
 def make_mini(out_dir: Path) -> Path:
-    """The tiny recipe widened to 512 (8 heads of 64), random weights, the tiny tokenizer."""
+    """`gh.mini_config()` with random weights, saved with the tiny tokenizer, for `place_stages`."""
     from transformers import GPTJForCausalLM
 
-    config = gh.tiny_config()
-    config.n_embd, config.rotary_dim = 512, 32
+    config = gh.mini_config()
     torch.manual_seed(0)
     with gh.quiet_progress():
         GPTJForCausalLM(config).save_pretrained(str(out_dir))

@@ -1,0 +1,168 @@
+"""Notebook 04: the recorded timeline and memory of a run, the plots drawn from them, estimates, gpu_check's CPU mode."""
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+import pytest
+import torch
+
+import gptj_helpers as gh
+
+matplotlib.use("Agg")
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["The list", "A function is called when the"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny, tiny_path):
+    """A greedy run of the tiny default over 4 virtual devices with small budgets, and its model."""
+    _, tokenizer = tiny
+    plan = gh.plan_split(tiny_path, "4x3MiB", dtype=torch.float32, prompt_tokens=16, max_new_tokens=12, batch_size=2)
+    model = gh.place_stages(tiny_path, plan)
+    _, record = gh.generate_text(model, tokenizer, PROMPTS, max_new_tokens=12, greedy=True)
+    return model, record
+
+
+def test_every_stage_once_per_forward_and_no_overlap(run):
+    model, record = run
+    n = len(model.plan.devices)
+    steps = sorted({e.step for e in record.events})
+    assert steps == list(range(len(steps))) and len(steps) > 2
+    assert [e.phase for e in record.events].count("prefill") == n
+    for step in steps:
+        assert sorted(e.stage for e in record.events if e.step == step) == list(range(n))
+    ordered = sorted(record.events, key=lambda e: e.start)
+    assert all(a.end <= b.start for a, b in zip(ordered, ordered[1:]))  # naive split: one stage at a time
+    assert [(e.step, e.stage) for e in ordered] == sorted((e.step, e.stage) for e in ordered)
+    assert all(0 <= e.start < e.end <= record.total_seconds for e in record.events)
+    used = gh.utilisation(record)
+    assert len(used) == n and all(u > 0 for u in used) and sum(used) <= 1
+
+
+def test_memory_parts_sum_to_the_total(run):
+    model, record = run
+    placed = [0] * len(model.plan.devices)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        placed[0 if name.startswith("transformer.rotary") else model.plan.stage_of_module(name)] += \
+            t.numel() * t.element_size()
+    for row, stage, params in zip(record.memory, model.plan.devices, placed):
+        assert row["param_bytes"] == params
+        assert row["total_bytes"] == row["param_bytes"] + row["kv_cache_bytes"] + row["activation_bytes"]
+        assert row["budget_bytes"] == stage.budget_bytes == 3 * 2**20
+        assert row["kv_cache_bytes"] > 0 and row["activation_bytes"] > 0
+
+
+def test_activation_estimate_grows_with_the_prompt(tiny, run):
+    model, record = run
+    _, tokenizer = tiny
+    long_prompt = gh.prompt_of_length(tokenizer, 64)
+    _, longer = gh.generate_text(model, tokenizer, [long_prompt] * 2, max_new_tokens=2, greedy=True)
+    for short_row, long_row in zip(record.memory, longer.memory):
+        assert long_row["activation_bytes"] > 4 * short_row["activation_bytes"]
+    # for a block stage: the hidden states entering (b*t*d) plus the MLP's widest step (4*b*t*d in and out)
+    width = max(longer.settings["prompt_tokens"])
+    hidden = 2 * width * model.config.n_embd * 4
+    assert longer.memory[1]["activation_bytes"] == 9 * hidden
+
+
+def test_measure_memory_without_activations_is_unchanged(run):
+    model, _ = run
+    rows = gh.measure_memory(model)
+    assert all(r["activation_bytes"] == 0 and r["total_bytes"] == r["param_bytes"] for r in rows)
+
+
+def test_estimates_beside_measurements(run):
+    model, record = run
+    rows = gh.compare_estimates(record, model.config)
+    kv = [r for r in rows if "KV cache" in r["what"]]
+    assert len(kv) == 4 and all(r["ratio"] == 1.0 for r in kv)
+    params = [r for r in rows if "parameters" in r["what"]]
+    assert all(r["ratio"] == pytest.approx(1.0, abs=0.02) for r in params)
+    step = rows[-1]
+    assert step["unit"] == "ms" and step["estimate"] > 0 and step["measured"] > 0  # no speed asserted: timings vary
+    assert "estimate" in gh.format_estimates(rows) and "ratio" in gh.format_estimates(rows)
+
+
+def labels_of(fig):
+    ax = fig.axes[0]
+    return ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), ax.get_legend()
+
+
+def test_plots_are_figures_with_titles_units_and_legends(run):
+    _, record = run
+    for fig in (gh.plot_memory(record), gh.plot_timeline(record), gh.plot_utilisation(record)):
+        title, xlabel, ylabel, legend = labels_of(fig)
+        assert title and legend is not None and (xlabel or ylabel)
+        assert "(" in xlabel + ylabel  # a unit
+    assert len(gh.plot_timeline(record, max_step=2).axes[0].collections) == 2 * 4  # decode steps 1, 2; 4 stages
+    assert len(gh.plot_timeline(record, max_step=2, first_step=0).axes[0].collections) == 3 * 4  # and the prefill
+
+
+def test_timeline_draws_a_pipeline_record():
+    events = []
+    for mb in range(2):
+        for stage in range(2):
+            t = mb * 0.01 + stage * 0.01
+            events.append(gh.TimingEvent(stage, "prefill", 0, t, t + 0.008, micro_batch=mb))
+            if stage == 0:
+                events.append(gh.TimingEvent(0, "prefill", 0, t + 0.008, t + 0.009, kind="send", micro_batch=mb))
+            else:
+                events.append(gh.TimingEvent(1, "prefill", 0, t - 0.001, t, kind="recv", micro_batch=mb))
+    record = gh.RunRecord(texts=["a"], prompts=["p"], mode="pipeline", new_tokens=1, time_to_first_token=0.03,
+                          tokens_per_second=0.0, total_seconds=0.04, events=events)
+    fig = gh.plot_timeline(record)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["prefill", "send", "recv"]
+    assert "micro-batches" in fig.axes[0].get_title()
+    with pytest.raises(ValueError, match="no timing events"):
+        gh.plot_timeline(gh.RunRecord([], [], "naive", 0, 0.0, 0.0, 0.0))
+
+
+def test_figures_are_saved_only_with_an_output_folder(run, tmp_path, monkeypatch):
+    _, record = run
+    monkeypatch.delenv("GPTJ_HELPERS_OUT", raising=False)
+    assert gh.show_figure(gh.plot_utilisation(record), "utilisation") is None
+    monkeypatch.setenv("GPTJ_HELPERS_OUT", str(tmp_path / "figures"))
+    path = gh.show_figure(gh.plot_timeline(record), "timeline")
+    assert path == tmp_path / "figures" / "timeline.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in path.parent.iterdir()] == ["timeline.png"]
+
+
+def test_scaling_measurements_and_plot(tiny_path):
+    rows = gh.measure_scaling(str(tiny_path), n_devices=(1, 2), prompt_lengths=(4, 16), fixed_devices=2,
+                              max_new_tokens=3, reps=1)
+    assert [(r["n_devices"], r["prompt_tokens"]) for r in rows] == [(1, 4), (2, 4), (2, 16)]
+    assert all(r["tokens_per_second"] > 0 and len(r["utilisation"]) == r["n_devices"] for r in rows)
+    fig = gh.plot_scaling(rows, fixed_devices=2)
+    assert len(fig.axes) == 4 and all(ax.get_ylabel() for ax in fig.axes)
+
+
+def test_random_stages_have_the_planned_placement_and_dtype(tiny):
+    _, tokenizer = tiny
+    config = gh.tiny_config()
+    plan = gh.plan_split(config, "3xcpu", dtype=torch.bfloat16)
+    model = gh.place_random_stages(config, plan)
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters())
+    assert not any(p.is_meta for p in model.parameters())
+    assert [r["param_bytes"] for r in gh.measure_memory(model)][1:] == [s.param_bytes for s in plan.devices][1:]
+    weights = model.transformer.h[0].attn.q_proj.weight.float()
+    assert 0.015 < weights.std() < 0.025  # initialised, not left empty
+    assert torch.equal(model.transformer.h[0].ln_1.weight, torch.ones_like(model.transformer.h[0].ln_1.weight))
+    texts, record = gh.generate_text(model, tokenizer, "x", max_new_tokens=3, greedy=True)
+    assert record.mode == "naive" and len(record.busy_seconds()) == 3
+
+
+def test_gpu_check_cpu_mode():
+    env = {"PYTHONPATH": str(ROOT)}
+    import os
+
+    out = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--mini", "--tokens", "8"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "CPU mode" in text or "mini" in text
+    assert "tokens/s after it" in text and "busy ms" in text
+    assert text.count("KV cache  ") + text.count("KV cache ") >= 3 and "estimate vs measured" in text
+    assert all(f"stage {s} parameters" in text for s in range(3))
