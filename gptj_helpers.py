@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -796,7 +797,7 @@ def as_config(model_or_config):
 
 def plan_split(model_or_config, devices: str | list[Device], dtype: torch.dtype = torch.float16,
                reserve: int | str = 0, prompt_tokens: int = 0, max_new_tokens: int = 0, batch_size: int = 1,
-               cost: list[float] | None = None, model_name: str | None = None) -> Plan:
+               cost: list[float] | None = None, model_name: str | None = None, explain: bool = True) -> Plan:
     """Split embedding, blocks and head into contiguous stages, minimising the fullest device (notebook 02).
 
     With `cost` (one number per module: embedding, each block, head) it minimises the slowest stage
@@ -843,7 +844,8 @@ def plan_split(model_or_config, devices: str | list[Device], dtype: torch.dtype 
     plan = Plan(model_name, str(dtype).replace("torch.", ""),
                 sizes["params"], stages, {k: sizes[k] for k in ("embedding", "block", "head")})
     if best[n][n_layer] == math.inf or max(s.fill for s in stages) > 1:
-        raise MemoryError(explain_infeasible(config, devices, dtype, reserve, prompt_tokens, max_new_tokens, batch_size))
+        raise MemoryError(explain_infeasible(config, devices, dtype, reserve, prompt_tokens, max_new_tokens, batch_size)
+                          if explain else "does not fit")
     return plan
 
 
@@ -859,13 +861,15 @@ def explain_infeasible(config, devices: list[Device], dtype: torch.dtype, reserv
            f"{str(dtype).replace('torch.', '')}, KV cache {format_size(kv_total)}"
            + (f", reserve {format_size(reserve)} x {len(devices)}" if reserve else "")
            + f"), your {len(devices)} device(s) give {format_size(give)}")
-    if any(sizes["block"] + reserve > d.budget_bytes for d in devices):
-        msg += f" and one block alone needs {format_size(sizes['block'] + reserve)} with the reserve"
+    one_block = sizes["block"] + kv_total // config.n_layer + reserve
+    if all(one_block > d.budget_bytes for d in devices):
+        msg += f"; one block alone needs {format_size(one_block)} with its KV cache and the reserve"
     ideas = []
 
     def fits(devs, dt=dtype, res=reserve, pt=prompt_tokens, mnt=max_new_tokens) -> bool:
         try:
-            plan_split(config, devs, dtype=dt, reserve=res, prompt_tokens=pt, max_new_tokens=mnt, batch_size=batch_size)
+            plan_split(config, devs, dtype=dt, reserve=res, prompt_tokens=pt, max_new_tokens=mnt, batch_size=batch_size,
+                       explain=False)
             return True
         except MemoryError:
             return False
@@ -963,59 +967,90 @@ def boundary_hook(device: torch.device, dtype: torch.dtype | None):
     return hook
 
 
-def place_stages(model_path: str | Path, plan: Plan, dtype: torch.dtype | list[torch.dtype] | None = None,
-                 stages: list[int] | None = None):
+RANDOM_WEIGHTS = "random_weights.json"  # in a model folder instead of weights: {"seed": S}, weights made from seeds
+
+
+def write_random_model(config, out_dir: str | Path, seed: int = 0) -> Path:
+    """A model folder with a config and a seed instead of weights: every process can rebuild it (notebook 04)."""
+    out_dir = Path(out_dir)
+    config.save_pretrained(str(out_dir))
+    (out_dir / RANDOM_WEIGHTS).write_text(json.dumps({"seed": seed}))
+    return out_dir
+
+
+def seeded_tensor(name: str, shape, config, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One parameter initialised as GPT-J's `_init_weights` does, from its own seed: the same on any process."""
+    if name.endswith("bias") or (".ln_" in name and name.endswith("weight")):
+        fill = 1.0 if name.endswith("weight") else 0.0
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, config.initializer_range, generator=generator)
+
+
+def place_stages(model_path, plan: Plan, dtype: torch.dtype | list[torch.dtype] | None = None,
+                 stages: list[int] | None = None, seed: int = 0):
     """Load each stage's tensors straight from safetensors onto its device, and hook the stage boundaries (notebook 02).
 
-    `dtype` may be one dtype or one per stage. Returns a `GPTJForCausalLM` that runs across the devices.
-    With `stages`, only those stages are loaded; the rest stay on the meta device (no memory).
+    `model_path` is a model name or folder; a config instead gives seeded random weights made directly on
+    each device (no file, no download: the GPU check and the full-size benchmark). `dtype` may be one dtype
+    or one per stage. With `stages`, only those stages are loaded; the rest stay on the meta device.
+    Returns a `GPTJForCausalLM` that runs across the devices.
     """
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
     from transformers import AutoConfig, GPTJForCausalLM
 
-    model_path = resolve_model(str(model_path))
-    config = AutoConfig.from_pretrained(str(model_path))
+    files = None
+    if isinstance(model_path, (str, Path)):
+        model_path = resolve_model(str(model_path))
+        config = AutoConfig.from_pretrained(str(model_path))
+        if (model_path / RANDOM_WEIGHTS).exists():
+            seed = json.loads((model_path / RANDOM_WEIGHTS).read_text())["seed"]
+        else:
+            files = stage_parameter_names(model_path)
+    else:
+        config = model_path
     n = len(plan.devices)
     if plan.devices[-1].blocks[1] != config.n_layer:
         raise ValueError(f"the plan covers {plan.devices[-1].blocks[1]} blocks but {model_path} has {config.n_layer}")
     dtypes = list(dtype) if isinstance(dtype, (list, tuple)) else [dtype or getattr(torch, plan.dtype)] * n
     with init_empty_weights():
         model = GPTJForCausalLM(config)
-    files = stage_parameter_names(model_path)
-    expected = {name for name, _ in model.named_parameters()}
-    missing = expected - set(files)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    missing = set(shapes) - set(files) if files is not None else set()
     if missing:
         raise ValueError(f"{model_path} lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
-    for file in sorted(set(files.values())):
-        names = [k for k, f in files.items() if f == file and k in expected]
-        by_stage: dict[int, list[str]] = {}
-        for name in names:
-            by_stage.setdefault(plan.stage_of_module(name), []).append(name)
-        for s, stage_names in by_stage.items():
-            if stages is not None and s not in stages:
-                continue
-            device = torch.device(plan.devices[s].device)
-            for name in stage_names:  # one tensor per opening: the file's mapping never holds more than that
-                with safe_open(model_path / file, framework="pt", device=str(device)) as f:
-                    set_module_tensor_to_device(model, name, device, value=f.get_tensor(name), dtype=dtypes[s])
+    for name in shapes:  # in file order, one tensor per opening: a file's mapping never holds more than that
+        s = plan.stage_of_module(name)
+        if stages is not None and s not in stages:
+            continue
+        device = torch.device(plan.devices[s].device)
+        if files is None:
+            value = seeded_tensor(name, shapes[name], config, seed, dtypes[s], device)
+        else:
+            with safe_open(model_path / files[name], framework="pt", device=str(device)) as f:
+                value = f.get_tensor(name)
+        set_module_tensor_to_device(model, name, device, value=value, dtype=dtypes[s])
     model.transformer.rotary_emb.to(plan.devices[0].device)
-    # every block after the first stage gets the hook: the first one moves the hidden states across the
-    # boundary; all of them need the mask, position ids and rotary sin/cos, which the model hands each block
+    return hook_stages(model, plan, dtypes).eval()
+
+
+def hook_stages(model, plan: Plan, dtypes: list[torch.dtype]):
+    """Hook every block after the first stage: the first one moves the hidden states across the boundary, and all
+    need the mask, position ids and rotary sin/cos, which the model hands each block (notebook 02)."""
     model.hooks = {}  # module name -> hook handle, so a test can remove one and watch it fail
     for s, st in enumerate(plan.devices[1:], start=1):
         for b in range(*st.blocks):
             model.hooks[f"transformer.h.{b}"] = model.transformer.h[b].register_forward_pre_hook(
                 boundary_hook(torch.device(st.device), dtypes[s]), with_kwargs=True)
-    last = torch.device(plan.devices[-1].device)
     model.hooks["transformer.ln_f"] = model.transformer.ln_f.register_forward_pre_hook(
-        boundary_hook(last, dtypes[-1]), with_kwargs=True)
+        boundary_hook(torch.device(plan.devices[-1].device), dtypes[-1]), with_kwargs=True)
     first_device = torch.device(plan.devices[0].device)
     # logits go back to the first device, where generate keeps the token ids
     model.hooks["lm_head"] = model.lm_head.register_forward_hook(lambda m, a, out: out.to(first_device))
     model.plan = plan
-    return model.eval()
+    return model
 
 
 def plot_plan(plan: Plan, title: str | None = None):
@@ -1380,49 +1415,6 @@ def mini_config():
     config = tiny_config()
     config.n_embd, config.rotary_dim = 512, 16
     return config
-
-
-def place_random_stages(config, plan: Plan, dtype: torch.dtype | None = None, seed: int = 0):
-    """Build the model on the meta device, then give each stage random weights directly on its device (notebook 04).
-
-    No file and no download: this is how `benchmarks/gpu_check.py` runs GPT-J-6B on a GPU. The stage
-    boundaries get the same hooks as `place_stages`.
-    """
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from transformers import GPTJForCausalLM
-
-    dtype = dtype or getattr(torch, plan.dtype)
-    with init_empty_weights():
-        model = GPTJForCausalLM(config)
-    torch.manual_seed(seed)
-    for s, (names, device) in enumerate(plan_modules(plan)):
-        for name in names:
-            module = model.get_submodule(name)
-            for pname, p in list(module.named_parameters()):
-                set_module_tensor_to_device(module, pname, device, dtype=dtype,
-                                            value=torch.empty(p.shape, dtype=dtype, device=device))
-            for bname, b in list(module.named_buffers()):
-                set_module_tensor_to_device(module, bname, device, value=b.to(device))
-            module.apply(model._init_weights)
-    if hasattr(model.transformer, "rotary_emb"):  # transformers 5 computes the rotary tables once, in the model
-        model.transformer.rotary_emb.to(plan.devices[0].device)
-    return hook_stages(model, plan, [dtype] * len(plan.devices)).eval()
-
-
-def hook_stages(model, plan: Plan, dtypes: list[torch.dtype]):
-    """The boundary hooks of `place_stages`, for a model whose weights are already on their devices."""
-    model.hooks = {}
-    for s, st in enumerate(plan.devices[1:], start=1):
-        for b in range(*st.blocks):
-            model.hooks[f"transformer.h.{b}"] = model.transformer.h[b].register_forward_pre_hook(
-                boundary_hook(torch.device(st.device), dtypes[s]), with_kwargs=True)
-    model.hooks["transformer.ln_f"] = model.transformer.ln_f.register_forward_pre_hook(
-        boundary_hook(torch.device(plan.devices[-1].device), dtypes[-1]), with_kwargs=True)
-    first_device = torch.device(plan.devices[0].device)
-    model.hooks["lm_head"] = model.lm_head.register_forward_hook(lambda m, a, out: out.to(first_device))
-    model.plan = plan
-    return model
 
 
 def size_unit(nbytes: float) -> tuple[str, int]:

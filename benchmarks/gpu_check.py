@@ -39,7 +39,7 @@ def main() -> None:
                          model_name=name)
     print(gh.format_plan(plan), flush=True)
     start = time.perf_counter()
-    model = gh.place_random_stages(config, plan, dtype)
+    model = gh.place_stages(config, plan, dtype)
     print(f"materialised the stages in {time.perf_counter() - start:.1f} s", flush=True)
     gh.generate_text(model, tokenizer, prompt, max_new_tokens=4, greedy=True)  # warm-up (CUDA kernels, caches)
     texts, record = gh.generate_text(model, tokenizer, prompt, max_new_tokens=args.tokens, greedy=True)

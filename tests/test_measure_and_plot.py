@@ -143,7 +143,7 @@ def test_random_stages_have_the_planned_placement_and_dtype(tiny):
     _, tokenizer = tiny
     config = gh.tiny_config()
     plan = gh.plan_split(config, "3xcpu", dtype=torch.bfloat16)
-    model = gh.place_random_stages(config, plan)
+    model = gh.place_stages(config, plan)
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters())
     assert not any(p.is_meta for p in model.parameters())
     assert [r["param_bytes"] for r in gh.measure_memory(model)][1:] == [s.param_bytes for s in plan.devices][1:]

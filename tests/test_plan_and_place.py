@@ -1,5 +1,6 @@
 """Notebook 02: the planner (optimal, budgets, costs, errors) and placement across virtual devices."""
 import itertools
+from pathlib import Path
 import json
 import random
 
@@ -181,3 +182,30 @@ def test_place_refuses_a_plan_for_another_model(tiny_path):
     plan = gh.plan_split(tiny_config(6), "2xcpu", dtype=torch.float32)
     with pytest.raises(ValueError, match="covers 6 blocks"):
         gh.place_stages(tiny_path, plan)
+
+
+def test_infeasible_when_one_block_exceeds_every_device():
+    with pytest.raises(MemoryError, match="one block alone needs"):
+        gh.plan_split(gh.tiny_config(), "2x1MiB", dtype=torch.float32, max_new_tokens=60, batch_size=5)
+
+
+def test_random_weights_are_the_same_in_any_process(tmp_path):
+    import subprocess
+    import sys
+
+    config = gh.tiny_config()
+    folder = gh.write_random_model(config, tmp_path / "random", seed=3)
+    plan = gh.plan_split(config, "2xcpu", dtype=torch.float32)
+    whole = gh.place_stages(config, plan, seed=3)
+    only_last = gh.place_stages(folder, plan, stages=[1])  # another stage set, rebuilt from the folder
+    name = f"transformer.h.{plan.devices[1].blocks[0]}.mlp.fc_in.weight"
+    assert torch.equal(whole.get_parameter(name), only_last.get_parameter(name))
+    assert only_last.transformer.wte.weight.is_meta
+    code = (f"import gptj_helpers as gh, torch; m = gh.place_stages({str(folder)!r}, gh.Plan.from_json(open("
+            f"{str(tmp_path / 'plan.json')!r}).read())); print(float(m.get_parameter({name!r}).double().sum()))")
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert float(out.stdout) == float(whole.get_parameter(name).double().sum()), out.stderr
+    other = gh.place_stages(config, plan, seed=4)
+    assert not torch.equal(other.get_parameter(name), whole.get_parameter(name))
