@@ -1444,8 +1444,8 @@ class PromptWidget:
             return
         self.stop_event.clear()
         self.prompt_used, self.text, self.record = prompt, "", None
-        self.show_text()
         self.generate_button.disabled, self.stop_button.disabled = True, False
+        self.show_text()
         self.status.value = "generating..."
         self.thread = threading.Thread(target=self.run, args=(prompt, settings), daemon=True)
         self.thread.start()
