@@ -1356,8 +1356,9 @@ def format_run_line(record: RunRecord, stopped: bool = False) -> str:
              else f"{record.new_tokens} tokens" + (" (end of text)" if record.new_tokens < asked else ""))
     busy = record.busy_seconds()
     stages = [f"stage {s} {row['device']}: busy {(busy[s] if s < len(busy) else 0) / record.total_seconds:.0%}, "
-              f"{format_size(row.get('cuda_allocated_bytes', row['total_bytes']))}"
-              for s, row in enumerate(record.memory)]
+              f"{format_size(row['total_bytes'])}" for s, row in enumerate(record.memory)]
+    allocated = {row["device"]: row["cuda_allocated_bytes"] for row in record.memory if "cuda_allocated_bytes" in row}
+    stages += [f"{device} allocated {format_size(n)}" for device, n in allocated.items()]
     speed = "one token: no rate" if math.isnan(record.tokens_per_second) else f"{record.tokens_per_second:.1f} tokens/s"
     return " · ".join([f"{ended} in {record.total_seconds:.2f} s", speed, *stages])
 

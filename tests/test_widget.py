@@ -162,6 +162,19 @@ def test_stopping_criteria_in_generate_text(models):
     assert gh.format_run_line(record).startswith("20 tokens in ")
 
 
+def test_run_line_names_each_stage_and_each_gpu_once(models):
+    by_name, tokenizer = models
+    _, record = gh.generate_text(by_name["split"], tokenizer, "The list", max_new_tokens=6, greedy=True)
+    line = gh.format_run_line(record)
+    busy = record.busy_seconds()
+    for s, row in enumerate(record.memory):
+        assert f"stage {s} cpu: busy {busy[s] / record.total_seconds:.0%}, {gh.format_size(row['total_bytes'])}" in line
+    # as on one GPU split into budgets: stages share a device, whose allocation is shown once
+    record.memory = [{**row, "device": "cuda:0", "cuda_allocated_bytes": 3 << 30} for row in record.memory]
+    line = gh.format_run_line(record)
+    assert line.count("cuda:0 allocated 3.00 GiB") == 1 and line.count("stage ") == 3
+
+
 # ---------------------------------------------------------------------------- the real browser
 
 def browser_wanted() -> tuple[bool, str]:
