@@ -2032,6 +2032,26 @@ def configure_worker(threads: int | None, cpus: list[int] | None) -> None:
             torch.set_num_interop_threads(threads)
 
 
+def reset_peak_rss() -> int | None:
+    """Start a new peak-RSS window for this process; its RSS now, the baseline (Linux only, else None) (notebook 05)."""
+    import psutil
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int | None:
+    """This process's peak RSS since `reset_peak_rss` (VmHWM: its own; ru_maxrss would include its parent's)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) * 1024
+
+
 def serve_stage(rank: int, world_size: int, spec: dict) -> list[RunRecord] | None:
     """Body of one stage process, under run_pipeline or torchrun: set up, load, run the jobs (notebook 05).
 
@@ -2071,14 +2091,25 @@ def serve_stage(rank: int, world_size: int, spec: dict) -> list[RunRecord] | Non
             raise setup[0]
         plan, jobs, model_path = setup[0]
         dtype = getattr(torch, spec.get("dtype") or plan.dtype)
-        stage = load_stage(model_path, plan, rank, dtype, plan.devices[rank].device if backend == "nccl" else "cpu")
         tokenizer = load_tokenizer(str(model_path)) if rank == 0 else None
+        import accelerate.utils  # noqa: F401  (libraries belong to the baseline, not to the stage)
+        import safetensors  # noqa: F401
+        import transformers.masking_utils  # noqa: F401
+        from transformers import DynamicCache, GPTJForCausalLM  # noqa: F401
+
+        baseline = reset_peak_rss()
+        start = time.perf_counter()
+        stage = load_stage(model_path, plan, rank, dtype, plan.devices[rank].device if backend == "nccl" else "cpu")
+        load_seconds = time.perf_counter() - start
         records = []
         for job in jobs:
             dist.barrier()
             t0 = [time.time()]
             dist.broadcast_object_list(t0, src=0)
             result = run_stage(stage, job, t0[0], spec.get("fail"))
+            result["memory"]["load_seconds"] = load_seconds
+            if baseline is not None:  # host memory of this stage process over its RSS after imports, before loading
+                result["memory"]["peak_rss_bytes"] = peak_rss() - baseline
             gathered = [None] * world_size if rank == 0 else None
             dist.gather_object(result, gathered, dst=0)
             if rank == 0:
