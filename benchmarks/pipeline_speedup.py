@@ -137,7 +137,8 @@ def main() -> int:
         plans = {phase: gh.plan_split(config, "cpu,cpu", dtype=torch.float32, cost=cost)
                  for phase, cost in (("prefill", prefill_cost), ("decode", decode_cost))}
         for phase, plan in plans.items():
-            parts = [f"stage {s}: blocks {st.blocks[0]}-{st.blocks[1] - 1}" + (" + head" if st.head else "")
+            parts = [f"stage {s}: " + (f"blocks {st.blocks[0]}-{st.blocks[1] - 1}" if st.blocks[1] > st.blocks[0]
+                                       else "no blocks") + (" + head" if st.head else "")
                      + f" ({st.cost * 1e3:.1f} ms)" for s, st in enumerate(plan.devices)]
             print(f"balanced plan for {phase}: " + ", ".join(parts))
 
