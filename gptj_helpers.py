@@ -950,9 +950,9 @@ def stage_parameter_names(model_path: str | Path) -> dict[str, str]:
 def move_to(value, device: torch.device, dtype: torch.dtype | None):
     """Move tensors (also inside tuples, lists and dicts) to a device, casting floating ones to `dtype`."""
     if isinstance(value, torch.Tensor):
-        if dtype is not None and value.is_floating_point():
+        if dtype is not None and value.is_floating_point() and value.dtype != dtype:
             return value.to(device=device, dtype=dtype)
-        return value.to(device)
+        return value if value.device == device else value.to(device)
     if isinstance(value, (tuple, list)):
         return type(value)(move_to(v, device, dtype) for v in value)
     if isinstance(value, dict):
