@@ -709,15 +709,12 @@ def measure_command(argv: list[str], timeout: float = 3600) -> dict:
     """Run `python -m gptj_helpers ARGV` in a fresh process: seconds, and peak RSS above its baseline after imports (notebook 01)."""
     import subprocess
 
-    # Linux: VmHWM is this process's own peak, reset after the imports (ru_maxrss would include the parent's at fork)
-    code = ("import json, re, resource, sys, time, numpy, psutil, safetensors.torch, tqdm.auto, gptj_helpers as gh\n"
+    # the peak-RSS window opens after the imports (notebook 05's reset_peak_rss and peak_rss)
+    code = ("import json, resource, sys, time, numpy, psutil, safetensors.torch, tqdm.auto, gptj_helpers as gh\n"
             "from transformers import GPTJConfig\n"
-            "base = psutil.Process().memory_info().rss\n"
-            "try: open('/proc/self/clear_refs', 'w').write('5')\n"
-            "except OSError: pass\n"
+            "base = gh.reset_peak_rss() or psutil.Process().memory_info().rss\n"
             "start = time.perf_counter(); rc = gh.main(sys.argv[1:]); seconds = time.perf_counter() - start\n"
-            "try: peak = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
-            "except OSError: peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "peak = gh.peak_rss() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "print(json.dumps(dict(rc=rc, seconds=seconds, baseline=base, peak=peak)))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_DIR), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout, env=env)
