@@ -215,8 +215,7 @@ def meta_model(config):
 def module_sizes(config, dtype: torch.dtype = torch.float16) -> dict[str, int]:
     """Parameter bytes of the embedding, one block, and the head (ln_f + lm_head), and their total (notebook 00)."""
     counts = count_parameters(config.to_json_string())
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = {k: v * itemsize for k, v in counts.items() if k != "params"}
+    sizes = {k: v * dtype.itemsize for k, v in counts.items() if k != "params"}
     sizes["total"] = sizes["embedding"] + config.n_layer * sizes["block"] + sizes["head"]
     return {**sizes, "params": counts["params"]}
 
@@ -782,7 +781,7 @@ class Plan:
 
 def kv_cache_bytes_per_layer(config, dtype: torch.dtype, tokens: int, batch_size: int = 1) -> int:
     """Keys and values of one layer for `tokens` positions of `batch_size` sequences (notebook 02)."""
-    return 2 * config.n_embd * torch.empty((), dtype=dtype).element_size() * tokens * batch_size
+    return 2 * config.n_embd * dtype.itemsize * tokens * batch_size
 
 
 def as_config(model_or_config):
@@ -876,7 +875,7 @@ def explain_infeasible(config, devices: list[Device], dtype: torch.dtype, reserv
         if fits(devices + [biggest] * extra):
             ideas.append(f"add {extra} device(s) of {format_size(biggest.budget_bytes)}")
             break
-    if torch.empty((), dtype=dtype).element_size() > 2 and fits(devices, dt=torch.float16):
+    if dtype.itemsize > 2 and fits(devices, dt=torch.float16):
         ideas.append("use dtype=float16")
     if tokens and fits(devices, pt=0, mnt=0):
         low, high = 0, tokens  # bisect the longest context that fits
@@ -904,15 +903,13 @@ def format_plan(plan: Plan) -> str:
 
 def accelerate_plan(config, devices: list[Device], dtype: torch.dtype = torch.float16, balanced: bool = True) -> list[int]:
     """Parameter bytes per device as accelerate would place them (`device_map="auto"` when balanced, else a greedy fill)."""
+    import logging
+
     from accelerate.utils import get_balanced_memory, infer_auto_device_map
-    from transformers.utils import logging as hf_logging
 
     model = meta_model(config)
     max_memory = {i: d.budget_bytes for i, d in enumerate(devices)}
-    quiet = hf_logging.get_logger("accelerate")
-    old = quiet.level
-    import logging
-
+    old = logging.getLogger("accelerate").level
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     try:
         if balanced:
@@ -922,13 +919,12 @@ def accelerate_plan(config, devices: list[Device], dtype: torch.dtype = torch.fl
                                            dtype=dtype)
     finally:
         logging.getLogger("accelerate").setLevel(old)
-    itemsize = torch.empty((), dtype=dtype).element_size()
     loads = [0] * len(devices)
     for name, p in model.named_parameters():
         owner = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len)
         target = device_map[owner]
         if isinstance(target, int):
-            loads[target] += p.numel() * itemsize
+            loads[target] += p.numel() * dtype.itemsize
     return loads
 
 
@@ -1079,6 +1075,22 @@ def plot_plan(plan: Plan, title: str | None = None):
     return fig
 
 
+def tensor_bytes(value) -> int:
+    """Bytes of all tensors in a value (tuples, lists, dicts and model outputs are searched)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict) or hasattr(value, "to_tuple"):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def kv_bytes(layer) -> int:
+    """Bytes of one KV cache layer's keys and values."""
+    return tensor_bytes([getattr(layer, "keys", None), getattr(layer, "values", None)])
+
+
 def measure_memory(model, cache=None, activations: list[int] | None = None) -> list[dict]:
     """Bytes per stage from the tensors actually placed there: parameters, buffers, KV cache (notebook 02).
 
@@ -1091,13 +1103,11 @@ def measure_memory(model, cache=None, activations: list[int] | None = None) -> l
             for s, st in enumerate(stages)]
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         s = plan.stage_of_module(name) if plan and not name.startswith("transformer.rotary") else 0
-        rows[s]["param_bytes"] += tensor.numel() * tensor.element_size()
+        rows[s]["param_bytes"] += tensor_bytes(tensor)
     if cache is not None:
         for layer_index, layer in enumerate(cache.layers):
             s = plan.stage_of_module(f"transformer.h.{layer_index}") if plan else 0
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    rows[s]["kv_cache_bytes"] += t.numel() * t.element_size()
+            rows[s]["kv_cache_bytes"] += kv_bytes(layer)
     for row in rows:
         row["total_bytes"] = row["param_bytes"] + row["kv_cache_bytes"] + row["activation_bytes"]
     if torch.cuda.is_available():
@@ -1204,17 +1214,6 @@ def stage_modules(model) -> list[tuple[list[str], torch.device]]:
     names = ["transformer.wte"] + [f"transformer.h.{b}" for b in range(model.config.n_layer)] + ["transformer.ln_f",
                                                                                                 "lm_head"]
     return [(names, model.transformer.wte.weight.device)]
-
-
-def tensor_bytes(value) -> int:
-    """Bytes of all tensors in a value (tuples, lists, dicts and model outputs are searched)."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict) or hasattr(value, "to_tuple"):
-        return sum(tensor_bytes(v) for v in value.values())
-    if isinstance(value, (tuple, list)):
-        return sum(tensor_bytes(v) for v in value)
-    return 0
 
 
 class StageRecorder:
@@ -1658,7 +1657,6 @@ def compare_estimates(record: RunRecord, config) -> list[dict]:
 
     plan = record.plan
     dtype = getattr(torch, plan.dtype) if plan else torch.float32
-    itemsize = torch.empty((), dtype=dtype).element_size()
     steps = max(e.step for e in record.events) + 1
     batch = record.settings.get("batch_size", 1)
     tokens = max(record.settings.get("prompt_tokens", [0])) + steps - 1
@@ -1680,7 +1678,7 @@ def compare_estimates(record: RunRecord, config) -> list[dict]:
     n = len(record.memory)
     per_stage = [statistics.mean([e.end - e.start for e in decode if e.stage == s] or [0.0]) for s in range(n)]
     devices = [r["device"] for r in record.memory]
-    hidden = batch * config.n_embd * itemsize  # one token's hidden states per sequence cross each boundary
+    hidden = batch * config.n_embd * dtype.itemsize  # one token's hidden states per sequence cross each boundary
     transfer = sum(copy_seconds(devices[s], devices[s + 1], hidden) for s in range(n - 1))
     starts = sorted(e.start for e in decode if e.stage == 0)
     step_wall = statistics.mean(b - a for a, b in zip(starts, starts[1:])) if len(starts) > 1 else float("nan")
@@ -1782,14 +1780,13 @@ def load_stage(model_path: str | Path, plan: Plan, rank: int, dtype: torch.dtype
     for hook in model.hooks.values():  # this process runs its modules itself, nothing crosses inside it
         hook.remove()
     config, st = model.config, plan.devices[rank]
-    names = [name for name, _ in model.named_parameters() if plan.stage_of_module(name) == rank]
     a, b = st.blocks
     blocks = model.transformer.h[a:b]
     for i, block in enumerate(blocks):  # the stage's own KV cache counts its layers from 0
         block.attn.layer_idx = i
     stage_config = copy.deepcopy(model.config)
     stage_config.n_layer = b - a
-    params = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in set(names))
+    params = sum(tensor_bytes(p) for n, p in model.named_parameters() if plan.stage_of_module(n) == rank)
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
     return PipelineStage(rank, len(plan.devices), torch.device(st.device), dtype, stage_config, blocks,
                          model.transformer.rotary_emb.to(st.device), model.transformer.wte if st.embedding else None,
@@ -1968,8 +1965,7 @@ def run_stage(stage: PipelineStage, job: PipelineJob, t0: float, fail: tuple | N
                 elif n > 1 and step < steps - 1:
                     outbox.send(out, 0, phase, step, m)
         outbox.flush()
-    kv = sum(t.numel() * t.element_size() for c in caches for layer in c.layers
-             for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
+    kv = sum(kv_bytes(layer) for c in caches for layer in c.layers)
     memory = {"stage": rank, "device": str(dev), "param_bytes": stage.param_bytes, "kv_cache_bytes": kv,
               "total_bytes": stage.param_bytes + kv}
     if dev.type == "cuda":
@@ -2129,13 +2125,25 @@ def prepare_pipeline(spec: dict, world_size: int) -> tuple[Plan, list[PipelineJo
     if spec.get("plan_json"):
         plan = Plan.from_json(spec["plan_json"])
     else:
-        check_stage_count(len(parse_devices(spec["devices"], check=False)), config.n_layer)
-        dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else default_dtype(config)
-        longest = max(j.input_ids.shape[1] + j.max_new_tokens for j in jobs)
-        plan = plan_split(config, spec["devices"], dtype=dtype, max_new_tokens=longest,
-                          batch_size=max(j.input_ids.shape[0] for j in jobs), model_name=str(spec["model"]))
+        dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
+        plan = plan_pipeline(config, spec["devices"], jobs, dtype, str(spec["model"]))
     check_pipeline_plan(plan, config.n_layer, world_size)
     return plan, jobs, model_path
+
+
+def plan_pipeline(config, devices: str | list[Device], jobs: list[PipelineJob], dtype: torch.dtype | None,
+                  model_name: str) -> Plan:
+    """Plan one stage per device, with KV cache room for the longest and widest job (notebook 05)."""
+    devices = devices if isinstance(devices, str) else ",".join(f"{d.name}={d.budget_bytes}" for d in devices)
+    check_stage_count(len(parse_devices(devices, check=False)), config.n_layer)
+    return plan_split(config, devices, dtype=dtype or default_dtype(config),
+                      max_new_tokens=max(j.input_ids.shape[1] + j.max_new_tokens for j in jobs),
+                      batch_size=max(j.input_ids.shape[0] for j in jobs), model_name=model_name)
+
+
+def model_folder(model) -> Path:
+    """The local folder of a model name, folder or loaded model."""
+    return resolve_model(str(getattr(getattr(model, "config", None), "_name_or_path", None) or model))
 
 
 def pipeline_worker(rank: int, spec: dict) -> None:
@@ -2287,17 +2295,13 @@ def run_pipeline_jobs(model, devices: str | list[Device] | None, jobs: list[Pipe
                       dtype: torch.dtype | None = None, timeout: float = PIPELINE_TIMEOUT, threads: int | None = None,
                       affinity: list[list[int]] | None = None, fail: tuple | None = None) -> list[RunRecord]:
     """Several generations in one start of the stage processes (benchmarks and tests reuse the loaded stages)."""
-    model_path = resolve_model(str(getattr(getattr(model, "config", None), "_name_or_path", None) or model))
+    model_path = model_folder(model)
     config = load_config(str(model_path))
     if plan is None:
         if devices is None:
             raise ValueError("give devices (like 'cpu,cpu') or a plan")
-        spec_devices = devices if isinstance(devices, str) else ",".join(f"{d.name}={d.budget_bytes}" for d in devices)
-        check_stage_count(len(parse_devices(spec_devices, check=False)), config.n_layer)
         dtype = dtype or default_dtype(config)
-        plan = plan_split(config, spec_devices, dtype=dtype,
-                          max_new_tokens=max(j.input_ids.shape[1] + j.max_new_tokens for j in jobs),
-                          batch_size=max(j.input_ids.shape[0] for j in jobs), model_name=str(model))
+        plan = plan_pipeline(config, devices, jobs, dtype, str(model))
     check_pipeline_plan(plan, config.n_layer)
     if affinity is not None and len(affinity) != len(plan.devices):
         raise ValueError(f"affinity needs one list of cores per stage ({len(plan.devices)}), got {len(affinity)}")
@@ -2331,7 +2335,7 @@ def run_pipeline(model, prompts: list[str], devices: str | list[Device] | None =
     micro_batches=1.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    model_path = resolve_model(str(getattr(getattr(model, "config", None), "_name_or_path", None) or model))
+    model_path = model_folder(model)
     job = prompts_job(model_path, load_config(str(model_path)), prompts, micro_batches, **sampling)
     record = run_pipeline_jobs(model_path, devices, [job], plan=plan, dtype=dtype, timeout=timeout, threads=threads,
                                affinity=affinity, fail=fail)[0]
@@ -2674,6 +2678,8 @@ def setups_markdown(reserve: str = "1GiB", prompt_tokens: int = 512, max_new_tok
 def cmd_setups(args: argparse.Namespace) -> None:
     """setups: print the README's table of common setups."""
     print(setups_markdown())
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a text file, one per line (blank lines skipped)."""
     path = Path(path)
@@ -2761,7 +2767,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="plan the split of a model over devices with memory budgets")
     p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, or a model folder")
     p.add_argument("--devices", required=True, help='e.g. "3x5GiB" or "cuda:0=6GiB,cuda:1=10GiB"')
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES))
     p.add_argument("--prompt-tokens", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1)
@@ -2782,7 +2788,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"])
     p.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"], help="0: no top-k filter (the seed's)")
     p.add_argument("--seed", type=int, help="seed the samplers for a reproducible text")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: the saved dtype")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: the saved dtype")
     p.add_argument("--timeout", type=float, default=PIPELINE_TIMEOUT, help="seconds a stage waits for a neighbour")
     p.add_argument("--fail-stage", type=int, help=argparse.SUPPRESS)  # tests: inject a fault in this stage
     p.add_argument("--fail-after", type=int, default=0, help=argparse.SUPPRESS)
@@ -2806,7 +2812,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"], help="0: no top-k filter (the seed's)")
     p.add_argument("--seed", type=int, help="seed the sampler for a reproducible text")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (prompts one at a time)")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+    p.add_argument("--dtype", choices=list(DTYPES),
                    help="default: float16 on GPUs, float32 on the CPU")
     p.set_defaults(func=cmd_generate)
     return parser
