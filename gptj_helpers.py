@@ -2726,6 +2726,16 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         leave_process()
 
 
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """The options generate and pipeline share: as generate_text's keywords."""
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    p.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"])
+    p.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"])
+    p.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"], help="0: no top-k filter (the seed's)")
+    p.add_argument("--seed", type=int, help="seed the sampler for a reproducible text")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per task of the series."""
     parser = argparse.ArgumentParser(prog="python -m gptj_helpers", description=__doc__.splitlines()[0])
@@ -2782,12 +2792,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", required=True, help='one stage per device, e.g. "cpu,cpu" or "cuda:0,cuda:1"')
     p.add_argument("--prompts-file", required=True, help="a text file with one prompt per line")
     p.add_argument("--micro-batches", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
-    p.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"])
-    p.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"])
-    p.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"], help="0: no top-k filter (the seed's)")
-    p.add_argument("--seed", type=int, help="seed the samplers for a reproducible text")
+    add_sampling_arguments(p)
     p.add_argument("--dtype", choices=list(DTYPES), help="default: the saved dtype")
     p.add_argument("--timeout", type=float, default=PIPELINE_TIMEOUT, help="seconds a stage waits for a neighbour")
     p.add_argument("--fail-stage", type=int, help=argparse.SUPPRESS)  # tests: inject a fault in this stage
@@ -2805,12 +2810,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, a hub id, or a model folder")
     p.add_argument("--devices", required=True, help='e.g. "cpu", "4xcpu" or "cuda:0=6GiB,cuda:1=10GiB"')
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
-    p.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"])
-    p.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"])
-    p.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"], help="0: no top-k filter (the seed's)")
-    p.add_argument("--seed", type=int, help="seed the sampler for a reproducible text")
+    add_sampling_arguments(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they come (prompts one at a time)")
     p.add_argument("--dtype", choices=list(DTYPES),
                    help="default: float16 on GPUs, float32 on the CPU")
