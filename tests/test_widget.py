@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -189,12 +188,6 @@ def browser_wanted() -> tuple[bool, str]:
                    "the test runs whenever it is installed, and always when CI=true")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def descendants(pid: int) -> list:
     import psutil
 
@@ -299,7 +292,7 @@ def test_widget_in_a_real_browser(tmp_path, tiny_path):
     folder = tmp_path / "notebooks"  # a copy: JupyterLab autosaves, and the committed notebook must stay as it is
     folder.mkdir()
     shutil.copy(NOTEBOOK, folder / NOTEBOOK.name)
-    port, token = free_port(), os.urandom(16).hex()
+    port, token = gh.free_port(), os.urandom(16).hex()
     base = f"http://127.0.0.1:{port}"
     screenshot = tmp_path / "prompt_widget.png"
     log_path = tmp_path / "jupyterlab.log"
