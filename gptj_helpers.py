@@ -106,9 +106,7 @@ def quiet_progress():
 
 
 def make_tiny_gptj(out_dir: str | Path, seed: int = TINY_SEED, format: str = "hf") -> Path:
-    """Write the tiny random GPT-J (safetensors + config.json) and its tokenizer to `out_dir` (notebook 00).
-
-    format="jax-slim" writes the same weights in the original JAX checkpoint layout instead (notebook 01)."""
+    """Write the tiny random GPT-J and its tokenizer to `out_dir`; format="jax-slim": the JAX layout (notebooks 00, 01)."""
     from transformers import GPTJForCausalLM
 
     out_dir = Path(out_dir)
@@ -312,10 +310,7 @@ def check_device_name(name: str, part: str, check: bool = True) -> str:
 
 
 def parse_devices(spec: str, check: bool = True) -> list[Device]:
-    """Parse a device spec: "3x5GiB", "cuda:0=10GiB,cuda:1=10GiB", "cpu,cpu,cpu", "2xcpu=4GiB" (notebook 00).
-
-    With `check=False` (planning only) CUDA devices need not exist here, but then need a budget.
-    """
+    """Parse "3x5GiB", "cuda:0=10GiB,cuda:1=10GiB", "cpu,cpu", "2xcpu=4GiB"; check=False: CUDA need not exist (notebook 00)."""
     if not spec or not spec.strip():
         raise ValueError("empty device spec: try 'cpu,cpu' or '2x5GiB' or 'cuda:0=10GiB,cuda:1=10GiB'")
     devices: list[Device] = []
@@ -794,11 +789,8 @@ def as_config(model_or_config):
 def plan_split(model_or_config, devices: str | list[Device], dtype: torch.dtype = torch.float16,
                reserve: int | str = 0, prompt_tokens: int = 0, max_new_tokens: int = 0, batch_size: int = 1,
                cost: list[float] | None = None, model_name: str | None = None, explain: bool = True) -> Plan:
-    """Split embedding, blocks and head into contiguous stages, minimising the fullest device (notebook 02).
-
-    With `cost` (one number per module: embedding, each block, head) it minimises the slowest stage
-    instead, still within every budget. An optimal min-max partition by dynamic programming.
-    """
+    """Split embedding, blocks and head into contiguous stages minimising the fullest device, or with `cost` (one
+    number per module) the slowest stage within every budget: a min-max partition by dynamic programming (notebook 02)."""
     config = as_config(model_or_config)
     devices = parse_devices(devices, check=False) if isinstance(devices, str) else list(devices)
     reserve = parse_size(reserve) if isinstance(reserve, str) else int(reserve)
@@ -982,13 +974,8 @@ def seeded_tensor(name: str, shape, config, seed: int, dtype: torch.dtype, devic
 
 def place_stages(model_path, plan: Plan, dtype: torch.dtype | list[torch.dtype] | None = None,
                  stages: list[int] | None = None, seed: int = 0):
-    """Load each stage's tensors straight from safetensors onto its device, and hook the stage boundaries (notebook 02).
-
-    `model_path` is a model name or folder; a config instead gives seeded random weights made directly on
-    each device (no file, no download: the GPU check and the full-size benchmark). `dtype` may be one dtype
-    or one per stage. With `stages`, only those stages are loaded; the rest stay on the meta device.
-    Returns a `GPTJForCausalLM` that runs across the devices.
-    """
+    """Load each stage's tensors from safetensors onto its device and hook the boundaries; a config instead of a
+    folder gives seeded random weights; `dtype` is one or one per stage; `stages`: load only those (notebook 02)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
@@ -1092,10 +1079,7 @@ def kv_bytes(layer) -> int:
 
 
 def measure_memory(model, cache=None, activations: list[int] | None = None) -> list[dict]:
-    """Bytes per stage from the tensors actually placed there: parameters, buffers, KV cache (notebook 02).
-
-    `activations` (one estimate per stage, as `generate_text` records them; notebook 04) is added to the total.
-    """
+    """Bytes per stage of the tensors placed there: parameters, buffers, KV cache, plus `activations` (notebook 02)."""
     plan: Plan | None = getattr(model, "plan", None)
     stages = plan.devices if plan else [None]
     rows = [{"stage": s, "device": st.device if st else str(model.device), "param_bytes": 0, "kv_cache_bytes": 0,
@@ -1429,12 +1413,7 @@ MEMORY_COLORS = {"parameters": "tab:blue", "KV cache": "tab:orange", "activation
 
 
 def plot_memory(record: RunRecord, plan: Plan | None = None):
-    """Memory per device as stacked bars, planned beside measured, against each device's budget (notebook 04).
-
-    Planned: the planner's parameters, KV cache and reserve. Measured: the tensors placed (parameters and
-    buffers), the KV cache at the end, and the activation estimate (on CUDA the allocator's peak is drawn
-    as a dot: an independent total).
-    """
+    """Memory per device as stacked bars, planned beside measured (CUDA peak as a dot), against the budgets (notebook 04)."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -1484,12 +1463,7 @@ TIMELINE_COLORS = {"prefill": "tab:purple", "decode": "tab:blue", "send": "tab:o
 
 
 def plot_timeline(record: RunRecord, max_step: int = 3, first_step: int | None = None):
-    """A Gantt chart of each stage's busy intervals for a few steps: decode steps 1 to `max_step`, or from
-    `first_step` (0 includes the prefill; the default when the record has no decode step) (notebooks 04, 05).
-
-    Any RunRecord works: compute intervals are coloured by phase, the pipeline's "send"/"recv" events by kind,
-    and micro-batches are numbered inside their bars when there are several.
-    """
+    """A Gantt chart of each stage's busy intervals (and sends/receives) from `first_step` (default 1) to `max_step` (notebooks 04, 05)."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -1563,11 +1537,7 @@ def prompt_of_length(tokenizer, tokens: int, words: str = "The list of numbers i
 def measure_scaling(model_name: str = "tiny", n_devices=(1, 2, 4, 8), prompt_lengths=(8, 64, 256),
                     fixed_devices: int = 4, max_new_tokens: int = 16, device: str = "cpu",
                     dtype: torch.dtype = torch.float32, reps: int = 3, threads: int | None = 1) -> list[dict]:
-    """Greedy runs over 1, 2, 4, 8 virtual devices, and over prompt lengths at `fixed_devices` (notebook 04).
-
-    The cases are interleaved over `reps` rounds and each keeps its best run, so a busy machine hurts all
-    alike. On the CPU, torch runs `threads` threads meanwhile (1: steadier when other work shares the cores).
-    """
+    """Greedy runs over 1 to 8 virtual devices and over prompt lengths, interleaved, best of `reps` each (notebook 04)."""
     tokenizer = load_tokenizer(model_name)
     path = resolve_model(model_name)
     cases = [(n, prompt_lengths[0]) for n in n_devices] + [(fixed_devices, p) for p in prompt_lengths[1:]]
@@ -1905,12 +1875,8 @@ def inject_fault(stage: PipelineStage, fail: tuple | None, step: int) -> None:
 
 
 def run_stage(stage: PipelineStage, job: PipelineJob, t0: float, fail: tuple | None = None) -> dict:
-    """One stage's share of a pipelined generation: prefill over micro-batches, then interleaved decode (notebook 05).
-
-    Every stage runs micro-batches in the same order (step 0 = prefill, then one step per token), so while the
-    last stage works on micro-batch A, the first already works on B. Returns this stage's events (seconds since
-    `t0`, a time.time() shared by all stages), memory and, on the last stage, the new tokens.
-    """
+    """One stage's share of a pipelined generation, micro-batches in the same order on every stage: events, memory,
+    and on the last stage the new tokens (notebook 05)."""
     import time
 
     rank, n, dev = stage.rank, stage.world_size, stage.device
@@ -2046,11 +2012,7 @@ def peak_rss() -> int | None:
 
 
 def serve_stage(rank: int, world_size: int, spec: dict) -> list[RunRecord] | None:
-    """Body of one stage process, under run_pipeline or torchrun: set up, load, run the jobs (notebook 05).
-
-    Rank 0 plans (or takes the given plan) and tokenizes, then broadcasts; bad configurations are refused before
-    any weights are loaded. Returns the RunRecords on rank 0, None elsewhere.
-    """
+    """One stage process under run_pipeline or torchrun: rank 0 plans and broadcasts, all load and run; records on rank 0 (notebook 05)."""
     import datetime
     import time
 
@@ -2199,10 +2161,7 @@ def free_port() -> int:
 
 
 def launch_stages(spec: dict, world_size: int) -> list[RunRecord]:
-    """Start one process per stage (spawn), watch them, and return rank 0's records (notebook 05).
-
-    When a stage raises or dies, the others are stopped at once and the error names the stage that failed first.
-    """
+    """Start one process per stage (spawn) and return rank 0's records; a failure stops all and names the stage (notebook 05)."""
     import multiprocessing
     import multiprocessing.connection
     import pickle
@@ -2372,10 +2331,7 @@ def format_run_line(record: RunRecord, stopped: bool = False) -> str:
 
 
 class PromptWidget:
-    """Prompt box, sampling controls, Generate/Stop and streamed text for a (split) model; build it with `prompt_widget` (notebook 06).
-
-    Generation runs in a background thread, so the notebook stays live; `wait()` joins it (for tests and scripts).
-    """
+    """Prompt box, sampling controls, Generate/Stop and streamed text; generates in a background thread (notebook 06)."""
 
     def __init__(self, model, tokenizer, prompt: str = "", max_new_tokens: int = 50, generate=None):
         import html
@@ -2491,10 +2447,7 @@ class PromptWidget:
 
 
 def prompt_widget(model, tokenizer, prompt: str = "", max_new_tokens: int = 50, generate=None) -> PromptWidget:
-    """An interactive prompt for a split (or whole) model: type, Generate, watch the text stream, Stop (notebook 06).
-
-    `generate` is any function with `generate_text`'s signature (the default), e.g. a pipeline runner's.
-    """
+    """An interactive prompt for a split (or whole) model; `generate` has `generate_text`'s signature (notebook 06)."""
     return PromptWidget(model, tokenizer, prompt=prompt, max_new_tokens=max_new_tokens, generate=generate)
 
 
@@ -2509,10 +2462,7 @@ def output_dir() -> Path | None:
 
 
 def show_figure(fig, name: str) -> Path | None:
-    """Show a figure in the notebook as a bare PNG, and save it under `output_dir()` when one is set (make demo).
-
-    A bare PNG carries no "<Figure size ...>" text, so nbval (which skips images) has nothing to compare.
-    """
+    """Show a figure as a bare PNG (no "<Figure size ...>" text for nbval) and save it under `output_dir()` if set."""
     import base64
     import io
 
