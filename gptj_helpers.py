@@ -294,19 +294,16 @@ def check_device_name(name: str, part: str, check: bool = True) -> str:
         dev = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"device spec part {part!r}: {name!r} is not a device name (use cpu, cuda or cuda:N)") from err
-    if dev.type == "cuda" and not check:
-        return f"cuda:{dev.index or 0}"
-    if dev.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise ValueError(f"device spec part {part!r}: this machine has no CUDA GPU; use cpu or a size like 3x5GiB")
-        index = 0 if dev.index is None else dev.index
-        if index >= count:
-            raise ValueError(f"device spec part {part!r}: cuda:{index} does not exist, this machine has {count} GPU(s)")
-        return f"cuda:{index}"
-    if dev.type != "cpu":
+    if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device spec part {part!r}: only cpu and cuda devices are supported, not {dev.type}")
-    return "cpu"
+    if dev.type == "cpu":
+        return "cpu"
+    index, count = dev.index or 0, torch.cuda.device_count()
+    if check and count == 0:
+        raise ValueError(f"device spec part {part!r}: this machine has no CUDA GPU; use cpu or a size like 3x5GiB")
+    if check and index >= count:
+        raise ValueError(f"device spec part {part!r}: cuda:{index} does not exist, this machine has {count} GPU(s)")
+    return f"cuda:{index}"
 
 
 def parse_devices(spec: str, check: bool = True) -> list[Device]:
@@ -1195,8 +1192,7 @@ def stage_modules(model) -> list[tuple[list[str], torch.device]]:
     plan: Plan | None = getattr(model, "plan", None)
     if plan:
         return plan_modules(plan)
-    names = ["transformer.wte"] + [f"transformer.h.{b}" for b in range(model.config.n_layer)] + ["transformer.ln_f",
-                                                                                                "lm_head"]
+    names = ["transformer.wte", *(f"transformer.h.{b}" for b in range(model.config.n_layer)), "transformer.ln_f", "lm_head"]
     return [(names, model.transformer.wte.weight.device)]
 
 
@@ -1463,7 +1459,7 @@ TIMELINE_COLORS = {"prefill": "tab:purple", "decode": "tab:blue", "send": "tab:o
 
 
 def plot_timeline(record: RunRecord, max_step: int = 3, first_step: int | None = None):
-    """A Gantt chart of each stage's busy intervals (and sends/receives) from `first_step` (default 1) to `max_step` (notebooks 04, 05)."""
+    """A Gantt chart of each stage's busy intervals and sends/receives, steps `first_step` to `max_step` (notebooks 04, 05)."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -2012,7 +2008,7 @@ def peak_rss() -> int | None:
 
 
 def serve_stage(rank: int, world_size: int, spec: dict) -> list[RunRecord] | None:
-    """One stage process under run_pipeline or torchrun: rank 0 plans and broadcasts, all load and run; records on rank 0 (notebook 05)."""
+    """One stage process under run_pipeline or torchrun: rank 0 plans and broadcasts, all load and run (notebook 05)."""
     import datetime
     import time
 
