@@ -94,7 +94,7 @@ def main() -> int:
     parser.add_argument("--prefill-prompts", type=int, default=16)
     parser.add_argument("--prefill-tokens", type=int, default=64)
     parser.add_argument("--prefill-micro-batches", type=int, default=8)
-    parser.add_argument("--decode-prompts", type=int, default=32)
+    parser.add_argument("--decode-prompts", type=int, default=64)  # decode needs a big batch to be compute-bound
     parser.add_argument("--decode-prompt-tokens", type=int, default=16)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--decode-micro-batches", type=int, default=2)
