@@ -1145,12 +1145,9 @@ class RunRecord:
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 0.7, "top_k": 0}  # the seed's settings; top_k=0: no top-k filter
 
 
-def check_generation(config, tokenizer, prompts: str | list[str], max_new_tokens: int, greedy: bool = False,
-                     temperature: float = 1.0, top_p: float = 0.7, top_k: int = 0) -> list[list[int]]:
-    """Refuse bad settings before any work, saying what to do; returns each prompt's token ids (notebook 03)."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise ValueError("no prompts given: pass a string or a non-empty list of strings")
+def check_sampling(max_new_tokens: int, greedy: bool = False, temperature: float = 1.0, top_p: float = 0.7,
+                   top_k: int = 0) -> None:
+    """Refuse bad generation settings, saying what to do (notebook 03)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: generate at least 1 new token")
     if not greedy and not temperature > 0:
@@ -1160,6 +1157,15 @@ def check_generation(config, tokenizer, prompts: str | list[str], max_new_tokens
         raise ValueError(f"top_p={top_p}: it must be in (0, 1]; 1.0 keeps every token, the seed used 0.7")
     if top_k < 0:
         raise ValueError(f"top_k={top_k}: it must be 0 (no top-k filter, as in the seed) or a positive count")
+
+
+def check_generation(config, tokenizer, prompts: str | list[str], max_new_tokens: int, greedy: bool = False,
+                     temperature: float = 1.0, top_p: float = 0.7, top_k: int = 0) -> list[list[int]]:
+    """Refuse bad settings before any work, saying what to do; returns each prompt's token ids (notebook 03)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given: pass a string or a non-empty list of strings")
+    check_sampling(max_new_tokens, greedy, temperature, top_p, top_k)
     ids = []
     for i, prompt in enumerate(prompts):
         tokens = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else []
@@ -1690,11 +1696,7 @@ def make_job(input_ids: torch.Tensor, attention_mask: torch.Tensor, micro_batche
     batch = input_ids.shape[0]
     if not 1 <= micro_batches <= batch:
         raise ValueError(f"micro_batches={micro_batches}: use between 1 and the number of prompts ({batch})")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: generate at least one token")
-    if not greedy and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
-        raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0 "
-                         f"(got {temperature}, {top_p}, {top_k})")
+    check_sampling(max_new_tokens, greedy, temperature, top_p, top_k)
     if seed is None:  # like generate without a seed: whatever torch's global generator gives
         seed = int(torch.randint(2**62, ()))
     return PipelineJob(input_ids, attention_mask, micro_batches, max_new_tokens, greedy, temperature, top_p,

@@ -201,19 +201,14 @@ def end_processes(procs: list) -> list:
     """Terminate, then kill, the given psutil processes; returns those still alive."""
     import psutil
 
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=5)
-    return alive
+    for action in ("terminate", "kill"):  # politely first, then for sure
+        for p in procs:
+            try:
+                getattr(p, action)()
+            except psutil.NoSuchProcess:
+                pass
+        _, procs = psutil.wait_procs(procs, timeout=5)
+    return procs
 
 
 def start_lab(folder: Path, home: Path, port: int, token: str, log) -> subprocess.Popen:
