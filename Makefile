@@ -22,15 +22,16 @@ $(STAMP): constraints.txt pyproject.toml
 demo: $(STAMP)  ## the main job: run every notebook on the tiny default, results under build/
 	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --out $(BUILD)
 
-test: $(STAMP)  ## unit tests, then every committed notebook checked by nbval
+test: $(STAMP)  ## lint, unit tests, then every committed notebook checked by nbval
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests
 	$(PY) -m pytest --nbval notebooks --nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout=600 -p no:cacheprovider
 
 notebooks: $(STAMP)  ## re-execute the committed notebooks in place (after changing the helpers)
 	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --inplace
 
-tiny-model: $(STAMP)  ## retrain the tiny default that speaks into assets/tiny-gptj (about 10 minutes on 2 CPU cores)
-	$(PY) assets/train_tiny.py assets/tiny-gptj
+tiny-model: $(STAMP)  ## retrain the tiny default that speaks into gptj_split/tiny-gptj (about 10 minutes on 2 CPU cores)
+	$(PY) assets/train_tiny.py gptj_split/tiny-gptj
 
 lab: $(STAMP)  ## JupyterLab on notebooks/, for people
 	$(PY) -m jupyter lab notebooks/

@@ -1,7 +1,7 @@
 """Train the tiny GPT-J briefly on Python's help texts, so the offline default speaks (`make tiny-model`).
 
-Usage:  python assets/train_tiny.py assets/tiny-gptj            # train (minutes on a CPU), save, evaluate
-        python assets/train_tiny.py assets/tiny-gptj --evaluate # only evaluate the saved model
+Usage:  python assets/train_tiny.py gptj_split/tiny-gptj            # train (minutes on a CPU), save, evaluate
+        python assets/train_tiny.py gptj_split/tiny-gptj --evaluate # only evaluate the saved model
 
 The text is `gh.training_text()`'s source, the standard library's pydoc help topics; the last 10% of the
 topics (in sorted order) are held out from the weights. The tokenizer is `gh.train_tiny_tokenizer`'s, the very one

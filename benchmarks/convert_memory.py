@@ -20,7 +20,8 @@ import gptj_helpers as gh
 
 
 def write_random_slim(out: Path, cfg: dict, seed: int = 0) -> int:
-    """Random bf16 leaves in the slim layout, written piece by piece (never the whole model in memory); returns bytes."""
+    """Random bf16 leaves in the slim layout, written piece by piece (never the whole model in memory); returns
+    bytes."""
     rng = np.random.default_rng(seed)
     pieces = gh.split_pieces(gh.jax_leaves(cfg))
     for s in range(cfg["cores_per_replica"]):

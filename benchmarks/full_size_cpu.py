@@ -25,7 +25,6 @@ import argparse
 import datetime
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,10 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gptj_helpers as gh  # noqa: E402
+from common import copy_tiny_tokenizer  # noqa: E402
+from common import time_generate as common_time_generate  # noqa: E402
 
 # GPT-2 / GPT-J token ids of "The quick brown fox jumps over the lazy dog." (no GPT-J tokenizer offline)
 PROMPT_IDS = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]
@@ -83,7 +85,8 @@ def check_free_memory(need: int, what: str) -> None:
 
 
 def copy_bandwidth(nbytes: int, threads: int, reps: int = 5) -> float:
-    """Bytes moved per second (read + written, STREAM's "copy" convention) copying one large tensor; the best of `reps`."""
+    """Bytes moved per second (read + written, STREAM's "copy" convention) copying one large tensor; the best of
+    `reps`."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -120,44 +123,18 @@ def stage_seconds(events: list[gh.TimingEvent], n_stages: int) -> list[dict]:
     return rows
 
 
-def copy_tokenizer(folder: Path) -> None:
-    """The stage processes decode texts with a tokenizer: the tiny one (the ids are GPT-J's; the text is noise)."""
-    tiny = gh.resolve_model("tiny")
-    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny / name).exists():
-            shutil.copy(tiny / name, folder / name)
-
-
 def time_generate(model, ids: torch.Tensor, new_tokens: int, threads: int) -> dict:
     """Greedy generate with `threads` intra-op threads after a 2-token warm-up: tokens, cache, prefill and decode
-    seconds (the prefill ends at the first logits), and each stage's compute seconds."""
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    marks: list[float] = []
-
-    class Mark(LogitsProcessor):  # called once per step, right after that step's logits
-        def __call__(self, input_ids, scores):
-            marks.append(time.perf_counter())
-            return scores
-
+    seconds (common.time_generate), and each stage's compute seconds."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    mask, eos = torch.ones_like(ids), model.config.eos_token_id
     try:
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=2, pad_token_id=eos)  # warm-up
-            with gh.StageRecorder(model) as recorder:
-                start = time.perf_counter()
-                out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                                     pad_token_id=eos, return_dict_in_generate=True,
-                                     logits_processor=LogitsProcessorList([Mark()]))
-                end = time.perf_counter()
+        common_time_generate(model, ids, 2)  # warm-up
+        with gh.StageRecorder(model) as recorder:
+            run = common_time_generate(model, ids, new_tokens)
     finally:
         torch.set_num_threads(old)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)  # older transformers: past_key_values
-    return {"sequences": out.sequences, "cache": cache, "prefill": marks[0] - start,
-            "decode": (end - marks[0]) / max(1, len(marks) - 1),
-            "stages": stage_seconds(recorder.events(), len(model.plan.devices))}
+    return {**run, "stages": stage_seconds(recorder.events(), len(model.plan.devices))}
 
 
 def run_naive(config, plan: gh.Plan, ids: torch.Tensor, new_tokens: int, seed: int, threads: list[int]) -> dict:
@@ -214,7 +191,7 @@ def main() -> int:
     # 2. the pipeline: one process per stage, one thread each, pinned to its own core
     with tempfile.TemporaryDirectory(prefix="gptj-full-size-") as tmp:
         folder = gh.write_random_model(config, Path(tmp) / "model", seed=args.seed)
-        copy_tokenizer(folder)
+        copy_tiny_tokenizer(folder)
         mask = torch.ones_like(ids)
         jobs = [gh.make_job(ids, mask, 1, max_new_tokens=2, greedy=True, seed=0),  # warm-up
                 gh.make_job(ids, mask, 1, max_new_tokens=args.new_tokens, greedy=True, seed=0)]
@@ -247,15 +224,15 @@ def main() -> int:
     ratios = []
     for s, (st, row) in enumerate(zip(plan.devices, record.memory)):
         planned = st.param_bytes + st.kv_cache_bytes
-        peak = row.get("peak_rss_bytes")
+        peak = row.peak_rss_bytes
         ratios.append(peak / planned if peak is not None else float("nan"))
         print(f"{s:5}  {st.blocks[0]:2}-{st.blocks[1] - 1:<3} {gh.format_size(st.param_bytes):>14}  "
-              f"{gh.format_size(row['param_bytes']):>16}  {gh.format_size(st.kv_cache_bytes):>10}  "
-              f"{gh.format_size(row['kv_cache_bytes']):>11}  {gh.format_size(planned):>13}  "
+              f"{gh.format_size(row.param_bytes):>16}  {gh.format_size(st.kv_cache_bytes):>10}  "
+              f"{gh.format_size(row.kv_cache_bytes):>11}  {gh.format_size(planned):>13}  "
               f"{gh.format_size(peak) if peak is not None else 'n/a':>18}  {ratios[-1]:14.2f}")
     planned_all = sum(s.param_bytes + s.kv_cache_bytes for s in plan.devices)
-    naive_params = sum(r["param_bytes"] for r in naive["memory"])
-    naive_kv = sum(r["kv_cache_bytes"] for r in naive["memory"])
+    naive_params = sum(r.param_bytes for r in naive["memory"])
+    naive_kv = sum(r.kv_cache_bytes for r in naive["memory"])
     naive_ratio = naive["peak"] / planned_all if naive["peak"] is not None else float("nan")
     print(f"naive  (one process, both stages): measured params {gh.format_size(naive_params)}, "
           f"KV {gh.format_size(naive_kv)}, planned total {gh.format_size(planned_all)}, peak RSS over base "
@@ -264,18 +241,20 @@ def main() -> int:
     print(f"worst peak / planned: {worst:.2f} (goal <= {GOAL}): {'met' if worst <= GOAL else 'NOT met'}")
 
     print("\ntime (one run after a 2-token warm-up; timings on a shared machine are noisy):")
-    loads = [row.get("load_seconds", float("nan")) for row in record.memory]
+    loads = [row.load_seconds for row in record.memory]
     print(f"build: pipeline stages {' / '.join(f'{x:.1f}' for x in loads)} s (in parallel, one core each); "
           f"naive {naive['build']:.1f} s")
     pipe_decode = 1 / record.tokens_per_second
-    print(f"pipeline: prefill (time to first token) {record.time_to_first_token:.2f} s, decode {pipe_decode:.3f} s/token")
+    print(f"pipeline: prefill (time to first token) {record.time_to_first_token:.2f} s, "
+          f"decode {pipe_decode:.3f} s/token")
     for t, run in naive["runs"].items():
         print(f"naive on {t} thread(s): prefill {run['prefill']:.2f} s, decode {run['decode']:.3f} s/token")
     print("bandwidth achieved in decode (weights read per token / time per token) beside the copy bandwidth:")
     for s, row in enumerate(pipe_stages):
         achieved = read[s] / row["decode"]
         print(f"  pipeline stage {s} ({gh.format_size(read[s])} read, {row['decode']:.3f} s compute, 1 core): "
-              f"{achieved / GB:.1f} GB/s = {achieved / bandwidth[1]:.2f} x copy on 1 core ({bandwidth[1] / GB:.1f} GB/s)")
+              f"{achieved / GB:.1f} GB/s = {achieved / bandwidth[1]:.2f} x copy on 1 core "
+              f"({bandwidth[1] / GB:.1f} GB/s)")
     total_read = sum(read)
     rows = [("pipeline, whole token", pipe_decode, 1)]
     rows += [(f"naive on {t} thread(s)", run["decode"], t) for t, run in naive["runs"].items()]
@@ -286,7 +265,7 @@ def main() -> int:
 
     if full or os.environ.get("FULL_SIZE_SUMMARY"):
         blocks = " / ".join(str(s.blocks[1] - s.blocks[0]) for s in plan.devices)
-        peaks = [row.get("peak_rss_bytes") or 0 for row in record.memory]
+        peaks = [row.peak_rss_bytes or 0 for row in record.memory]
         fullest = max(range(len(peaks)), key=lambda s: peaks[s])
         when = datetime.date.today().isoformat()
         print("\n--- summary to paste (README 'Which setup do I have?' and notebook 04) ---")

@@ -48,10 +48,11 @@ def main() -> None:
     print(gh.format_timing(record))
     print("\nmemory per stage (measured):")
     for row in record.memory:
-        peak = f", CUDA peak on {row['device']} {gh.format_size(row['cuda_peak_bytes'])}" if "cuda_peak_bytes" in row else ""
-        print(f"  stage {row['stage']} {row['device']:7} params {gh.format_size(row['param_bytes']):>11} "
-              f"KV {gh.format_size(row['kv_cache_bytes']):>10} activations (estimate) "
-              f"{gh.format_size(row['activation_bytes']):>10} of budget {gh.format_size(row['budget_bytes'])}{peak}")
+        peak = (f", CUDA peak on {row.device} {gh.format_size(row.cuda_peak_bytes)}"
+                if row.cuda_peak_bytes is not None else "")
+        print(f"  stage {row.stage} {row.device:7} params {gh.format_size(row.param_bytes):>11} "
+              f"KV {gh.format_size(row.kv_cache_bytes):>10} activations (estimate) "
+              f"{gh.format_size(row.activation_bytes):>10} of budget {gh.format_size(row.budget_bytes)}{peak}")
     print("\nestimate vs measured:")
     print(gh.format_estimates(gh.compare_estimates(record, config)))
 

@@ -32,7 +32,7 @@ def reset_peak() -> None:
 
 def peak_rss() -> int:
     """Peak RSS of this process since the last reset_peak (VmHWM; unlike ru_maxrss, not inherited at fork)."""
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
     return int(line.split()[1]) * 1024
 
 

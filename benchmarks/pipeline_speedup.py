@@ -11,33 +11,26 @@ and the median of each is reported.
 """
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import gptj_helpers as gh
+from common import save_random_model
+from common import time_generate as common_time_generate
 
 
 def build_mini(out: Path, layers: int, width: int, vocab: int) -> Path:
     """A random GPT-J large enough that compute dominates, with the tiny tokenizer (random weights: text is noise)."""
-    from transformers import GPTJConfig, GPTJForCausalLM
+    from transformers import GPTJConfig
 
     eos = vocab - 1  # an id the random model practically never picks, so every run makes all its tokens
     config = GPTJConfig(vocab_size=vocab, n_positions=1024, n_embd=width, n_layer=layers, n_head=width // 64,
                         rotary_dim=16, bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with gh.quiet_progress():
-        GPTJForCausalLM(config).eval().save_pretrained(str(out))
-    tiny = gh.resolve_model("tiny")
-    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny / name).exists():
-            shutil.copy(tiny / name, out / name)
-    return out
+    return save_random_model(config, out)
 
 
 def pin(cores: list[int], threads: int) -> None:
@@ -46,22 +39,9 @@ def pin(cores: list[int], threads: int) -> None:
 
 
 def time_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
-    """(prefill seconds, decode seconds, tokens) of plain generate; the prefill ends at the first logits."""
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    marks: list[float] = []
-
-    class Mark(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            marks.append(time.perf_counter())
-            return scores
-
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                             pad_token_id=model.config.eos_token_id, logits_processor=LogitsProcessorList([Mark()]))
-    end = time.perf_counter()
-    return marks[0] - start, end - marks[0], out
+    """(prefill seconds, decode seconds, tokens) of plain greedy generate (common.time_generate)."""
+    run = common_time_generate(model, ids, new_tokens)
+    return run["prefill"], run["seconds"] - run["prefill"], run["sequences"]
 
 
 def breakdown(record, start: float, end: float) -> list[dict]:

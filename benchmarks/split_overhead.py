@@ -11,7 +11,6 @@ and two ratios split / unsplit: the median of the per-repetition ratios and best
 usage: python benchmarks/split_overhead.py [--reps 9] [--threads 1] [--tokens 64]
 """
 import argparse
-import shutil
 import statistics
 import tempfile
 import time
@@ -20,21 +19,7 @@ from pathlib import Path
 import torch
 
 import gptj_helpers as gh
-
-
-def make_mini(out_dir: Path) -> Path:
-    """`gh.mini_config()` with random weights, saved with the tiny tokenizer, for `place_stages`."""
-    from transformers import GPTJForCausalLM
-
-    config = gh.mini_config()
-    torch.manual_seed(0)
-    with gh.quiet_progress():
-        GPTJForCausalLM(config).save_pretrained(str(out_dir))
-    tiny = gh.resolve_model("tiny")
-    for f in tiny.iterdir():
-        if "token" in f.name or f.suffix == ".txt" or f.name == "vocab.json":
-            shutil.copy(f, out_dir / f.name)
-    return out_dir
+from common import save_random_model
 
 
 def raw_rate(model, ids, tokens: int) -> float:
@@ -83,7 +68,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bench("tiny", gh.resolve_model("tiny"), args.reps, args.tokens, args.prompt)
     with tempfile.TemporaryDirectory() as tmp:
-        bench("mini", make_mini(Path(tmp)), args.reps, args.tokens, args.prompt)
+        bench("mini", save_random_model(gh.mini_config(), Path(tmp)), args.reps, args.tokens, args.prompt)
     print("\ngoal: ratio >= 0.95 (the split costs at most 5% of tokens/s)")
 
 

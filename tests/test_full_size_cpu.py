@@ -35,7 +35,7 @@ def test_reduced_run_pipeline_equals_naive_and_reports_memory():
     assert len(ids) >= 2 and len(set(ids)) == 1 and len(ids[0].split(",")) == 4
     rows = re.findall(r"^ +(\d) +\d+-\d+ +(.+?B) +(.+?B) +(.+?B) +(.+?B) +(.+?B) +(.+?B) +([\d.]+)$", text, re.M)
     assert [r[0] for r in rows] == ["0", "1"], text
-    for _, planned, measured, planned_kv, measured_kv, total, peak, ratio in rows:
+    for _, planned, measured, planned_kv, measured_kv, _total, peak, ratio in rows:
         assert planned == measured  # placement made exactly the planned parameters
         assert gh.parse_size(measured_kv) <= gh.parse_size(planned_kv)  # the last token is never fed back
         assert gh.parse_size(peak) >= gh.parse_size(measured)  # a stage process's peak holds at least its weights

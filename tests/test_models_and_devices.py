@@ -1,8 +1,6 @@
 """Notebook 00: the tiny default, GPT-J-6B's sizes, devices, project files and the CLI."""
 import re
-import threading
 import tomllib
-from pathlib import Path
 
 import pytest
 import torch
@@ -50,22 +48,6 @@ def test_tokenizer_round_trips_unicode(tiny, text):
     assert tokenizer.decode(ids) == text
     assert all(0 <= i < gh.tiny_config().vocab_size for i in ids)
     assert len(tokenizer) > 500 and tokenizer.eos_token == gh.EOS_TOKEN
-
-
-def test_tiny_built_once_under_concurrency(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPTJ_HELPERS_CACHE", str(tmp_path))
-    calls, results = [], []
-
-    def build(tmp):
-        calls.append(tmp)
-        (tmp / "config.json").write_text("{}")
-
-    threads = [threading.Thread(target=lambda: results.append(gh.build_atomically(tmp_path / "m", build)))
-               for _ in range(4)]
-    [t.start() for t in threads]
-    [t.join(10) for t in threads]
-    assert len(set(results)) == 1 and (tmp_path / "m" / "config.json").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folder left behind
 
 
 def test_gptj_6b_counts_on_meta_device():

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import gptj_helpers as gh
+import gptj_split.launch
 from conftest import ROOT
 
 PROMPTS = ["The list", "A dictionary is a mapping of", "Hello", "def f(x): return x +", "import os"]
@@ -113,10 +114,10 @@ def test_record_has_schedule_and_memory_per_stage(runs, tiny, batch):
         assert {(0, "send"), (n - 1, "recv"), (0, "recv"), (n - 1, "send")} <= kinds
         for s, row in enumerate(record.memory):
             blocks = record.plan.devices[s].blocks
-            assert row["param_bytes"] == record.plan.devices[s].param_bytes
+            assert row.param_bytes == record.plan.devices[s].param_bytes
             # keys and values of prompt + all but the last new token, for every row and layer of the stage
             per_layer = gh.kv_cache_bytes_per_layer(config, torch.float32, ids.shape[1] + NEW - 1, ids.shape[0])
-            assert row["kv_cache_bytes"] == (blocks[1] - blocks[0]) * per_layer
+            assert row.kv_cache_bytes == (blocks[1] - blocks[0]) * per_layer
         assert 0 < record.time_to_first_token <= record.total_seconds
 
 
@@ -150,7 +151,8 @@ def continuations(tokenizer, output, prompt_len):
     """What generate_text returns: each row's new tokens up to and including its first eos, decoded."""
     texts = []
     for row in output[:, prompt_len:]:
-        n = int((row == tokenizer.eos_token_id).nonzero()[0, 0]) + 1 if (row == tokenizer.eos_token_id).any() else len(row)
+        ends = row == tokenizer.eos_token_id
+        n = int(ends.nonzero()[0, 0]) + 1 if ends.any() else len(row)
         texts.append(tokenizer.decode(row[:n], skip_special_tokens=True))
     return texts
 
@@ -255,13 +257,13 @@ def test_torchrun_stage_that_exits_ends_run(tiny_path, tmp_path):
     ("2x2MiB", MemoryError, "does not fit"),
 ])
 def test_bad_configs_refused_before_starting(tiny_path, monkeypatch, devices, error, match):
-    monkeypatch.setattr(gh, "launch_stages", lambda *a, **k: pytest.fail("stage processes were started"))
+    monkeypatch.setattr(gptj_split.launch, "launch_stages", lambda *a, **k: pytest.fail("stage processes started"))
     with pytest.raises(error, match=match):
         gh.run_pipeline(str(tiny_path), PROMPTS, devices, max_new_tokens=NEW)
 
 
 def test_bad_job_options_refused(tiny_path, monkeypatch):
-    monkeypatch.setattr(gh, "launch_stages", lambda *a, **k: pytest.fail("stage processes were started"))
+    monkeypatch.setattr(gptj_split.launch, "launch_stages", lambda *a, **k: pytest.fail("stage processes started"))
     with pytest.raises(ValueError, match="micro_batches=6"):
         gh.run_pipeline(str(tiny_path), PROMPTS, "cpu,cpu", micro_batches=6)
     plan = gh.plan_split(gh.load_config(str(tiny_path)), "cpu,cpu", dtype=torch.float32)

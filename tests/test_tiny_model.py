@@ -3,7 +3,6 @@ import importlib.util
 import json
 
 import pytest
-import torch
 from safetensors import safe_open
 
 import gptj_helpers as gh
@@ -20,9 +19,11 @@ def train_tiny():
 
 
 def test_tiny_resolves_to_committed_model_when_repository_is_present(monkeypatch, tmp_path):
-    assert gh.TINY_TRAINED == ROOT / "assets" / "tiny-gptj"
+    import gptj_split.models
+
+    assert gh.TINY_TRAINED == ROOT / "gptj_split" / "tiny-gptj"
     assert gh.resolve_model("tiny") == gh.TINY_TRAINED
-    monkeypatch.setattr(gh, "TINY_TRAINED", tmp_path / "not-installed")  # e.g. only the module pip-installed
+    monkeypatch.setattr(gptj_split.models, "TINY_TRAINED", tmp_path / "not-installed")  # e.g. an old install
     assert gh.resolve_model("tiny") == gh.tiny_model_path()
 
 
@@ -38,7 +39,7 @@ def test_committed_model_has_the_tiny_shape_and_fits_in_8_mb():
     random = gh.load_model(str(gh.tiny_model_path())).state_dict()
     with safe_open(str(weights), framework="pt") as f:
         assert set(f.keys()) == set(random)
-        assert all(f.get_slice(k).get_shape() == list(random[k].shape) for k in f.keys())
+        assert all(f.get_slice(k).get_shape() == list(random[k].shape) for k in f.keys())  # noqa: SIM118
 
 
 def test_committed_tokenizer_round_trips(tiny):

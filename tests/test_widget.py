@@ -170,7 +170,7 @@ def test_run_line_names_each_stage_and_each_gpu_once(models):
     line = gh.format_run_line(record)
     busy = record.busy_seconds()
     for s, row in enumerate(record.memory):
-        assert f"stage {s} cpu: busy {busy[s] / record.total_seconds:.0%}, {gh.format_size(row['total_bytes'])}" in line
+        assert f"stage {s} cpu: busy {busy[s] / record.total_seconds:.0%}, {gh.format_size(row.total_bytes)}" in line
     # as on one GPU split into budgets: stages share a device, whose allocation is shown once
     record.memory = [{**row, "device": "cuda:0", "cuda_allocated_bytes": 3 << 30} for row in record.memory]
     line = gh.format_run_line(record)
@@ -281,7 +281,7 @@ def test_widget_in_a_real_browser(tmp_path, tiny_path):
     wanted, reason = browser_wanted()
     if not wanted:
         pytest.skip(reason)
-    assert Path(CHROMIUM).exists(), f"CI=true but {CHROMIUM} is missing: .ci/run installs it (apt-get install -y chromium)"
+    assert Path(CHROMIUM).exists(), f"CI=true but {CHROMIUM} is missing: .ci/run installs it (apt-get install chromium)"
     from playwright.sync_api import expect, sync_playwright
 
     folder = tmp_path / "notebooks"  # a copy: JupyterLab autosaves, and the committed notebook must stay as it is
@@ -316,7 +316,8 @@ def test_widget_in_a_real_browser(tmp_path, tiny_path):
                     widget.wait_for()
                     page.wait_for_function(  # every cell ran: no "[*]" prompt left
                         "() => document.querySelectorAll('.jp-InputArea-prompt').length > 0 && "
-                        "![...document.querySelectorAll('.jp-InputArea-prompt')].some(e => e.textContent.includes('*'))")
+                        "![...document.querySelectorAll('.jp-InputArea-prompt')]"
+                        ".some(e => e.textContent.includes('*'))")
                     ours += descendants(lab.pid)
                     errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
                     assert errors.count() == 0, f"a cell wrote to stderr: {errors.first.inner_text()}"

@@ -1,0 +1,327 @@
+"""The command line, `python -m gptj_helpers COMMAND` (one subcommand per task of the series, torchrun's entry point
+for pipeline stages), and the notebook runner behind `make demo` and `make notebooks`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .models import DTYPES, GPTJ_6B_REPO, GPTJ_6B_REVISION, TINY_SEED, as_dtype, build_atomically, default_dtype
+from .devices import format_size, list_devices, parse_devices
+from .hub import download_gptj, load_config, load_tokenizer, resolve_model
+from .convert import convert_jax_checkpoint, convert_to_safetensors, make_tiny_gptj
+from .plan import format_plan, plan_split
+from .place import place_stages
+from .sampling import SAMPLING_DEFAULTS, Sampling, check_prompts
+from .generate import format_timing, generate_text
+from .pipeline import PIPELINE_TIMEOUT
+from .launch import PipelineError, is_neighbour_error, launch_settings, leave_process, run_pipeline, serve_stage
+
+
+def run_notebooks(paths: list[str | Path], out_dir: str | Path | None = None, inplace: bool = False,
+                  timeout: int = 900) -> list[tuple[Path, float]]:
+    """Execute notebooks in order, headless; write copies to `out_dir`, or back in place, cleaned; the environment
+    variable that points the kernels at `out_dir` is restored afterwards."""
+    old = os.environ.get("GPTJ_HELPERS_OUT")
+    if out_dir is not None:
+        out_dir = Path(out_dir).resolve()
+        (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+        os.environ["GPTJ_HELPERS_OUT"] = str(out_dir / "figures")  # the kernels inherit it: figures land there
+    try:
+        return [run_notebook(path, out_dir, inplace, timeout) for path in map(Path, sorted(paths))]
+    finally:
+        if old is None:
+            os.environ.pop("GPTJ_HELPERS_OUT", None)
+        else:
+            os.environ["GPTJ_HELPERS_OUT"] = old
+
+
+def run_notebook(path: Path, out_dir: Path | None, inplace: bool, timeout: int) -> tuple[Path, float]:
+    """Execute one notebook headless in its folder; write it to `out_dir` or back in place, without widget state."""
+    import time
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                   resources={"metadata": {"path": str(path.parent.resolve())}}).execute()
+    seconds = time.perf_counter() - start
+    nb.metadata.pop("widgets", None)  # widget state blobs are noise in a committed notebook
+    target = path if inplace else (out_dir / path.name if out_dir else None)
+    if target is not None:
+        tmp = target.with_suffix(".tmp")
+        nbformat.write(nb, tmp)
+        os.replace(tmp, target)
+    print(f"{path.name}: {seconds:.1f} s", flush=True)
+    return path, seconds
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> None:
+    """make-tiny OUT_DIR: write the tiny default model."""
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"make-tiny: {out} exists and is not empty; choose a new folder")
+    build_atomically(out, lambda tmp: make_tiny_gptj(tmp, seed=args.seed, format=args.format))
+    print(out)
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    """download [REPO] --revision R --local-dir DIR: fetch config, tokenizer and one copy of the weights."""
+    print(download_gptj(args.repo_id, revision=args.revision, local_dir=args.local_dir, endpoint=args.endpoint))
+
+
+def cmd_convert_jax(args: argparse.Namespace) -> None:
+    """convert-jax SLIM_DIR OUT_DIR: the original JAX slim checkpoint to safetensors."""
+    print(convert_jax_checkpoint(args.slim_dir, args.out_dir, config=args.config, dtype=DTYPES[args.dtype],
+                                 progress=not args.no_progress))
+
+
+def cmd_convert_bin(args: argparse.Namespace) -> None:
+    """convert-bin SRC OUT_DIR: a pytorch_model.bin (or its folder) to safetensors."""
+    print(convert_to_safetensors(args.src, args.out_dir, dtype=DTYPES.get(args.dtype), progress=not args.no_progress))
+
+
+def cmd_devices(args: argparse.Namespace) -> None:
+    """devices [SPEC]: list this machine's devices, or parse a device spec."""
+    for d in parse_devices(args.spec) if args.spec else list_devices():
+        print(d)
+
+
+def cmd_run_notebooks(args: argparse.Namespace) -> None:
+    """run-notebooks NB...: execute notebooks headless, copies under --out (or --inplace)."""
+    if not args.inplace and not args.out:
+        raise ValueError("run-notebooks needs --out DIR or --inplace")
+    times = run_notebooks(args.notebooks, out_dir=args.out, inplace=args.inplace)
+    print(f"all {len(times)} notebooks: {sum(t for _, t in times):.1f} s")
+    if args.out:
+        print(f"executed notebooks are in {Path(args.out).resolve()}/, figures in {Path(args.out).resolve()}/figures/")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    """plan: print how the model splits over the devices, as a table or as the Plan's JSON."""
+    plan = plan_split(args.model, args.devices, dtype=args.dtype, reserve=args.reserve,
+                      prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, model_name=args.model)
+    print(plan.to_json() if args.json else format_plan(plan))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """generate: continue prompts through the model split over --devices; text on stdout, timings on stderr."""
+    tokenizer = load_tokenizer(args.model)
+    config = load_config(args.model)
+    sampling = sampling_of(args)
+    ids = check_prompts(config, tokenizer, args.prompt, args.max_new_tokens)  # before any loading
+    devices = parse_devices(args.devices)
+    dtype = as_dtype(args.dtype) or default_dtype(config, devices)
+    batch = 1 if args.stream else len(ids)
+    plan = plan_split(config, devices, dtype=dtype, prompt_tokens=max(map(len, ids)),
+                      max_new_tokens=args.max_new_tokens, batch_size=batch, model_name=args.model)
+    print(format_plan(plan), file=sys.stderr)
+    model = place_stages(resolve_model(args.model), plan)
+    groups = [[p] for p in args.prompt] if args.stream else [args.prompt]  # streaming shows one prompt at a time
+    first = True
+    for prompts in groups:
+        texts, record = generate_text(model, tokenizer, prompts, args.max_new_tokens, sampling=sampling,
+                                      stream=args.stream)
+        for prompt, text in zip(prompts, texts):
+            if not first and not args.stream:
+                print()
+            if not args.stream:
+                print(prompt + text, flush=True)
+            first = False
+        if args.stream and prompts is not groups[-1]:
+            print(flush=True)
+        print(format_timing(record), file=sys.stderr)
+
+
+SETUPS = {  # README's "Which setup do I have?": name -> (model, devices, dtype)
+    "Colab, 1 x T4 16 GB": ("gpt-j-6b", "cuda:0=15GiB", "float16"),
+    "Kaggle, 2 x T4 16 GB": ("gpt-j-6b", "cuda:0=15GiB,cuda:1=15GiB", "float16"),
+    "4 x 8 GB": ("gpt-j-6b", "4x7GiB", "float16"),
+    "3 x 10 GB (the seed's box)": ("gpt-j-6b", "3x9GiB", "float16"),
+    "8 x 4 GB": ("gpt-j-6b", "8x3.5GiB", "float16"),
+    "CPU only (tiny default)": ("tiny", "3x4MiB", "float32"),
+}
+
+
+def setups_markdown(reserve: str = "1GiB", prompt_tokens: int = 512, max_new_tokens: int = 256) -> str:
+    """The README's table of common setups, each planned by `plan_split` (README)."""
+    rows = ["| setup | settings line | blocks per device | fullest device |", "|---|---|---|---|"]
+    for name, (model, devices, dtype) in SETUPS.items():
+        res = reserve if model != "tiny" else "0"
+        plan = plan_split(model, parse_devices(devices, check=False), dtype=dtype, reserve=res,
+                          prompt_tokens=prompt_tokens if model != "tiny" else 16,
+                          max_new_tokens=max_new_tokens if model != "tiny" else 48, model_name=model)
+        blocks = " / ".join(str(st.blocks[1] - st.blocks[0]) for st in plan.devices)
+        fullest = max(plan.devices, key=lambda st: st.fill)
+        settings = f'`MODEL = "{model}"; DEVICES = "{devices}"; DTYPE = torch.{dtype}`'
+        rows.append(f"| {name} | {settings} | {blocks} | {format_size(fullest.total_bytes)} of "
+                    f"{format_size(fullest.budget_bytes)} ({fullest.fill:.0%}) |")
+    note = (f"Planned by `python -m gptj_helpers setups`: GPT-J-6B in float16 with {prompt_tokens} prompt tokens, "
+            f"{max_new_tokens} new tokens, batch 1 and a {reserve} reserve per GPU for the CUDA context and "
+            "activations.")
+    return "\n".join(rows) + "\n\n" + note
+
+
+def cmd_setups(args: argparse.Namespace) -> None:
+    """setups: print the README's table of common setups."""
+    print(setups_markdown())
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file, one per line (blank lines skipped)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompts file {path} does not exist: write one prompt per line")
+    prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} has no prompts: write one prompt per line")
+    return prompts
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    """pipeline: generate with one process per stage; under torchrun this process is one stage."""
+    fail = (args.fail_stage, args.fail_after, args.fail_mode) if args.fail_stage is not None else None
+    options = dict(micro_batches=args.micro_batches, max_new_tokens=args.max_new_tokens, sampling=sampling_of(args),
+                   dtype=args.dtype, timeout=args.timeout, fail=fail)
+    if "RANK" not in os.environ:  # plain `python -m gptj_helpers pipeline`: start the stages from here
+        try:
+            _, record = run_pipeline(args.model, read_prompts(args.prompts_file), args.devices, **options)
+        except PipelineError as err:
+            raise SystemExit(f"error: {err}") from err
+    else:  # one stage of a torchrun launch
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        settings = launch_settings(args.model, world, devices=args.devices,
+                                   prompts=read_prompts(args.prompts_file) if rank == 0 else None, **options)
+        try:
+            records = serve_stage(rank, settings)
+        except (ValueError, FileNotFoundError, MemoryError):
+            raise
+        except Exception as err:
+            if is_neighbour_error(err):
+                raise SystemExit(f"error: pipeline stage {rank} lost a neighbouring stage (see its error): "
+                                 f"{err}") from err
+            raise SystemExit(f"error: pipeline stage {rank} failed: {type(err).__name__}: {err}") from err
+        if rank != 0:
+            leave_process()
+        record = records[0]
+    print("\n\n".join(prompt + text for prompt, text in zip(record.prompts, record.texts)), flush=True)
+    print(format_timing(record), file=sys.stderr)
+    if "RANK" in os.environ:
+        leave_process()
+
+
+def sampling_of(args: argparse.Namespace) -> Sampling:
+    """The `Sampling` that generate's and pipeline's flags describe, checked."""
+    return Sampling(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    seed=args.seed)
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """The options generate and pipeline share: as generate_text's keywords."""
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    p.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"])
+    p.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"])
+    p.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"], help="0: no top-k filter (the seed's)")
+    p.add_argument("--seed", type=int, help="seed the sampler for a reproducible text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per task of the series."""
+    parser = argparse.ArgumentParser(prog="python -m gptj_helpers", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-tiny", help="write the tiny default GPT-J (random weights) and its tokenizer")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=TINY_SEED)
+    p.add_argument("--format", choices=["hf", "jax-slim"], default="hf",
+                   help="hf: safetensors + tokenizer (default); jax-slim: the original JAX checkpoint layout")
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("download", help="download GPT-J (or another hub model) with huggingface_hub")
+    p.add_argument("repo_id", nargs="?", default=GPTJ_6B_REPO)
+    p.add_argument("--revision", default=GPTJ_6B_REVISION, help="branch or commit (default: float16)")
+    p.add_argument("--local-dir", help="put the files here instead of the hub cache")
+    p.add_argument("--endpoint", help="hub URL (default: huggingface.co or $HF_ENDPOINT)")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("convert-jax", help="convert the original JAX slim checkpoint to safetensors, streamed")
+    p.add_argument("slim_dir", help="the folder holding shard_0 ... shard_7")
+    p.add_argument("out_dir")
+    p.add_argument("--config", help="mesh-transformer-jax config JSON (default: GPT-J-6B's)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float16")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_convert_jax)
+
+    p = sub.add_parser("convert-bin", help="convert a pytorch_model.bin to safetensors without running pickle code")
+    p.add_argument("src", help="pytorch_model.bin, or the folder holding it (its config and tokenizer are copied)")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: keep the saved dtype")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_convert_bin)
+
+    p = sub.add_parser("devices", help="list this machine's devices, or parse a device spec like 3x5GiB")
+    p.add_argument("spec", nargs="?")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("plan", help="plan the split of a model over devices with memory budgets")
+    p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, or a model folder")
+    p.add_argument("--devices", required=True, help='e.g. "3x5GiB" or "cuda:0=6GiB,cuda:1=10GiB"')
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on GPUs, bfloat16 on the CPU for GPT-J-6B; "
+                   "else the saved dtype (float32 for tiny)")
+    p.add_argument("--prompt-tokens", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--reserve", default="0", help="bytes kept free on every device, e.g. 1GiB")
+    p.add_argument("--json", action="store_true", help="print the Plan object as JSON")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("setups", help="plan GPT-J-6B for common setups (the README's table)")
+    p.set_defaults(func=cmd_setups)
+    p = sub.add_parser("pipeline", help="generate with one process per stage (torchrun or started from here)")
+    p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, or a model folder")
+    p.add_argument("--devices", required=True, help='one stage per device, e.g. "cpu,cpu" or "cuda:0,cuda:1"')
+    p.add_argument("--prompts-file", required=True, help="a text file with one prompt per line")
+    p.add_argument("--micro-batches", type=int, default=1)
+    add_sampling_arguments(p)
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on GPUs, bfloat16 on the CPU for GPT-J-6B; "
+                   "else the saved dtype (float32 for tiny)")
+    p.add_argument("--timeout", type=float, default=PIPELINE_TIMEOUT, help="seconds a stage waits for a neighbour")
+    p.add_argument("--fail-stage", type=int, help=argparse.SUPPRESS)  # tests: inject a fault in this stage
+    p.add_argument("--fail-after", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--fail-mode", choices=["raise", "exit"], default="raise", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("run-notebooks", help="execute notebooks headless (make demo, make notebooks)")
+    p.add_argument("notebooks", nargs="+")
+    p.add_argument("--out", help="folder for the executed copies and their figures")
+    p.add_argument("--inplace", action="store_true", help="write the outputs back into the notebooks")
+    p.set_defaults(func=cmd_run_notebooks)
+
+    p = sub.add_parser("generate", help="generate text through the model split over devices (sampling like the seed)")
+    p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, a hub id, or a model folder")
+    p.add_argument("--devices", required=True, help='e.g. "cpu", "4xcpu" or "cuda:0=6GiB,cuda:1=10GiB"')
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    add_sampling_arguments(p)
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (prompts one at a time)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on GPUs, bfloat16 on the CPU for GPT-J-6B; "
+                   "else the saved dtype (float32 for tiny)")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m gptj_helpers`."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, MemoryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

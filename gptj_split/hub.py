@@ -1,0 +1,136 @@
+"""Notebooks 00 and 01: model names to local folders. "tiny" (shipped with the package), a local folder, or a hub
+id such as "gpt-j-6b", downloaded with huggingface_hub; then the config, tokenizer or whole model loaded from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from .models import GPTJ_6B_REPO, GPTJ_6B_REVISION, gptj_6b_config, quiet_progress, tiny_folder
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # first match wins: never fetch both copies
+
+
+def hub_id(name: str) -> tuple[str, str | None]:
+    """Map a model name to (hub repo id, revision); "gpt-j-6b" is the float16 branch of EleutherAI's repo."""
+    if name.lower() in ("gpt-j-6b", "gptj-6b", GPTJ_6B_REPO.lower()):
+        return GPTJ_6B_REPO, GPTJ_6B_REVISION
+    return name, None
+
+
+def resolve_model(name: str = "tiny") -> Path:
+    """Turn "tiny", a local folder, "gpt-j-6b" or a hub id into a local folder with config and weights (notebook 00)."""
+    if name == "tiny":  # the trained weights in assets/ (make tiny-model), else the random model
+        return tiny_folder()
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json: is it a converted model folder? "
+                                    "See notebook 01 to download or convert one.")
+        return path
+    if name.count("/") > 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    repo_id, revision = hub_id(name)
+    return download_gptj(repo_id, revision=revision)
+
+
+def load_config(name: str = "tiny"):
+    """The model's GPTJConfig; GPT-J-6B's is known offline, so it can be planned without weights (notebook 00)."""
+    from transformers import AutoConfig
+
+    if hub_id(name)[0] == GPTJ_6B_REPO:
+        return gptj_6b_config()
+    return AutoConfig.from_pretrained(str(resolve_model(name)))
+
+
+def load_tokenizer(name: str = "tiny"):
+    """The model's tokenizer, via the same transformers class that loads GPT-J's (notebook 00)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_model(name)))
+
+
+def load_model(name: str = "tiny", dtype: torch.dtype | None = None, device: str = "cpu"):
+    """Load a whole model onto one device, in eval mode (notebook 00; notebook 02 splits it instead)."""
+    from transformers import GPTJForCausalLM
+
+    path = resolve_model(name)
+    with quiet_progress():  # local loads are quick; keeps notebook outputs clean
+        model = GPTJForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
+    return model.to(device).eval()
+
+
+def download_gptj(repo_id: str = GPTJ_6B_REPO, revision: str | None = GPTJ_6B_REVISION,
+                  local_dir: str | Path | None = None, endpoint: str | None = None,
+                  cache_dir: str | Path | None = None) -> Path:
+    """Download config, tokenizer and one copy of the weights with huggingface_hub: progress bars, retries (notebook
+    01)."""
+    from fnmatch import fnmatch
+
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    kwargs = dict(repo_id=repo_id, revision=revision, endpoint=endpoint, cache_dir=cache_dir, local_dir=local_dir)
+    with contextlib.suppress(LocalEntryNotFoundError):  # complete already? then no network at all
+        path = Path(snapshot_download(**kwargs, local_files_only=True, allow_patterns=["*.json"]))
+        if model_files_complete(path):
+            return path
+    check_online(endpoint)
+    files = HfApi(endpoint=endpoint).list_repo_files(repo_id, revision=revision)
+    weights = next((p for p in WEIGHT_PATTERNS if any(fnmatch(f, p) for f in files)), None)
+    if weights is None:
+        raise FileNotFoundError(f"{repo_id}@{revision} has no safetensors or pytorch_model.bin weights")
+    patterns = ["*.json", "*.txt", "*.model", weights]
+    try:
+        return Path(snapshot_download(**kwargs, allow_patterns=patterns))
+    except transport_errors() as err:  # a dropped connection, after the hub's own retries
+        raise ConnectionError(f"downloading {repo_id}@{revision} was interrupted ({type(err).__name__}: {err}). "
+                              "Run the same command again: finished files are kept, the rest starts over.") from err
+
+
+download_model = download_gptj  # an older name, kept for notebooks that use it
+
+
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """The transport-error classes of the HTTP clients huggingface_hub may use here (httpx, httpx2)."""
+    import importlib
+
+    classes = []
+    for name in ("httpx", "httpx2"):
+        with contextlib.suppress(ImportError):
+            classes.append(importlib.import_module(name).TransportError)
+    return tuple(classes)
+
+
+def model_files_complete(path: Path) -> bool:
+    """True when a folder has config.json and every weight file its index names (or one unsharded file)."""
+    if not (path / "config.json").exists():
+        return False
+    for index in path.glob("*.index.json"):
+        names = set(json.loads(index.read_text())["weight_map"].values())
+        return all((path / n).exists() for n in names)
+    return any((path / n).exists() for n in ("model.safetensors", "pytorch_model.bin"))
+
+
+def check_online(endpoint: str | None = None, timeout: float = 3.0) -> None:
+    """Fail fast, with what to do, when the hub cannot be reached (notebook 01)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(endpoint or constants.ENDPOINT)
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if why is None:
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=timeout).close()
+            return
+        except OSError as err:
+            why = f"cannot reach {url.hostname}: {err}"
+    raise ConnectionError(f"{why}. Downloading weights needs the internet: run this where it is available, "
+                          "or pass the path of a local model folder, or use model='tiny' (the offline default).")

@@ -1,0 +1,122 @@
+"""Notebook 04, part 1: measurements. Scaling over device counts and prompt lengths, and every estimate beside
+what was measured (memory per stage, time per decode step), so a learner sees where the model's numbers hold.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .models import module_sizes
+from .hub import load_tokenizer, resolve_model
+from .plan import kv_cache_bytes_per_layer, plan_split
+from .records import RunRecord
+from .place import place_stages
+from .generate import generate_text
+
+
+def utilisation(record: RunRecord) -> list[float]:
+    """Each stage's busy time over the run's wall time (notebook 04)."""
+    return [b / record.total_seconds for b in record.busy_seconds()]
+
+
+def prompt_of_length(tokenizer, tokens: int, words: str = "The list of numbers is sorted. ") -> str:
+    """The shortest prefix of repeated `words` that is `tokens` tokens long (or just over), for scaling runs
+    (notebook 04)."""
+    text = words
+    while len(tokenizer(text)["input_ids"]) < tokens:
+        text += words
+    low, high = 1, len(text)
+    while low < high:  # bisect the character length
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if len(tokenizer(text[:mid])["input_ids"]) < tokens else (low, mid)
+    return text[:low]
+
+
+def measure_scaling(model_name: str = "tiny", n_devices=(1, 2, 4, 8), prompt_lengths=(8, 64, 256),
+                    fixed_devices: int = 4, max_new_tokens: int = 16, device: str = "cpu",
+                    dtype: torch.dtype = torch.float32, reps: int = 3, threads: int | None = 1) -> list[dict]:
+    """Greedy runs over 1 to 8 virtual devices and over prompt lengths, interleaved, best of `reps` each (notebook
+    04)."""
+    tokenizer = load_tokenizer(model_name)
+    path = resolve_model(model_name)
+    cases = [(n, prompt_lengths[0]) for n in n_devices] + [(fixed_devices, p) for p in prompt_lengths[1:]]
+    models = {n: place_stages(path, plan_split(str(path), f"{n}x{device}", dtype=dtype, model_name=model_name))
+              for n in dict.fromkeys(n for n, _ in cases)}
+    prompts = {p: prompt_of_length(tokenizer, p) for _, p in cases}
+    old_threads = torch.get_num_threads()
+    if threads and device == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        runs: dict = {case: [] for case in cases}
+        for _ in range(reps):
+            for n, length in cases:
+                runs[(n, length)].append(generate_text(models[n], tokenizer, prompts[length],
+                                                       max_new_tokens=max_new_tokens, greedy=True)[1])
+    finally:
+        torch.set_num_threads(old_threads)
+    rows = []
+    for case in cases:
+        best = max(runs[case], key=lambda r: r.tokens_per_second)
+        rows.append({"n_devices": case[0], "prompt_tokens": best.settings["prompt_tokens"][0],
+                     "tokens_per_second": best.tokens_per_second, "ms_per_token": 1000 / best.tokens_per_second,
+                     "time_to_first_token_ms": min(r.time_to_first_token for r in runs[case]) * 1000,
+                     "utilisation": utilisation(best)})
+    return rows
+
+
+def copy_seconds(src: str, dst: str, nbytes: int, reps: int = 5) -> float:
+    """Fastest of `reps` copies of `nbytes` from one device to another, timed by `torch.utils.benchmark` (which
+    synchronizes CUDA); 0 when both are the same device: placement copies nothing (notebook 04)."""
+    from torch.utils import benchmark
+
+    if torch.device(src) == torch.device(dst) or nbytes == 0:
+        return 0.0
+    x = torch.empty(nbytes, dtype=torch.uint8, device=src)
+    timer = benchmark.Timer(stmt="x.to(dst)", globals={"x": x, "dst": dst}, num_threads=torch.get_num_threads())
+    return min(timer.timeit(1).times[0] for _ in range(reps))
+
+
+def compare_estimates(record: RunRecord, config) -> list[dict]:
+    """Estimates beside measurements for one run: memory per device (the planner's formulas for the run's
+    tokens) and the mean time per decode step (sum of the stages' mean times plus boundary copies, against
+    the mean time between consecutive steps' starts on stage 0) (notebook 04)."""
+    import statistics
+
+    plan = record.plan
+    dtype = getattr(torch, plan.dtype) if plan else torch.float32
+    steps = max(e.step for e in record.events) + 1
+    batch = record.settings.get("batch_size", 1)
+    tokens = max(record.settings.get("prompt_tokens", [0])) + steps - 1
+    rows = []
+    for s, row in enumerate(record.memory):
+        st = plan.devices[s] if plan else None
+        n_blocks = (st.blocks[1] - st.blocks[0]) if st else config.n_layer
+        planned_params = st.param_bytes if st else module_sizes(config, dtype)["total"]
+        rows.append({"what": f"stage {s} parameters", "unit": "MiB", "estimate": planned_params / 2**20,
+                     "measured": row.param_bytes / 2**20})
+        rows.append({"what": f"stage {s} KV cache", "unit": "MiB",
+                     "estimate": n_blocks * kv_cache_bytes_per_layer(config, dtype, tokens, batch) / 2**20,
+                     "measured": row.kv_cache_bytes / 2**20})
+        if row.cuda_peak_bytes is not None:
+            rows.append({"what": f"stage {s} params+KV+activations vs CUDA peak ({row.device})", "unit": "MiB",
+                         "estimate": sum(r.total_bytes for r in record.memory if r.device == row.device) / 2**20,
+                         "measured": row.cuda_peak_bytes / 2**20})
+    decode = [e for e in record.events if e.phase == "decode" and e.kind == "compute"]
+    n = len(record.memory)
+    per_stage = [statistics.mean([e.end - e.start for e in decode if e.stage == s] or [0.0]) for s in range(n)]
+    devices = [r.device for r in record.memory]
+    hidden = batch * config.n_embd * dtype.itemsize  # one token's hidden states per sequence cross each boundary
+    transfer = sum(copy_seconds(devices[s], devices[s + 1], hidden) for s in range(n - 1))
+    starts = sorted(e.start for e in decode if e.stage == 0)
+    step_wall = statistics.mean(b - a for a, b in zip(starts, starts[1:])) if len(starts) > 1 else float("nan")
+    rows.append({"what": "time per decode step (stages + copies)", "unit": "ms",
+                 "estimate": (sum(per_stage) + transfer) * 1000, "measured": step_wall * 1000})
+    for row in rows:
+        row["ratio"] = row["measured"] / row["estimate"] if row["estimate"] else float("nan")
+    return rows
+
+
+def format_estimates(rows: list[dict]) -> str:
+    """Estimate | measured | ratio, one line each (notebook 04)."""
+    return "\n".join(f"{r['what']:44} estimate {r['estimate']:9.3f} {r['unit']:3} | measured {r['measured']:9.3f} "
+                     f"{r['unit']:3} | ratio {r['ratio']:.2f}" for r in rows)

@@ -1,0 +1,359 @@
+"""Notebook 05, part 1: one pipeline stage. A stage process holds transformers' `GPTJModel` with only its own blocks
+(the embedding on the first stage, the final norm and head on the last), runs its micro-batches in order, and
+sends hidden states on (token ids back to the first stage) with `torch.distributed`'s send and receive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .plan import Plan
+from .records import MemoryRow, RunRecord, TimingEvent
+from .place import WeightReader, kv_bytes, tensor_bytes
+from .sampling import Sampling, as_sampling, check_max_new_tokens
+
+PIPELINE_TIMEOUT = 60.0  # seconds a stage waits for a neighbour before the run fails
+
+
+@dataclass
+class PipelineJob:
+    """One batch for the stage processes: left-padded token ids, micro-batch count, sampling (notebook 05).
+    Each micro-batch samples with its own torch.Generator seeded with `sampling.seed`."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    micro_batches: int = 1
+    max_new_tokens: int = 50
+    sampling: Sampling = dataclasses.field(default_factory=lambda: Sampling(seed=0))
+
+
+def make_job(input_ids: torch.Tensor, attention_mask: torch.Tensor, micro_batches: int = 1,
+             max_new_tokens: int = 50, sampling: Sampling | None = None, **knobs) -> PipelineJob:
+    """Check the options of one pipelined generation and bundle them; `knobs` or `sampling` as generate_text's
+    (notebook 05)."""
+    batch = input_ids.shape[0]
+    if not 1 <= micro_batches <= batch:
+        raise ValueError(f"micro_batches={micro_batches}: use between 1 and the number of prompts ({batch})")
+    check_max_new_tokens(max_new_tokens)
+    sampling = as_sampling(sampling, **knobs)
+    if sampling.seed is None:  # like generate without a seed: whatever torch's global generator gives
+        sampling = dataclasses.replace(sampling, seed=int(torch.randint(2**62, ())))
+    return PipelineJob(input_ids, attention_mask, micro_batches, max_new_tokens, sampling)
+
+
+def check_stage_count(n: int, n_layer: int) -> None:
+    """A pipeline stage needs at least one block: refuse more stages than blocks (notebook 05)."""
+    if n > n_layer:
+        raise ValueError(f"{n} stages but the model has only {n_layer} blocks: use at most {n_layer} devices")
+
+
+def check_pipeline_plan(plan: Plan, n_layer: int, world_size: int | None = None) -> None:
+    """Refuse a plan the pipeline cannot run, before anything is loaded (notebook 05)."""
+    n = len(plan.devices)
+    check_stage_count(n, n_layer)
+    if plan.devices[-1].blocks[1] != n_layer:
+        raise ValueError(f"the plan covers {plan.devices[-1].blocks[1]} blocks but the model has {n_layer}")
+    if world_size is not None and world_size != n:
+        raise ValueError(f"{world_size} process(es) for {n} stage(s): start one process per device "
+                         f"(torchrun --nproc-per-node {n}, or nodes x processes = {n})")
+
+
+@dataclass
+class PipelineStage:
+    """What one stage process holds: transformers' GPTJModel with this stage's blocks, the head on the last stage,
+    and its place (notebook 05)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    model: torch.nn.Module  # GPTJModel of this stage's blocks; wte real on the first stage only, ln_f on the last
+    lm_head: torch.nn.Module | None
+    param_bytes: int
+    eos_token_id: int
+    comm_device: torch.device  # where tensors cross: the GPU for NCCL, the CPU for gloo
+
+    @property
+    def config(self):
+        """The stage model's config: the model's, with n_layer = this stage's block count (sizes its KV caches)."""
+        return self.model.config
+
+    @property
+    def embeds(self) -> bool:
+        """Whether this stage turns token ids into hidden states (the first stage)."""
+        return self.model.wte.weight.device.type != "meta"
+
+
+def stage_tensor_name(local: str, first_block: int) -> str:
+    """The whole model's name of a stage model's tensor: `h.0.attn.q_proj.weight` -> `transformer.h.7.attn...`."""
+    if local.startswith("h."):
+        index, rest = local[2:].split(".", 1)
+        return f"transformer.h.{first_block + int(index)}.{rest}"
+    return local if local.startswith("lm_head.") else f"transformer.{local}"
+
+
+def load_stage(model_path, plan: Plan, rank: int, dtype: torch.dtype, comm_device: str = "cpu") -> PipelineStage:
+    """Build stage `rank` alone: a GPTJModel of its block count on the meta device, then only its own tensors
+    loaded (or made from seeds) onto its device, one at a time (notebook 05)."""
+    import copy
+
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import GPTJModel
+
+    weights = WeightReader(model_path)
+    st, device = plan.devices[rank], torch.device(plan.devices[rank].device)
+    a, b = st.blocks
+    config = copy.deepcopy(weights.config)
+    config.n_layer = b - a
+    with init_empty_weights():  # parameters on meta; buffers (the rotary sin/cos table) are computed for real
+        model = GPTJModel(config)
+        lm_head = torch.nn.Linear(config.n_embd, config.vocab_size) if st.head else None
+    if not st.head:
+        model.ln_f = torch.nn.Identity()
+    owned = [(model, name, p) for name, p in model.named_parameters() if st.embedding or not name.startswith("wte.")]
+    owned += [(lm_head, name, p) for name, p in (lm_head.named_parameters() if lm_head is not None else [])]
+    names = [stage_tensor_name(n if module is model else f"lm_head.{n}", a) for module, n, _ in owned]
+    weights.check(names)
+    for (module, local, param), name in zip(owned, names):
+        set_module_tensor_to_device(module, local, device, value=weights.read(name, param.shape, dtype, device),
+                                    dtype=dtype)
+    model.rotary_emb.to(device)
+    eos = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
+    modules = [model] + ([lm_head] if lm_head is not None else [])
+    params = sum(tensor_bytes(p) for m in modules for p in m.parameters() if p.device.type != "meta")
+    return PipelineStage(rank, len(plan.devices), device, dtype, model.eval(),
+                         lm_head.eval() if lm_head is not None else None, params, eos, torch.device(comm_device))
+
+
+def new_stage_cache(stage: PipelineStage):
+    """An empty KV cache for this stage's layers, one per micro-batch (notebook 05)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=stage.config)
+
+
+def cache_keyword() -> str:
+    """What GPTJModel.forward calls its KV cache: `cache` in transformers 5.24, `past_key_values` before."""
+    from transformers import GPTJModel
+
+    return "cache" if "cache" in inspect.signature(GPTJModel.forward).parameters else "past_key_values"
+
+
+def forward_stage(stage: PipelineStage, x: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    """Run one stage with transformers' own GPT-J forward (causal mask, rotary embeddings): token ids or hidden
+    states in; hidden states, or the last position's float32 logits, out."""
+    q = x.shape[1]
+    # generate's position ids: count of real tokens so far, padding at 0 (left padding); the mask tells every stage
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -q:]
+    if len(stage.model.h):
+        inputs = {"input_ids": x} if stage.embeds else {"inputs_embeds": x}
+        hidden = stage.model(**inputs, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **{cache_keyword(): cache}).last_hidden_state
+    else:  # a stage without blocks: only the embedding or the head
+        hidden = stage.model.ln_f(stage.model.wte(x) if stage.embeds else x)
+    if stage.lm_head is None:
+        return hidden
+    return stage.lm_head(hidden[:, -1:, :])[:, -1].to(copy=True, dtype=torch.float32)
+
+
+def make_warpers(job: PipelineJob):
+    """transformers' own temperature, top-k and top-p warpers of a job, in generate's order (notebook 05)."""
+    return job.sampling.warpers()
+
+
+def pick_tokens(logits: torch.Tensor, job: PipelineJob, warpers, generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy argmax, or softmax + multinomial with the micro-batch's own generator, as generate does."""
+    return job.sampling.pick(logits, warpers, generator)
+
+
+class Inbox:
+    """The messages a stage will receive from one neighbour, in order; receives are posted ahead (`irecv`)."""
+
+    def __init__(self, stage: PipelineStage, src: int, shapes: list[tuple[tuple[int, ...], torch.dtype]],
+                 record, ahead: int = 2):
+        self.stage, self.src, self.shapes, self.record, self.ahead = stage, src, shapes, record, ahead
+        self.posted: list[tuple[torch.Tensor, object]] = []
+        self.next = 0
+
+    def post(self) -> None:
+        import torch.distributed as dist
+
+        while self.next < len(self.shapes) and len(self.posted) < self.ahead:
+            shape, dtype = self.shapes[self.next]
+            buffer = torch.empty(shape, dtype=dtype, device=self.stage.comm_device)
+            self.posted.append((buffer, dist.irecv(buffer, src=self.src)))
+            self.next += 1
+
+    def get(self, phase: str, step: int, micro_batch: int) -> torch.Tensor:
+        """Wait for the next message (timed as a "recv" event) and post the following receives."""
+        self.post()
+        start = self.record()
+        buffer, work = self.posted.pop(0)
+        work.wait()
+        self.post()
+        self.record(start, phase, step, micro_batch, "recv")
+        return buffer.to(self.stage.device)
+
+
+class Outbox:
+    """Sends that overlap the next compute (`isend`); buffers are kept alive until their send completes."""
+
+    def __init__(self, stage: PipelineStage, record, limit: int = 8):
+        self.stage, self.record, self.limit, self.pending = stage, record, limit, []
+
+    def send(self, tensor: torch.Tensor, dst: int, phase: str, step: int, micro_batch: int) -> None:
+        import torch.distributed as dist
+
+        start = self.record()
+        buffer = tensor.to(self.stage.comm_device).contiguous()
+        self.pending.append((buffer, dist.isend(buffer, dst=dst)))
+        while len(self.pending) > self.limit:
+            self.pending.pop(0)[1].wait()
+        self.record(start, phase, step, micro_batch, "send")
+
+    def flush(self) -> None:
+        while self.pending:
+            self.pending.pop(0)[1].wait()
+
+
+def inject_fault(stage: PipelineStage, fail: tuple | None, step: int) -> None:
+    """Test hook: stage S raises (or exits at once) when it reaches token K; `fail` = (S, K, "raise" | "exit")."""
+    if not fail or fail[0] != stage.rank or fail[1] != step:
+        return
+    message = f"injected fault: pipeline stage {stage.rank} stops after {step} token(s)"
+    if len(fail) > 2 and fail[2] == "exit":
+        print(message + " (process exits)", file=sys.stderr, flush=True)
+        os._exit(3)
+    raise RuntimeError(message)
+
+
+def run_stage(stage: PipelineStage, job: PipelineJob, t0: float, fail: tuple | None = None) -> dict:
+    """One stage's share of a pipelined generation, micro-batches in the same order on every stage: events, memory,
+    and on the last stage the new tokens (notebook 05)."""
+    import time
+
+    rank, n, dev = stage.rank, stage.world_size, stage.device
+    first, last = rank == 0, rank == n - 1
+    rows = torch.arange(job.input_ids.shape[0]).tensor_split(job.micro_batches)
+    ids = [job.input_ids[r].to(dev) for r in rows]
+    masks = [job.attention_mask[r].to(dev) for r in rows]
+    caches = [new_stage_cache(stage) for _ in rows]
+    prompt_len, steps, width = job.input_ids.shape[1], job.max_new_tokens, stage.config.n_embd
+    events: list[TimingEvent] = []
+
+    def record(start=None, phase="", step=0, micro_batch=0, kind="compute"):
+        now = time.time() - t0  # one clock for all stages (on one machine; across machines as synced as theirs)
+        if start is not None:
+            events.append(TimingEvent(rank, phase, step, start, now, kind, micro_batch))
+        return now
+
+    inbox = None
+    if not first:  # hidden states from the previous stage, in schedule order
+        shapes = [((len(r), prompt_len if s == 0 else 1, width), stage.dtype) for s in range(steps) for r in rows]
+        inbox = Inbox(stage, rank - 1, shapes, record)
+    elif n > 1:  # token ids from the last stage, for every step but the last
+        inbox = Inbox(stage, n - 1, [((len(r),), torch.long) for s in range(steps - 1) for r in rows], record)
+    outbox = Outbox(stage, record)
+    tokens = [[] for _ in rows]
+    unfinished = [torch.ones(len(r), dtype=torch.long, device=dev) for r in rows]
+    generators = ([torch.Generator(device=dev).manual_seed(job.sampling.seed) for _ in rows]
+                  if last and not job.sampling.greedy else None)
+    warpers = make_warpers(job)
+    with torch.inference_mode():
+        for step in range(steps):
+            inject_fault(stage, fail, step)
+            phase = "prefill" if step == 0 else "decode"
+            for m in range(len(rows)):
+                if first:
+                    x = ids[m] if step == 0 else (inbox.get(phase, step, m) if n > 1 else tokens[m][-1])
+                    x = x.view(len(rows[m]), -1)
+                else:
+                    x = inbox.get(phase, step, m)
+                start = record()
+                out = forward_stage(stage, x, masks[m], caches[m])
+                if last:
+                    out = pick_tokens(out, job, warpers, generators[m] if generators else None)
+                    out = out * unfinished[m] + stage.eos_token_id * (1 - unfinished[m])  # pad = eos after eos
+                    unfinished[m] = unfinished[m] & (out != stage.eos_token_id).long()
+                    tokens[m].append(out)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                record(start, phase, step, m)
+                masks[m] = torch.cat([masks[m], masks[m].new_ones((len(rows[m]), 1))], dim=-1)
+                if not last:
+                    outbox.send(out, rank + 1, phase, step, m)
+                elif n > 1 and step < steps - 1:
+                    outbox.send(out, 0, phase, step, m)
+        outbox.flush()
+    kv = sum(kv_bytes(layer) for c in caches for layer in c.layers)
+    memory = MemoryRow(rank, str(dev), stage.param_bytes, kv,
+                       cuda_peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None)
+    new = torch.cat([torch.stack(t, dim=1) for t in tokens]).cpu() if last else None
+    return {"events": events, "memory": memory, "new_tokens": new}
+
+
+def merge_stage_results(results: list[dict], job: PipelineJob, tokenizer, plan: Plan | None,
+                        eos: int) -> RunRecord:
+    """Combine what the stages report into one RunRecord, trimmed like generate (stop when all rows hit eos)."""
+    new = results[-1]["new_tokens"]
+    done = (new == eos).int()
+    finished_at = torch.where(done.any(1), done.argmax(1), torch.full_like(done[:, 0], new.shape[1] - 1))
+    length = int(finished_at.max()) + 1
+    output = torch.cat([job.input_ids, new[:, :length]], dim=1)
+    counts = (finished_at + 1).tolist()  # each row's tokens up to its eos, as generate_text counts them
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, counts)]
+    events = sorted((e for r in results for e in r["events"]), key=lambda e: (e.start, e.stage))
+    memory = [r["memory"] for r in results]
+    for row in memory if plan else []:
+        row.budget_bytes = plan.devices[row.stage].budget_bytes
+    last = len(results) - 1
+    ttft = max(e.end for e in events if e.stage == last and e.kind == "compute" and e.step == 0)
+    total = max(e.end for e in events)
+    after_first = sum(counts) - len(counts)
+    return RunRecord(texts=texts, prompts=[], mode="pipeline", new_tokens=sum(counts), time_to_first_token=ttft,
+                     tokens_per_second=after_first / (total - ttft) if total > ttft else float("nan"),
+                     total_seconds=total, events=events, memory=memory, plan=plan,
+                     settings={"max_new_tokens": job.max_new_tokens, **job.sampling.settings(),
+                               "batch_size": len(counts), "micro_batches": job.micro_batches},
+                     output_ids=output)
+
+
+def measure_module_seconds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           max_new_tokens: int = 4, repeats: int = 1) -> dict[str, list[float]]:
+    """Seconds of each module (embedding, every block, head) for one prefill and one decode step, timed inside
+    `generate` with hooks (the fastest of `repeats`): the `cost` to balance a pipeline's stages by (notebook 05)."""
+    import time
+
+    if repeats > 1:
+        runs = [measure_module_seconds(model, input_ids, attention_mask, max_new_tokens) for _ in range(repeats)]
+        return {phase: [min(r[phase][i] for r in runs) for i in range(len(runs[0][phase]))] for phase in runs[0]}
+    t = model.transformer
+    parts = [(t.wte, t.wte), *((b, b) for b in t.h), (t.ln_f, model.lm_head)]  # (first module, last module)
+    seconds = {"prefill": [0.0] * len(parts), "decode": [0.0] * len(parts)}
+    started: dict[int, tuple[float, str]] = {}
+    handles = []
+    for i, (head_module, tail_module) in enumerate(parts):
+        def pre(module, args, i=i):
+            started[i] = (time.perf_counter(), "prefill" if args[0].shape[1] > 1 else "decode")
+
+        def post(module, args, out, i=i):
+            start, phase = started.pop(i)
+            seconds[phase][i] += time.perf_counter() - start
+
+        handles += [head_module.register_forward_pre_hook(pre), tail_module.register_forward_hook(post)]
+    try:
+        with torch.inference_mode():
+            model.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=max_new_tokens,
+                           min_new_tokens=max_new_tokens, pad_token_id=model.config.eos_token_id)
+    finally:
+        for h in handles:
+            h.remove()
+    seconds["decode"] = [s / max(1, max_new_tokens - 1) for s in seconds["decode"]]
+    return seconds

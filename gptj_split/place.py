@@ -1,0 +1,190 @@
+"""Notebook 02, part 2: placement. Each stage's tensors are read from safetensors (or made from a seed) straight onto
+its device, and forward pre-hooks at the stage boundaries move what crosses them: the seed post's patched
+forward, as hooks on transformers' own model.
+
+A placed model carries its plan as the attribute `model.plan` (and its hooks as `model.hooks`); `plan_of(model)`
+reads it, None for a model loaded whole. That attribute is the only state placement leaves on a model.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import torch
+
+from .hub import resolve_model
+from .plan import Plan
+from .records import MemoryRow
+
+
+def stage_parameter_names(model_path: str | Path) -> dict[str, str]:
+    """Map every tensor name of a saved model to the safetensors file that holds it (notebook 02)."""
+    path = Path(model_path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return json.loads(index.read_text())["weight_map"]
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        return {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118 (a safe_open handle is no dict)
+
+
+def move_to(value, device: torch.device, dtype: torch.dtype | None):
+    """Move tensors (also inside tuples, lists and dicts) to a device, casting floating ones to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        if dtype is not None and value.is_floating_point() and value.dtype != dtype:
+            return value.to(device=device, dtype=dtype)
+        return value if value.device == device else value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(move_to(v, device, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: move_to(v, device, dtype) for k, v in value.items()}
+    return value
+
+
+def boundary_hook(device: torch.device, dtype: torch.dtype | None):
+    """A forward pre-hook moving everything a module receives to its stage's device: the seed's patch, as a hook."""
+    def hook(module, args, kwargs):
+        return move_to(args, device, dtype), move_to(kwargs, device, dtype)
+    return hook
+
+
+RANDOM_WEIGHTS = "random_weights.json"  # in a model folder instead of weights: {"seed": S}, weights made from seeds
+
+
+def write_random_model(config, out_dir: str | Path, seed: int = 0) -> Path:
+    """A model folder with a config and a seed instead of weights: every process can rebuild it (notebook 04)."""
+    out_dir = Path(out_dir)
+    config.save_pretrained(str(out_dir))
+    (out_dir / RANDOM_WEIGHTS).write_text(json.dumps({"seed": seed}))
+    return out_dir
+
+
+def seeded_tensor(name: str, shape, config, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One parameter initialised as GPT-J's `_init_weights` does, from its own seed: the same on any process."""
+    if name.endswith("bias") or (".ln_" in name and name.endswith("weight")):
+        fill = 1.0 if name.endswith("weight") else 0.0
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, config.initializer_range, generator=generator)
+
+
+class WeightReader:
+    """A model's config and a way to get any one of its tensors, from safetensors files or from seeds (notebook 02)."""
+
+    def __init__(self, model_path, seed: int = 0):
+        from transformers import AutoConfig
+
+        self.path, self.seed, self.files = None, seed, None  # files: tensor name -> safetensors file; None: seeded
+        if not isinstance(model_path, (str, Path)):  # a config: random weights from the seed
+            self.config = model_path
+            return
+        self.path = resolve_model(str(model_path))
+        self.config = AutoConfig.from_pretrained(str(self.path))
+        if (self.path / RANDOM_WEIGHTS).exists():
+            self.seed = json.loads((self.path / RANDOM_WEIGHTS).read_text())["seed"]
+        else:
+            self.files = stage_parameter_names(self.path)
+
+    def check(self, names) -> None:
+        """Refuse a folder that lacks any of these tensors, before anything is loaded."""
+        missing = set(names) - set(self.files) if self.files is not None else set()
+        if missing:
+            raise ValueError(f"{self.path} lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
+
+    def read(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """One tensor on `device`: read alone from its file (a mapping never holds more), or made from its seed."""
+        from safetensors import safe_open
+
+        if self.files is None:
+            return seeded_tensor(name, shape, self.config, self.seed, dtype, device)
+        with safe_open(self.path / self.files[name], framework="pt", device=str(device)) as f:
+            return f.get_tensor(name)
+
+
+def place_stages(model_path, plan: Plan, dtype: torch.dtype | list[torch.dtype] | None = None,
+                 stages: list[int] | None = None, seed: int = 0):
+    """Load each stage's tensors from safetensors onto its device and hook the boundaries; a config instead of a
+    folder gives seeded random weights; `dtype` is one or one per stage; `stages`: load only those (notebook 02)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import GPTJForCausalLM
+
+    weights = WeightReader(model_path, seed)
+    config = weights.config
+    n = len(plan.devices)
+    if plan.devices[-1].blocks[1] != config.n_layer:
+        raise ValueError(f"the plan covers {plan.devices[-1].blocks[1]} blocks but {model_path} has {config.n_layer}")
+    dtypes = list(dtype) if isinstance(dtype, (list, tuple)) else [dtype or getattr(torch, plan.dtype)] * n
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary sin/cos) computed for real
+        model = GPTJForCausalLM(config)
+    weights.check(name for name, _ in model.named_parameters())
+    for name, param in list(model.named_parameters()):  # in file order: one tensor in flight at a time
+        s = plan.stage_of_module(name)
+        if stages is not None and s not in stages:
+            continue
+        device = torch.device(plan.devices[s].device)
+        set_module_tensor_to_device(model, name, device, value=weights.read(name, param.shape, dtypes[s], device),
+                                    dtype=dtypes[s])
+    model.transformer.rotary_emb.to(plan.devices[0].device)
+    return hook_stages(model, plan, dtypes).eval()
+
+
+def hook_stages(model, plan: Plan, dtypes: list[torch.dtype]):
+    """Hook every block after the first stage: the first one moves the hidden states across the boundary, and all
+    need the mask, position ids and rotary sin/cos, which the model hands each block (notebook 02)."""
+    model.hooks = {}  # module name -> hook handle, so a test can remove one and watch it fail
+    for s, st in enumerate(plan.devices[1:], start=1):
+        for b in range(*st.blocks):
+            model.hooks[f"transformer.h.{b}"] = model.transformer.h[b].register_forward_pre_hook(
+                boundary_hook(torch.device(st.device), dtypes[s]), with_kwargs=True)
+    model.hooks["transformer.ln_f"] = model.transformer.ln_f.register_forward_pre_hook(
+        boundary_hook(torch.device(plan.devices[-1].device), dtypes[-1]), with_kwargs=True)
+    first_device = torch.device(plan.devices[0].device)
+    # logits go back to the first device, where generate keeps the token ids
+    model.hooks["lm_head"] = model.lm_head.register_forward_hook(lambda m, a, out: out.to(first_device))
+    model.plan = plan
+    return model
+
+
+def plan_of(model) -> Plan | None:
+    """The plan a placed model carries (`model.plan`, set by `hook_stages`); None for a model loaded whole."""
+    return getattr(model, "plan", None)
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of all tensors in a value (tuples, lists, dicts and model outputs are searched)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict) or hasattr(value, "to_tuple"):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def kv_bytes(layer) -> int:
+    """Bytes of one KV cache layer's keys and values."""
+    return tensor_bytes([getattr(layer, "keys", None), getattr(layer, "values", None)])
+
+
+def measure_memory(model, cache=None, activations: list[int] | None = None) -> list[MemoryRow]:
+    """Bytes per stage of the tensors placed there: parameters, buffers, KV cache, plus `activations` (notebook 02)."""
+    plan = plan_of(model)
+    stages = plan.devices if plan else [None]
+    rows = [MemoryRow(s, st.device if st else str(model.device), activation_bytes=activations[s] if activations else 0,
+                      budget_bytes=st.budget_bytes if st else None) for s, st in enumerate(stages)]
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        s = plan.stage_of_module(name) if plan and not name.startswith("transformer.rotary") else 0
+        rows[s].param_bytes += tensor_bytes(tensor)
+    if cache is not None:
+        for layer_index, layer in enumerate(cache.layers):
+            s = plan.stage_of_module(f"transformer.h.{layer_index}") if plan else 0
+            rows[s].kv_cache_bytes += kv_bytes(layer)
+    if torch.cuda.is_available():
+        for row in rows:
+            if row.device.startswith("cuda"):
+                row.cuda_allocated_bytes = torch.cuda.memory_allocated(row.device)
+    return rows

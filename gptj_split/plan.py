@@ -1,0 +1,251 @@
+"""Notebook 02, part 1: the plan. Which device holds the embedding, which blocks and the head, and how many bytes
+each needs (parameters, KV cache, reserve) against its budget: an exact min-max partition, and a clear refusal
+with the smallest change that would fit. Placement, the pipeline and the plots all read the same `Plan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .models import as_dtype, default_dtype, dtype_name, meta_model, module_sizes
+from .devices import Device, format_size, parse_devices, parse_size
+from .hub import load_config
+
+
+@dataclass
+class StagePlan:
+    """One device's share of the model: contiguous modules and the bytes they need (notebook 02)."""
+
+    device: str
+    embedding: bool
+    blocks: tuple[int, int]  # half-open range of transformer blocks
+    head: bool
+    param_bytes: int
+    kv_cache_bytes: int
+    reserve_bytes: int
+    total_bytes: int
+    budget_bytes: int
+    cost: float = 0.0
+
+    @property
+    def fill(self) -> float:
+        """Load over budget: 1.0 is a full device."""
+        return self.total_bytes / self.budget_bytes
+
+
+@dataclass
+class Plan:
+    """The planner's answer, read by placement, the pipeline and the plots; `--json` prints exactly this (notebook
+    02)."""
+
+    model: str
+    dtype: str
+    total_params: int
+    devices: list[StagePlan]
+    module_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # embedding, one block, head
+
+    def to_json(self) -> str:
+        """The plan as JSON text."""
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Read a plan written by `to_json`."""
+        data = json.loads(text)
+        stages = [StagePlan(**{**s, "blocks": tuple(s["blocks"])}) for s in data.pop("devices")]
+        return cls(**data, devices=stages)
+
+    def stage_of_module(self, name: str) -> int:
+        """Which stage holds a parameter or module named like `transformer.h.3.attn.q_proj.weight`."""
+        if name.startswith("transformer.wte"):
+            return 0
+        if name.startswith(("transformer.ln_f", "lm_head")):
+            return len(self.devices) - 1
+        block = int(name.split(".")[2])
+        return next(i for i, s in enumerate(self.devices) if s.blocks[0] <= block < s.blocks[1])
+
+
+def kv_cache_bytes_per_layer(config, dtype: torch.dtype, tokens: int, batch_size: int = 1) -> int:
+    """Keys and values of one layer for `tokens` positions of `batch_size` sequences (notebook 02)."""
+    return 2 * config.n_embd * dtype.itemsize * tokens * batch_size
+
+
+def as_config(model_or_config):
+    """Accept a model name, a model or a config; return the config."""
+    if isinstance(model_or_config, (str, Path)):
+        return load_config(str(model_or_config))
+    return getattr(model_or_config, "config", model_or_config)
+
+
+def plan_split(model_or_config, devices: str | list[Device], dtype: torch.dtype | str | None = None,
+               reserve: int | str = 0, prompt_tokens: int = 0, max_new_tokens: int = 0, batch_size: int = 1,
+               cost: list[float] | None = None, model_name: str | None = None, explain: bool = True) -> Plan:
+    """Split embedding, blocks and head into contiguous stages minimising the fullest device, or with `cost` (one
+    number per module) the slowest stage within every budget: a min-max partition by dynamic programming.
+    `dtype=None`: `default_dtype` of the model on these devices (notebook 02)."""
+    config = as_config(model_or_config)
+    devices = parse_devices(devices, check=False) if isinstance(devices, str) else list(devices)
+    dtype = as_dtype(dtype) or default_dtype(config, devices)
+    reserve = parse_size(reserve) if isinstance(reserve, str) else int(reserve)
+    sizes = module_sizes(config, dtype)
+    kv = kv_cache_bytes_per_layer(config, dtype, prompt_tokens + max_new_tokens, batch_size)
+    n_layer, n = config.n_layer, len(devices)
+    if cost is not None and len(cost) != n_layer + 2:
+        raise ValueError(f"cost needs {n_layer + 2} numbers (embedding, {n_layer} blocks, head), got {len(cost)}")
+
+    def stage(s: int, a: int, b: int) -> StagePlan:
+        params = (b - a) * sizes["block"] + (sizes["embedding"] if s == 0 else 0) + (sizes["head"] if s == n - 1 else 0)
+        kv_stage = (b - a) * kv
+        c = 0.0 if cost is None else (sum(cost[1 + a:1 + b]) + (cost[0] if s == 0 else 0)
+                                      + (cost[-1] if s == n - 1 else 0))
+        return StagePlan(devices[s].name, s == 0, (a, b), s == n - 1, params, kv_stage, reserve,
+                         params + kv_stage + reserve, devices[s].budget_bytes, c)
+
+    def score(st: StagePlan) -> float:
+        if cost is None:
+            return st.fill
+        return st.cost if st.fill <= 1 else math.inf
+
+    # best[s][j]: the smallest possible worst score of stages 0..s-1 holding blocks [0, j)
+    best = [[math.inf] * (n_layer + 1) for _ in range(n + 1)]
+    cut = [[0] * (n_layer + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for s in range(1, n + 1):
+        for j in range(n_layer + 1):
+            for i in range(j + 1):
+                value = max(best[s - 1][i], score(stage(s - 1, i, j)))
+                if value < best[s][j]:
+                    best[s][j], cut[s][j] = value, i
+    bounds, j = [], n_layer
+    for s in range(n, 0, -1):
+        bounds.append((cut[s][j], j))
+        j = cut[s][j]
+    stages = [stage(s, a, b) for s, (a, b) in enumerate(reversed(bounds))]
+    if model_name is None:
+        model_name = str(model_or_config) if isinstance(model_or_config, (str, Path)) else "gptj"
+    plan = Plan(model_name, dtype_name(dtype),
+                sizes["params"], stages, {k: sizes[k] for k in ("embedding", "block", "head")})
+    if best[n][n_layer] == math.inf or max(s.fill for s in stages) > 1:
+        raise MemoryError(explain_infeasible(config, devices, dtype, reserve, prompt_tokens, max_new_tokens, batch_size)
+                          if explain else "does not fit")
+    return plan
+
+
+def explain_infeasible(config, devices: list[Device], dtype: torch.dtype, reserve: int, prompt_tokens: int,
+                       max_new_tokens: int, batch_size: int) -> str:
+    """Say what is needed, what the devices give, and the smallest change that would fit (notebook 02)."""
+    sizes = module_sizes(config, dtype)
+    tokens = prompt_tokens + max_new_tokens
+    kv_total = kv_cache_bytes_per_layer(config, dtype, tokens, batch_size) * config.n_layer
+    need = sizes["total"] + kv_total + reserve * len(devices)
+    give = sum(d.budget_bytes for d in devices)
+    msg = (f"the model does not fit: it needs {format_size(need)} (weights {format_size(sizes['total'])} in "
+           f"{dtype_name(dtype)}, KV cache {format_size(kv_total)}"
+           + (f", reserve {format_size(reserve)} x {len(devices)}" if reserve else "")
+           + f"), your {len(devices)} device(s) give {format_size(give)}")
+    one_block = sizes["block"] + kv_total // config.n_layer + reserve
+    if all(one_block > d.budget_bytes for d in devices):
+        msg += f"; one block alone needs {format_size(one_block)} with its KV cache and the reserve"
+    ideas = []
+
+    def fits(devs, dt=dtype, res=reserve, pt=prompt_tokens, mnt=max_new_tokens) -> bool:
+        try:
+            plan_split(config, devs, dtype=dt, reserve=res, prompt_tokens=pt, max_new_tokens=mnt, batch_size=batch_size,
+                       explain=False)
+            return True
+        except MemoryError:
+            return False
+
+    biggest = max(devices, key=lambda d: d.budget_bytes)
+    for extra in range(1, config.n_layer + 2):
+        if fits(devices + [biggest] * extra):
+            ideas.append(f"add {extra} device(s) of {format_size(biggest.budget_bytes)}")
+            break
+    if dtype.itemsize > 2 and fits(devices, dt=torch.float16):
+        ideas.append("use dtype=float16")
+    if tokens and fits(devices, pt=0, mnt=0):
+        low, high = 0, tokens  # bisect the longest context that fits
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(devices, pt=0, mnt=mid) else (low, mid)
+        ideas.append(f"use a shorter context (at most {low} tokens in all)")
+    if reserve and fits(devices, res=0):
+        ideas.append("lower the per-device reserve")
+    return msg + (": " + ", or ".join(ideas) if ideas else "") + "."
+
+
+def format_plan(plan: Plan) -> str:
+    """A plan as a small text table, one device a line (notebook 02)."""
+    lines = [f"{plan.model} in {plan.dtype}: {plan.total_params:,} parameters on {len(plan.devices)} device(s)"]
+    for i, s in enumerate(plan.devices):
+        parts = (["embedding"] if s.embedding else []) + [f"blocks {s.blocks[0]}-{s.blocks[1] - 1}"
+                                                          if s.blocks[1] > s.blocks[0] else "no blocks"]
+        parts += ["head"] if s.head else []
+        lines.append(f"  {i}: {s.device:7} {', '.join(parts):28} params {format_size(s.param_bytes):>11} "
+                     f"+ KV {format_size(s.kv_cache_bytes):>10} + reserve {format_size(s.reserve_bytes):>9} "
+                     f"= {format_size(s.total_bytes):>11} of {format_size(s.budget_bytes):>10} ({s.fill:.0%})")
+    return "\n".join(lines)
+
+
+def accelerate_plan(config, devices: list[Device], dtype: torch.dtype = torch.float16,
+                    balanced: bool = True) -> list[int]:
+    """Parameter bytes per device as accelerate would place them (`device_map="auto"` when balanced, else a greedy
+    fill)."""
+    import logging
+
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    model = meta_model(config)
+    max_memory = {i: d.budget_bytes for i, d in enumerate(devices)}
+    old = logging.getLogger("accelerate").level
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    try:
+        if balanced:
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=["GPTJBlock"],
+                                             dtype=dtype)
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=["GPTJBlock"],
+                                           dtype=dtype)
+    finally:
+        logging.getLogger("accelerate").setLevel(old)
+    loads = [0] * len(devices)
+    for name, p in model.named_parameters():
+        owner = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len)
+        target = device_map[owner]
+        if isinstance(target, int):
+            loads[target] += p.numel() * dtype.itemsize
+    return loads
+
+
+def plot_plan(plan: Plan, title: str | None = None):
+    """Draw a plan: one bar per device, filled by embedding, blocks, head, KV cache and reserve, against its budget."""
+    import matplotlib.pyplot as plt
+
+    gib = 2**30
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(plan.devices), 3.6))
+    colors = {"embedding": "tab:green", "blocks": "tab:blue", "head": "tab:purple", "KV cache": "tab:orange",
+              "reserve": "tab:gray"}
+    for i, s in enumerate(plan.devices):
+        n_blocks = s.blocks[1] - s.blocks[0]
+        parts = {"embedding": plan.module_bytes["embedding"] * s.embedding,
+                 "blocks": plan.module_bytes["block"] * n_blocks, "head": plan.module_bytes["head"] * s.head,
+                 "KV cache": s.kv_cache_bytes, "reserve": s.reserve_bytes}
+        bottom = 0.0
+        for label, nbytes in parts.items():
+            ax.bar(i, nbytes / gib, bottom=bottom, color=colors[label], label=label if i == 0 else None,
+                   edgecolor="white", width=0.7)
+            bottom += nbytes / gib
+        ax.hlines(s.budget_bytes / gib, i - 0.42, i + 0.42, colors="black", linewidth=2,
+                  label="budget" if i == 0 else None)
+        ax.text(i, bottom, f"{n_blocks} blocks\n{s.fill:.0%}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(plan.devices)), [f"{i}: {s.device}" for i, s in enumerate(plan.devices)], fontsize=8)
+    ax.set_ylabel("memory (GiB)")
+    ax.set_title(title or f"{plan.model} ({plan.dtype}) split over {len(plan.devices)} devices")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig

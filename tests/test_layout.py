@@ -1,0 +1,289 @@
+"""The helper module's shape: a table of contents over one file per chapter, imports that run one way, no patches on
+re-exports, the trained tiny model inside the package, and the typed objects every path shares."""
+import ast
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import gptj_helpers as gh
+import gptj_split.launch
+import gptj_split.models
+from conftest import ROOT
+
+PACKAGE = ROOT / "gptj_split"
+# chapter of each file: a file may import files of its own or an earlier chapter only
+CHAPTERS = {"models": 0, "devices": 0, "hub": 1, "convert": 1, "plan": 2, "records": 2, "place": 2, "sampling": 3,
+            "generate": 3, "measure": 4, "plots": 4, "pipeline": 5, "launch": 5, "widget": 6, "cli": 9}
+
+
+def package_imports(path):
+    """The package files one file imports (relative imports anywhere in it, outside `if TYPE_CHECKING:`)."""
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)}
+    return {node.module.split(".")[0] for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module and id(node) not in skip}
+
+
+def test_every_file_has_a_chapter_and_reads_in_one_sitting():
+    files = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert files == set(CHAPTERS)
+    for name in files:
+        lines = (PACKAGE / f"{name}.py").read_text().splitlines()
+        assert len(lines) <= 400, f"{name}.py has {len(lines)} lines"
+        assert lines[0].startswith('"""') and len(lines[0]) > 20, f"{name}.py opens without saying what it is for"
+
+
+def test_imports_run_from_later_chapters_to_earlier_ones_without_circles():
+    graph = {name: package_imports(PACKAGE / f"{name}.py") for name in CHAPTERS}
+    for name, deps in graph.items():
+        for dep in deps:
+            assert CHAPTERS[dep] <= CHAPTERS[name], f"{name}.py (chapter {CHAPTERS[name]}) imports {dep}.py"
+    done, visiting = set(), []
+
+    def visit(name):
+        assert name not in visiting, f"import circle: {' -> '.join([*visiting, name])}"
+        if name not in done:
+            visiting.append(name)
+            for dep in graph[name]:
+                visit(dep)
+            visiting.pop()
+            done.add(name)
+
+    for name in graph:
+        visit(name)
+
+
+def test_the_import_check_can_fail(tmp_path):
+    bad = tmp_path / "models.py"
+    bad.write_text("from .launch import run_pipeline\nif TYPE_CHECKING:\n    from .plan import Plan\n")
+    assert package_imports(bad) == {"launch"}
+
+
+def test_gptj_helpers_is_only_a_table_of_contents():
+    text = (ROOT / "gptj_helpers.py").read_text()
+    assert len(text.splitlines()) <= 150
+    tree = ast.parse(text)
+    doc = ast.get_docstring(tree)
+    for name in CHAPTERS:
+        assert f"{name}.py" in doc, f"the table of contents does not name {name}.py"
+    for node in tree.body[1:]:
+        assert isinstance(node, (ast.Import, ast.ImportFrom)) or (
+            isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"), ast.unparse(node)[:80]
+
+
+def test_no_test_patches_a_re_export():
+    """A patch on gh.NAME changes nothing the package calls: patch the defining module instead."""
+    for path in (ROOT / "tests").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith(("setattr", "patch.object")):
+                target = ast.unparse(node.args[0]) if node.args else ""
+                assert target not in ("gh", "gptj_helpers"), f"{path.name}:{node.lineno} patches {target}"
+
+
+def test_patching_the_defining_module_reaches_the_package(tiny_path, monkeypatch):
+    monkeypatch.setattr(gptj_split.launch, "launch_stages", lambda *a, **k: pytest.fail("stage processes started"))
+    with pytest.raises(BaseException, match="stage processes started"):
+        gh.run_pipeline(str(tiny_path), ["The list"], "cpu,cpu", max_new_tokens=2)
+
+
+def test_sampling_is_checked_once_and_converted_both_ways():
+    s = gh.Sampling(temperature=0.8, top_p=0.9, top_k=5, seed=3)
+    assert s.generate_kwargs() == {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 5}
+    assert [type(w).__name__ for w in s.warpers()] == ["TemperatureLogitsWarper", "TopKLogitsWarper",
+                                                       "TopPLogitsWarper"]
+    assert gh.Sampling(greedy=True).generate_kwargs() == {"do_sample": False}
+    assert len(gh.Sampling(greedy=True, temperature=0).warpers()) == 0
+    for bad, match in [(dict(temperature=0), "temperature=0"), (dict(top_p=0), "top_p=0"), (dict(top_k=-1), "top_k"),
+                       (dict(seed=1.5), "seed")]:
+        with pytest.raises(ValueError, match=match):
+            gh.Sampling(**bad)
+
+
+def test_sampling_object_and_keywords_give_the_same_text(tiny):
+    model, tokenizer = tiny
+    by_keywords, _ = gh.generate_text(model, tokenizer, "The list", 12, temperature=0.9, top_k=20, seed=4)
+    by_object, record = gh.generate_text(model, tokenizer, "The list", 12,
+                                         sampling=gh.Sampling(temperature=0.9, top_k=20, seed=4))
+    assert by_object == by_keywords and record.settings["top_k"] == 20 and record.settings["seed"] == 4
+
+
+def test_seeded_generation_leaves_the_callers_random_state(tiny):
+    model, tokenizer = tiny
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    gh.generate_text(model, tokenizer, "The list", 4, seed=9)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_building_the_tiny_model_leaves_the_callers_random_state():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    gh.random_tiny_model(seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_launch_settings_are_one_checked_object(tiny_path):
+    settings = gh.launch_settings(tiny_path, 2, devices="cpu,cpu", prompts=["a"], max_new_tokens=3,
+                                  sampling=gh.Sampling(greedy=True), dtype=torch.float32)
+    assert settings.stage_devices == ["cpu", "cpu"] and settings.dtype == "float32" and settings.sampling.greedy
+    with pytest.raises(ValueError, match="1 process\\(es\\) for the 2 device\\(s\\)"):
+        gh.launch_settings(tiny_path, 1, devices="cpu,cpu")
+
+
+def test_one_memory_row_type_on_every_path(tiny, tiny_path):
+    model, tokenizer = tiny
+    _, naive = gh.generate_text(model, tokenizer, "The list", 3, greedy=True)
+    _, piped = gh.run_pipeline(str(tiny_path), ["The list"], "cpu,cpu", max_new_tokens=3, greedy=True)
+    assert {type(r) for r in naive.memory + piped.memory} == {gh.MemoryRow}
+    assert all(r.budget_bytes for r in piped.memory) and all(r.peak_rss_bytes for r in piped.memory)
+
+
+def test_a_stage_error_keeps_its_type_and_cause(tmp_path):
+    import pickle
+
+    class Proc:
+        exitcode = 1
+
+    def report(err):
+        return {"stage": 1, "time": 1.0, "error": err, "text": f"{type(err).__name__}: {err}", "traceback": "",
+                "neighbour": False}
+
+    (tmp_path / "stage1.pkl").write_bytes(pickle.dumps(report(FileNotFoundError("no weights here"))))
+    got = gh.describe_stage_failure(str(tmp_path), {1: 1.0}, [Proc(), Proc()])
+    assert type(got) is FileNotFoundError and str(got) == "no weights here"  # a bad configuration, as raised
+    (tmp_path / "stage1.pkl").write_bytes(pickle.dumps(report(KeyError("lost"))))
+    got = gh.describe_stage_failure(str(tmp_path), {1: 1.0}, [Proc(), Proc()])
+    assert type(got) is gh.PipelineError and got.stage == 1 and "KeyError" in str(got)
+    assert type(got.__cause__) is KeyError and got.__cause__.args == ("lost",)
+
+
+def test_neighbour_errors_are_recognised_by_class():
+    import torch.distributed as dist
+
+    assert gh.is_neighbour_error(dist.DistNetworkError("peer went away"))
+    assert gh.is_neighbour_error(ConnectionResetError())
+    assert not gh.is_neighbour_error(RuntimeError("connection to gloo timed out"))  # words alone are not a class
+
+
+def test_dropped_downloads_are_caught_for_both_http_clients():
+    names = {f"{c.__module__.split('.')[0]}.{c.__name__}" for c in gh.transport_errors()}
+    assert "httpx.TransportError" in names
+    pytest.importorskip("httpx2")
+    assert "httpx2.TransportError" in names
+
+
+def test_quiet_progress_restores_what_it_found():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        with gh.quiet_progress():
+            pass
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+    with gh.quiet_progress():
+        assert not hf_logging.is_progress_bar_enabled()
+    assert hf_logging.is_progress_bar_enabled()
+
+
+def test_run_notebooks_restores_the_environment(tmp_path, monkeypatch):
+    import nbformat
+
+    monkeypatch.setenv("GPTJ_HELPERS_OUT", "before")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os; print(os.environ['GPTJ_HELPERS_OUT'])")])
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nb, path)
+    gh.run_notebooks([path], out_dir=tmp_path / "out")
+    assert os.environ["GPTJ_HELPERS_OUT"] == "before"
+    ran = nbformat.read(tmp_path / "out" / "n.ipynb", as_version=4)
+    assert ran.cells[0].outputs[0]["text"].strip() == str((tmp_path / "out" / "figures").resolve())
+
+
+def test_pad_left_equals_the_tokenizers_own_left_padding(tiny):
+    _, tokenizer = tiny
+    prompts = ["The list", "A dictionary is a mapping of", "x"]
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    ours = gh.pad_left(ids, tokenizer.eos_token_id, "cpu")
+    theirs = tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt") \
+        if tokenizer.pad_token_id == tokenizer.eos_token_id else None
+    if theirs is None:  # the tiny tokenizer has no pad token: lend it eos for this comparison only
+        tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path, pad_token=tokenizer.eos_token)
+        theirs = tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
+    assert torch.equal(ours[0], theirs["input_ids"]) and torch.equal(ours[1], theirs["attention_mask"])
+
+
+def test_parse_size_agrees_with_accelerate_where_both_read_a_size():
+    from accelerate.utils import convert_file_size_to_int
+
+    for text in ("10GiB", "512MiB", "5GB", "300MB", "2KiB"):
+        assert gh.parse_size(text) == convert_file_size_to_int(text), text
+    assert gh.parse_size("1.5gb") == 1_500_000_000  # accelerate reads lowercase "gb" as gigabits
+    assert gh.parse_size("1024") == 1024  # accelerate refuses a bare number
+
+
+def test_build_happens_once_under_concurrency(tmp_path):
+    calls, results = [], []
+
+    def build(tmp):
+        calls.append(tmp)
+        (tmp / "config.json").write_text("{}")
+
+    threads = [threading.Thread(target=lambda: results.append(gh.build_atomically(tmp_path / "m", build)))
+               for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join(10) for t in threads]
+    assert len(calls) == 1 and len(results) == 4 and set(results) == {tmp_path / "m"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder or lock left behind
+
+
+@pytest.mark.timeout(240)
+def test_installed_wheel_ships_the_trained_tiny_model(tiny, tmp_path):
+    """pip install on Colab gets the same trained tiny model as the repository, from inside the package."""
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(wheels), str(ROOT)], capture_output=True, text=True, timeout=180)
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next(wheels.glob("gptj_helpers-*.whl"))
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                              str(wheel)], capture_output=True, text=True, timeout=120)
+    assert install.returncode == 0, install.stderr[-2000:]
+    code = ("import gptj_helpers as gh\n"
+            "path = gh.resolve_model('tiny')\n"
+            "m, t = gh.load_model('tiny'), gh.load_tokenizer('tiny')\n"
+            "print(path)\n"
+            "print(repr(gh.generate_text(m, t, 'The list', 16, greedy=True)[0][0]))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path, env={**env, "PYTHONPATH": str(target)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    path, text = run.stdout.strip().splitlines()[-2:]
+    assert path == str(target / "gptj_split" / "tiny-gptj")
+    model, tokenizer = tiny
+    assert text == repr(gh.generate_text(model, tokenizer, "The list", 16, greedy=True)[0][0])
+
+
+def test_default_dtype_is_one_rule():
+    tiny = gh.load_config("tiny")
+    assert gh.default_dtype(tiny) == torch.float32
+    six = gh.gptj_6b_config()
+    assert gh.default_dtype(six, ["cuda:0", "cuda:1"]) == torch.float16
+    assert gh.default_dtype(six, ["cpu"]) == gh.default_dtype(six) == torch.bfloat16
+    half = gh.tiny_config()
+    half.dtype = "float16"
+    assert gh.default_dtype(half) == torch.float16
+    assert gh.plan_split(tiny, "2x4MiB").dtype == "float32"
+    assert gh.plan_split(six, "2x14GiB").dtype == "bfloat16"
+
+
+def test_models_module_stays_importable_first():
+    """models.py (chapter 00) imports nothing from the package."""
+    assert package_imports(PACKAGE / "models.py") == set()
+    assert gptj_split.models.TINY_TRAINED.parent == PACKAGE
