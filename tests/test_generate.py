@@ -66,7 +66,7 @@ def test_sampling_follows_the_seed_recipe(tiny):
     out = model.generate(**ids, do_sample=True, max_new_tokens=16, top_p=0.7, top_k=0, temperature=1.0,
                          pad_token_id=tokenizer.eos_token_id)
     assert texts[0] == tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert record.settings["top_p"] == 0.7 and record.settings["top_k"] == 0 and record.settings["do_sample"]
+    assert record.settings["top_p"] == 0.7 and record.settings["top_k"] == 0 and not record.settings["greedy"]
     # knobs change the text
     hot, _ = gh.generate_text(model, tokenizer, PROMPTS[0], max_new_tokens=16, seed=3, top_k=1)
     assert hot != texts and hot == gh.generate_text(model, tokenizer, PROMPTS[0], max_new_tokens=16, greedy=True)[0]

@@ -1,5 +1,6 @@
 """Notebook 06: the prompt widget, driven from Python (click handlers), then in a real browser (JupyterLab +
 headless Chromium through Playwright)."""
+import dataclasses
 import html
 import json
 import os
@@ -172,7 +173,7 @@ def test_run_line_names_each_stage_and_each_gpu_once(models):
     for s, row in enumerate(record.memory):
         assert f"stage {s} cpu: busy {busy[s] / record.total_seconds:.0%}, {gh.format_size(row.total_bytes)}" in line
     # as on one GPU split into budgets: stages share a device, whose allocation is shown once
-    record.memory = [{**row, "device": "cuda:0", "cuda_allocated_bytes": 3 << 30} for row in record.memory]
+    record.memory = [dataclasses.replace(row, device="cuda:0", cuda_allocated_bytes=3 << 30) for row in record.memory]
     line = gh.format_run_line(record)
     assert line.count("cuda:0 allocated 3.00 GiB") == 1 and line.count("stage ") == 3
 
