@@ -13,7 +13,9 @@ from .devices import format_size
 from .plan import Plan
 from .records import RunRecord, TimingEvent
 from .place import measure_memory, plan_of, tensor_bytes
-from .sampling import Sampling, as_sampling, check_prompts, pad_left
+from .sampling import Sampling, check_prompts, pad_left
+
+DEFAULT_KEYWORDS = dict(greedy=False, temperature=1.0, top_p=0.7, top_k=0, seed=None)  # generate_text's
 
 
 def plan_modules(plan: Plan) -> list[tuple[list[str], torch.device]]:
@@ -165,7 +167,9 @@ def generate_text(model, tokenizer, prompts: str | list[str], max_new_tokens: in
     `stopping_criteria`, a list of transformers stopping criteria, can end generation early (notebook 06's Stop).
     """
     given = dict(greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    sampling = as_sampling(sampling) if sampling is not None else Sampling(**given)
+    if sampling is not None and given != DEFAULT_KEYWORDS:
+        raise ValueError("give either sampling=Sampling(...) or greedy/temperature/top_p/top_k/seed, not both")
+    sampling = sampling if sampling is not None else Sampling(**given)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids = check_prompts(model.config, tokenizer, prompts, max_new_tokens)
     if stream is True and len(prompts) > 1:

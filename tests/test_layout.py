@@ -110,6 +110,8 @@ def test_sampling_object_and_keywords_give_the_same_text(tiny):
     by_object, record = gh.generate_text(model, tokenizer, "The list", 12,
                                          sampling=gh.Sampling(temperature=0.9, top_k=20, seed=4))
     assert by_object == by_keywords and record.settings["top_k"] == 20 and record.settings["seed"] == 4
+    with pytest.raises(ValueError, match="not both"):
+        gh.generate_text(model, tokenizer, "The list", 2, greedy=True, sampling=gh.Sampling(seed=1))
 
 
 def test_seeded_generation_leaves_the_callers_random_state(tiny):
