@@ -6,6 +6,7 @@ streamers) runs on the placed model; hooks at the stage boundaries time each sta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
@@ -14,8 +15,6 @@ from .plan import Plan
 from .records import RunRecord, TimingEvent
 from .place import measure_memory, plan_of, tensor_bytes
 from .sampling import Sampling, check_prompts, pad_left
-
-DEFAULT_KEYWORDS = dict(greedy=False, temperature=1.0, top_p=0.7, top_k=0, seed=None)  # generate_text's
 
 
 def plan_modules(plan: Plan) -> list[tuple[list[str], torch.device]]:
@@ -167,7 +166,7 @@ def generate_text(model, tokenizer, prompts: str | list[str], max_new_tokens: in
     `stopping_criteria`, a list of transformers stopping criteria, can end generation early (notebook 06's Stop).
     """
     given = dict(greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    if sampling is not None and given != DEFAULT_KEYWORDS:
+    if sampling is not None and given != dataclasses.asdict(Sampling()):
         raise ValueError("give either sampling=Sampling(...) or greedy/temperature/top_p/top_k/seed, not both")
     sampling = sampling if sampling is not None else Sampling(**given)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -174,8 +174,7 @@ def prepare_pipeline(settings: LaunchSettings) -> tuple[Plan, list[PipelineJob],
 def plan_pipeline(config, devices: str | list[Device], jobs: list[PipelineJob], dtype: torch.dtype | None,
                   model_name: str) -> Plan:
     """Plan one stage per device, with KV cache room for the longest and widest job (notebook 05)."""
-    devices = devices if isinstance(devices, str) else ",".join(f"{d.name}={d.budget_bytes}" for d in devices)
-    parsed = parse_devices(devices, check=False)
+    parsed = parse_devices(devices, check=False) if isinstance(devices, str) else list(devices)
     check_stage_count(len(parsed), config.n_layer)
     return plan_split(config, parsed, dtype=dtype or default_dtype(config, parsed),
                       max_new_tokens=max(j.input_ids.shape[1] + j.max_new_tokens for j in jobs),

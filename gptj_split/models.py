@@ -130,7 +130,11 @@ def build_atomically(final: Path, build) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
             build(tmp)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # a builder that did not take the lock (no fcntl) got there first
+                if not final.exists():
+                    raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

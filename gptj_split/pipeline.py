@@ -6,6 +6,7 @@ sends hidden states on (token ids back to the first stage) with `torch.distribut
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 import sys
@@ -139,6 +140,7 @@ def new_stage_cache(stage: PipelineStage):
     return DynamicCache(config=stage.config)
 
 
+@functools.cache  # asked on every forward step: inspect the signature once
 def cache_keyword() -> str:
     """What GPTJModel.forward calls its KV cache: `cache` in transformers 5.24, `past_key_values` before."""
     from transformers import GPTJModel

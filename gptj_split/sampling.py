@@ -109,8 +109,7 @@ def check_prompts(config, tokenizer, prompts: str | list[str], max_new_tokens: i
 def check_generation(config, tokenizer, prompts: str | list[str], max_new_tokens: int, greedy: bool = False,
                      temperature: float = 1.0, top_p: float = 0.7, top_k: int = 0) -> list[list[int]]:
     """Refuse bad settings before any work, saying what to do; returns each prompt's token ids (notebook 03)."""
-    check_max_new_tokens(max_new_tokens)
-    Sampling(greedy, temperature, top_p, top_k)
+    check_sampling(max_new_tokens, greedy, temperature, top_p, top_k)
     return check_prompts(config, tokenizer, prompts, max_new_tokens)
 
 

@@ -2,6 +2,7 @@
 re-exports, the trained tiny model inside the package, and the typed objects every path shares."""
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -249,9 +250,15 @@ def test_build_happens_once_under_concurrency(tmp_path):
 @pytest.mark.timeout(240)
 def test_installed_wheel_ships_the_trained_tiny_model(tiny, tmp_path):
     """pip install on Colab gets the same trained tiny model as the repository, from inside the package."""
-    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    wheels, target, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "gptj_helpers.py", "gptj_split"):  # built outside the
+        if (ROOT / name).is_dir():  # repository, so that no build/ folder is left there
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, source / name)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheels), str(ROOT)], capture_output=True, text=True, timeout=180)
+                            "-w", str(wheels), str(source)], capture_output=True, text=True, timeout=180)
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next(wheels.glob("gptj_helpers-*.whl"))
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
