@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ EOS_TOKEN = "<|endoftext|>"
 REPO_DIR = Path(__file__).resolve().parent.parent  # the repository (or site-packages, when pip-installed)
 TINY_TRAINED = Path(__file__).resolve().parent / "tiny-gptj"  # package data: `make tiny-model` trains it
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+GPTJ_6B_RANDOM = "gpt-j-6b-random"  # GPT-J-6B's shapes with seeded random weights: rehearse a setup before downloading
 
 
 def gptj_6b_config():
@@ -237,3 +239,24 @@ def as_dtype(dtype) -> torch.dtype:
 def dtype_name(dtype) -> str:
     """"float16" for torch.float16 (and for "float16")."""
     return str(as_dtype(dtype)).removeprefix("torch.")
+
+
+RANDOM_WEIGHTS = "random_weights.json"  # in a model folder instead of weights: {"seed": S}, weights made from seeds
+
+
+def write_random_model(config, out_dir: str | Path, seed: int = 0) -> Path:
+    """A model folder with a config and a seed instead of weights: every process rebuilds any tensor of it
+    (notebooks 00, 04)."""
+    out_dir = Path(out_dir)
+    config.save_pretrained(str(out_dir))
+    (out_dir / RANDOM_WEIGHTS).write_text(json.dumps({"seed": seed}))
+    return out_dir
+
+
+def seeded_tensor(name: str, shape, config, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One parameter initialised as GPT-J's `_init_weights` does, from its own seed: the same on any process."""
+    if name.endswith("bias") or (".ln_" in name and name.endswith("weight")):
+        fill = 1.0 if name.endswith("weight") else 0.0
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, config.initializer_range, generator=generator)

@@ -9,11 +9,11 @@ reads it, None for a model loaded whole. That attribute is the only state placem
 from __future__ import annotations
 
 import json
-import zlib
 from pathlib import Path
 
 import torch
 
+from .models import RANDOM_WEIGHTS, seeded_tensor
 from .hub import resolve_model
 from .plan import Plan
 from .records import MemoryRow
@@ -49,26 +49,6 @@ def boundary_hook(device: torch.device, dtype: torch.dtype | None):
     def hook(module, args, kwargs):
         return move_to(args, device, dtype), move_to(kwargs, device, dtype)
     return hook
-
-
-RANDOM_WEIGHTS = "random_weights.json"  # in a model folder instead of weights: {"seed": S}, weights made from seeds
-
-
-def write_random_model(config, out_dir: str | Path, seed: int = 0) -> Path:
-    """A model folder with a config and a seed instead of weights: every process can rebuild it (notebook 04)."""
-    out_dir = Path(out_dir)
-    config.save_pretrained(str(out_dir))
-    (out_dir / RANDOM_WEIGHTS).write_text(json.dumps({"seed": seed}))
-    return out_dir
-
-
-def seeded_tensor(name: str, shape, config, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One parameter initialised as GPT-J's `_init_weights` does, from its own seed: the same on any process."""
-    if name.endswith("bias") or (".ln_" in name and name.endswith("weight")):
-        fill = 1.0 if name.endswith("weight") else 0.0
-        return torch.full(shape, fill, dtype=dtype, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, config.initializer_range, generator=generator)
 
 
 class WeightReader:

@@ -165,3 +165,22 @@ def test_module_does_no_work_at_import():
     code = "import sys, gptj_helpers; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.stdout.strip() == "False"
+
+
+def test_gpt_j_6b_random_is_a_named_model_without_weight_files():
+    folder = gh.resolve_model("gpt-j-6b-random")
+    assert (folder / "random_weights.json").exists() and not list(folder.glob("*.safetensors"))
+    config = gh.load_config("gpt-j-6b-random")
+    assert gh.is_gptj_6b(config) and gh.default_dtype(config) == torch.bfloat16
+    assert gh.load_tokenizer("gpt-j-6b-random")("The list")["input_ids"]
+    plan = gh.plan_split("gpt-j-6b-random", "2x7GiB")
+    assert plan.dtype == "bfloat16" and [s.blocks for s in plan.devices] == [(0, 14), (14, 28)]
+
+
+def test_gpt_j_6b_random_refused_before_building_where_it_does_not_fit(monkeypatch):
+    import gptj_split.hub
+
+    monkeypatch.setattr(gptj_split.hub, "available_memory", lambda device: 3 * 2**30)
+    monkeypatch.setattr(gptj_split.hub, "seeded_tensor", lambda *a, **k: pytest.fail("a tensor was built"))
+    with pytest.raises(MemoryError, match=r"needs 11\.27 GiB on cpu, which has 3\.00 GiB free"):
+        gh.load_model("gpt-j-6b-random")
