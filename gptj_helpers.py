@@ -27,22 +27,24 @@ from gptj_split.models import (GPTJ_6B_REPO, GPTJ_6B_REVISION, TINY_SEED, TINY_V
                                TINY_TRAINED, DTYPES, GPTJ_6B_RANDOM, gptj_6b_config, tiny_config, training_text,
                                train_tiny_tokenizer, quiet_progress, random_tiny_model, write_tiny_model, cache_dir,
                                build_atomically, build_lock, tiny_folder, tiny_model_path, meta_model, module_sizes,
-                               count_parameters, mini_config, is_gptj_6b, default_dtype, as_dtype, dtype_name,
-                               RANDOM_WEIGHTS, write_random_model, seeded_tensor)
+                               count_parameters, mini_config, sliced_config, reference_blocks, is_gptj_6b,
+                               default_dtype, as_dtype, dtype_name, RANDOM_WEIGHTS, write_random_model, seeded_tensor)
 from gptj_split.devices import (UNITS, parse_size, format_size, Device, available_memory, list_devices,
-                                check_device_name, parse_devices, describe_environment, reset_peak_rss, peak_rss)
+                                check_device_name, parse_devices, check_card, release_memory, describe_environment,
+                                reset_peak_rss, peak_rss)
 from gptj_split.hub import (WEIGHT_PATTERNS, hub_id, resolve_model, random_gptj_folder, save_tokenizer, load_config,
-                            load_tokenizer, load_model, build_seeded_model, check_room, download_gptj, download_model,
-                            transport_errors, model_files_complete, check_online)
+                            load_tokenizer, load_model, quiet_warnings, build_seeded_model, check_room, download_gptj,
+                            download_model, transport_errors, model_files_complete, check_online)
 from gptj_split.convert import (GPTJ_6B_JAX_CONFIG, JAX_PIECES, jax_config_of, hf_config_of, JaxLeaf, jax_leaves,
                                 split_pieces, target_group, write_safetensors_shards, check_finite, refuse_existing,
                                 read_npz_array, convert_jax_checkpoint, write_jax_checkpoint, make_tiny_gptj,
                                 convert_to_safetensors, measure_command)
 from gptj_split.plan import (StagePlan, Plan, kv_cache_bytes_per_layer, as_config, plan_split, explain_infeasible,
-                             format_plan, accelerate_plan, plot_plan)
+                             format_plan, accelerate_plan, plot_plan, SETUPS, setups_markdown, settings_line,
+                             settings_comment)
 from gptj_split.records import (TimingEvent, MemoryRow, RunRecord)
 from gptj_split.place import (stage_parameter_names, move_to, boundary_hook, WeightReader, place_stages, hook_stages,
-                              plan_of, tensor_bytes, kv_bytes, measure_memory)
+                              plan_of, tensor_bytes, kv_bytes, measure_memory, SplitCheck, check_split)
 from gptj_split.sampling import (SAMPLING_DEFAULTS, Sampling, as_sampling, check_max_new_tokens, check_sampling,
                                  check_prompts, check_generation, pad_left)
 from gptj_split.generate import (plan_modules, stage_modules, StageRecorder, TokenTimes, generate_text, seeded,
@@ -61,9 +63,8 @@ from gptj_split.launch import (CONFIG_ERRORS, LaunchSettings, launch_settings, p
                                describe_stage_failure, run_pipeline_jobs, prompts_job, run_pipeline)
 from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget)
 from gptj_split.cli import (run_notebooks, run_notebook, cmd_make_tiny, cmd_download, cmd_convert_jax, cmd_convert_bin,
-                            cmd_devices, cmd_run_notebooks, cmd_plan, cmd_generate, SETUPS, setups_markdown,
-                            cmd_setups, read_prompts, cmd_pipeline, sampling_of, add_sampling_arguments, build_parser,
-                            main)
+                            cmd_devices, cmd_run_notebooks, cmd_plan, cmd_generate, cmd_setups, read_prompts,
+                            cmd_pipeline, sampling_of, add_sampling_arguments, build_parser, main)
 
 if __name__ == "__main__":
     sys.exit(main())

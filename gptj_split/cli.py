@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 from .models import DTYPES, GPTJ_6B_REPO, GPTJ_6B_REVISION, TINY_SEED, as_dtype, build_atomically, default_dtype
-from .devices import format_size, list_devices, parse_devices
+from .devices import list_devices, parse_devices
 from .hub import download_gptj, load_config, load_tokenizer, resolve_model
 from .convert import convert_jax_checkpoint, convert_to_safetensors, make_tiny_gptj
-from .plan import format_plan, plan_split
+from .plan import format_plan, plan_split, setups_markdown
 from .place import place_stages
 from .sampling import SAMPLING_DEFAULTS, Sampling, check_prompts
 from .generate import format_timing, generate_text
@@ -137,35 +137,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.stream and prompts is not groups[-1]:
             print(flush=True)
         print(format_timing(record), file=sys.stderr)
-
-
-SETUPS = {  # README's "Which setup do I have?": name -> (model, devices, dtype)
-    "Colab, 1 x T4 16 GB": ("gpt-j-6b", "cuda:0=15GiB", "float16"),
-    "Kaggle, 2 x T4 16 GB": ("gpt-j-6b", "cuda:0=15GiB,cuda:1=15GiB", "float16"),
-    "4 x 8 GB": ("gpt-j-6b", "4x7GiB", "float16"),
-    "3 x 10 GB (the seed's box)": ("gpt-j-6b", "3x9GiB", "float16"),
-    "8 x 4 GB": ("gpt-j-6b", "8x3.5GiB", "float16"),
-    "CPU only (tiny default)": ("tiny", "3x4MiB", "float32"),
-}
-
-
-def setups_markdown(reserve: str = "1GiB", prompt_tokens: int = 512, max_new_tokens: int = 256) -> str:
-    """The README's table of common setups, each planned by `plan_split` (README)."""
-    rows = ["| setup | settings line | blocks per device | fullest device |", "|---|---|---|---|"]
-    for name, (model, devices, dtype) in SETUPS.items():
-        res = reserve if model != "tiny" else "0"
-        plan = plan_split(model, parse_devices(devices, check=False), dtype=dtype, reserve=res,
-                          prompt_tokens=prompt_tokens if model != "tiny" else 16,
-                          max_new_tokens=max_new_tokens if model != "tiny" else 48, model_name=model)
-        blocks = " / ".join(str(st.blocks[1] - st.blocks[0]) for st in plan.devices)
-        fullest = max(plan.devices, key=lambda st: st.fill)
-        settings = f'`MODEL = "{model}"; DEVICES = "{devices}"; DTYPE = torch.{dtype}`'
-        rows.append(f"| {name} | {settings} | {blocks} | {format_size(fullest.total_bytes)} of "
-                    f"{format_size(fullest.budget_bytes)} ({fullest.fill:.0%}) |")
-    note = (f"Planned by `python -m gptj_helpers setups`: GPT-J-6B in float16 with {prompt_tokens} prompt tokens, "
-            f"{max_new_tokens} new tokens, batch 1 and a {reserve} reserve per GPU for the CUDA context and "
-            "activations.")
-    return "\n".join(rows) + "\n\n" + note
 
 
 def cmd_setups(args: argparse.Namespace) -> None:

@@ -110,8 +110,30 @@ def parse_devices(spec: str, check: bool = True) -> list[Device]:
         if not size and not check and name.startswith("cuda"):
             raise ValueError(f"device spec part {part!r}: give a budget, like {name}=10GiB")
         budget = parse_size(size) if size else available_memory(name)
+        if check:
+            check_card(name, budget, part)
         devices += [Device(name, budget) for _ in range(count)]
     return devices
+
+
+def check_card(name: str, budget: int, part: str) -> None:
+    """Refuse a budget larger than the GPU it names, as torch reports it (a T4 shows 14.7 GiB) (notebook 00)."""
+    if not name.startswith("cuda"):
+        return
+    props = torch.cuda.get_device_properties(torch.device(name))
+    if budget > props.total_memory:
+        raise ValueError(f"device spec part {part!r}: {name} is a {props.name} with {format_size(props.total_memory)} "
+                         f"in all, less than the budget of {format_size(budget)}: give at most "
+                         f"{props.total_memory // 2**30}GiB, and keep room for the CUDA context")
+
+
+def release_memory() -> None:
+    """Hand memory back after `del model`: collect the garbage, and empty CUDA's cache (notebooks 04, 05)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def describe_environment() -> str:

@@ -208,6 +208,7 @@ def generate_text(model, tokenizer, prompts: str | list[str], max_new_tokens: in
         texts=texts, prompts=prompts, mode="naive" if len(stages) > 1 else "single", new_tokens=sum(counts),
         time_to_first_token=first, tokens_per_second=after_first / (last - first) if last > first else float("nan"),
         total_seconds=total, events=recorder.events(), memory=memory, plan=plan_of(model),
+        output_ids=out.sequences.cpu(),
         settings={"max_new_tokens": max_new_tokens, **sampling.settings(), "batch_size": len(prompts),
                   "prompt_tokens": [len(x) for x in ids]})
     return texts, record

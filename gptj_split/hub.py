@@ -12,7 +12,7 @@ import torch
 
 from .models import (GPTJ_6B_RANDOM, GPTJ_6B_REPO, GPTJ_6B_REVISION, RANDOM_WEIGHTS, TINY_SEED, as_dtype,
                      build_atomically, cache_dir, default_dtype, gptj_6b_config, module_sizes, quiet_progress,
-                     seeded_tensor, tiny_folder, write_random_model)
+                     seeded_tensor, sliced_config, tiny_folder, write_random_model)
 from .devices import available_memory, format_size
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # first match wins: never fetch both copies
@@ -81,26 +81,44 @@ def load_tokenizer(name: str = "tiny"):
     return AutoTokenizer.from_pretrained(str(resolve_model(name)))
 
 
-def load_model(name: str = "tiny", dtype: torch.dtype | None = None, device: str = "cpu"):
-    """Load a whole model onto one device, in eval mode (notebook 00; notebook 02 splits it instead)."""
-    from transformers import GPTJForCausalLM
+def load_model(name: str = "tiny", dtype: torch.dtype | None = None, device: str = "cpu", blocks: int | None = None):
+    """Load a whole model straight onto one device, in eval mode; `blocks`: only the first blocks, with the embedding
+    and head, a slice for checks at full size (notebook 00; notebook 02 splits it instead)."""
+    from transformers import AutoConfig, GPTJForCausalLM
 
     path = resolve_model(name)
+    config = AutoConfig.from_pretrained(str(path))
+    if blocks is not None:
+        config = sliced_config(config, blocks)
     if (path / RANDOM_WEIGHTS).exists():
-        return build_seeded_model(path, as_dtype(dtype), device)
-    with quiet_progress():  # local loads are quick; keeps notebook outputs clean
-        model = GPTJForCausalLM.from_pretrained(str(path), dtype=dtype or "auto", device_map={"": device})
+        return build_seeded_model(path, config, as_dtype(dtype), device)
+    with quiet_progress(), quiet_warnings(blocks is not None):  # a slice leaves the other blocks' tensors unused
+        model = GPTJForCausalLM.from_pretrained(str(path), config=config, dtype=dtype or "auto",
+                                                device_map={"": device})
     return model.eval()
 
 
-def build_seeded_model(path: Path, dtype: torch.dtype | None, device: str):
+@contextlib.contextmanager
+def quiet_warnings(quiet: bool = True):
+    """transformers' warnings off inside the block when `quiet` (its load report of unused tensors), then restored."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def build_seeded_model(path: Path, config, dtype: torch.dtype | None, device: str):
     """A model folder with a seed instead of weights, built tensor by tensor straight onto `device`, after checking
     that the device has room for it (notebook 00)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig, GPTJForCausalLM
+    from transformers import GPTJForCausalLM
 
-    config = AutoConfig.from_pretrained(str(path))
     dtype = dtype or default_dtype(config, [device])
     check_room(module_sizes(config, dtype)["total"], device, f"{path.name} in {str(dtype).removeprefix('torch.')}")
     seed = json.loads((path / RANDOM_WEIGHTS).read_text())["seed"]

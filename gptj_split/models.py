@@ -210,6 +210,24 @@ def mini_config():
     return config
 
 
+def sliced_config(config, blocks: int):
+    """A copy of `config` with only its first `blocks` blocks: a slice of the model (notebooks 00, 02, 04, 05)."""
+    import copy
+
+    sliced = copy.deepcopy(config)
+    sliced.n_layer = blocks
+    return sliced
+
+
+def reference_blocks(config, n_devices: int = 1) -> int | None:
+    """How many blocks a check or reference run may use beside the model: all of them (None) while a second copy is
+    small (under 1 GiB in float16); at GPT-J-6B's size the first blocks, at least one per device, with the embedding
+    and head, since a second 12 GB copy would not fit (notebooks 00, 02, 04, 05)."""
+    if module_sizes(config, torch.float16)["total"] < 2**30:
+        return None
+    return min(config.n_layer, max(2, n_devices))
+
+
 def is_gptj_6b(config) -> bool:
     """Whether a config has GPT-J-6B's shape (the real weights or `gpt-j-6b-random`)."""
     real = gptj_6b_config()

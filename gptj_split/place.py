@@ -9,12 +9,14 @@ reads it, None for a model loaded whole. That attribute is the only state placem
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .models import RANDOM_WEIGHTS, seeded_tensor
+from .models import RANDOM_WEIGHTS, reference_blocks, seeded_tensor, sliced_config
 from .hub import resolve_model
+from .devices import Device, parse_devices
 from .plan import Plan
 from .records import MemoryRow
 
@@ -85,14 +87,17 @@ class WeightReader:
 
 
 def place_stages(model_path, plan: Plan, dtype: torch.dtype | list[torch.dtype] | None = None,
-                 stages: list[int] | None = None, seed: int = 0):
+                 stages: list[int] | None = None, seed: int = 0, blocks: int | None = None):
     """Load each stage's tensors from safetensors onto its device and hook the boundaries; a config instead of a
-    folder gives seeded random weights; `dtype` is one or one per stage; `stages`: load only those (notebook 02)."""
+    folder gives seeded random weights; `dtype` is one or one per stage; `stages`: load only those; `blocks`: only
+    the model's first blocks (with embedding and head), a slice planned as such (notebook 02)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import GPTJForCausalLM
 
     weights = WeightReader(model_path, seed)
+    if blocks is not None:
+        weights.config = sliced_config(weights.config, blocks)
     config = weights.config
     n = len(plan.devices)
     if plan.devices[-1].blocks[1] != config.n_layer:
@@ -168,3 +173,49 @@ def measure_memory(model, cache=None, activations: list[int] | None = None) -> l
             if row.device.startswith("cuda"):
                 row.cuda_allocated_bytes = torch.cuda.memory_allocated(row.device)
     return rows
+
+
+@dataclass
+class SplitCheck:
+    """Greedy tokens of a split model and of the unsplit one on the same weights, and how much of the model both
+    held: all of it, or a slice of its first blocks at full size (notebook 02)."""
+
+    blocks: int
+    n_layer: int
+    split_ids: torch.Tensor
+    whole_ids: torch.Tensor
+
+    @property
+    def equal(self) -> bool:
+        """Whether the split made exactly the unsplit model's tokens."""
+        return torch.equal(self.split_ids, self.whole_ids)
+
+    def __str__(self) -> str:
+        what = (f"all {self.n_layer} blocks" if self.blocks == self.n_layer else
+                f"a slice: the first {self.blocks} of {self.n_layer} blocks, with the embedding and head, since a "
+                "second copy of the whole model would not fit")
+        return f"split == unsplit ({what}): {self.equal}"
+
+
+def check_split(model_name, devices, dtype: torch.dtype | None, input_ids: torch.Tensor,
+                max_new_tokens: int = 24) -> SplitCheck:
+    """Place the model split over `devices` and whole on the first one, generate greedily with both and keep the
+    tokens; at GPT-J-6B's size both hold only a slice, then both are freed (notebook 02)."""
+    from .plan import plan_split
+
+    config = WeightReader(model_name).config
+    parsed = parse_devices(devices, check=False) if isinstance(devices, str) else list(devices)
+    blocks = reference_blocks(config, len(parsed)) or config.n_layer
+    sliced = sliced_config(config, blocks)
+    ids = {}
+    whole = [Device(parsed[0].name, sum(d.budget_bytes for d in parsed))]  # the same room, on one device
+    for key, devs in (("split", parsed), ("whole", whole)):
+        plan = plan_split(sliced, devs, dtype=dtype, prompt_tokens=input_ids.shape[1], max_new_tokens=max_new_tokens)
+        model = place_stages(model_name, plan, blocks=blocks)
+        with torch.inference_mode():
+            ids_here = input_ids.to(plan.devices[0].device)
+            out = model.generate(ids_here, attention_mask=torch.ones_like(ids_here),
+                                 do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=config.eos_token_id)
+        ids[key] = out.cpu()
+        del model
+    return SplitCheck(blocks, config.n_layer, ids["split"], ids["whole"])

@@ -164,3 +164,13 @@ def test_cli_generate(tiny, tiny_path):
     assert out.stdout == f"{PROMPTS[0]}{sampled[0]}\n"
     bad = run_cli("generate", "--model", str(tiny_path), "--devices", "2xcpu", "--prompt", "x", "--top-k", "-2")
     assert bad.returncode == 2 and "top_k=-2" in bad.stderr and bad.stdout == ""
+
+
+def test_record_keeps_the_token_ids_like_the_pipeline(tiny):
+    model, tokenizer = tiny
+    texts, record = gh.generate_text(model, tokenizer, PROMPTS[:2], max_new_tokens=6, greedy=True)
+    ids = gh.check_generation(model.config, tokenizer, PROMPTS[:2], 6)
+    input_ids, mask = gh.pad_left(ids, tokenizer.eos_token_id, "cpu")
+    expected = model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=6,
+                              pad_token_id=tokenizer.eos_token_id)
+    assert torch.equal(record.output_ids, expected)

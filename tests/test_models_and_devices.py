@@ -184,3 +184,16 @@ def test_gpt_j_6b_random_refused_before_building_where_it_does_not_fit(monkeypat
     monkeypatch.setattr(gptj_split.hub, "seeded_tensor", lambda *a, **k: pytest.fail("a tensor was built"))
     with pytest.raises(MemoryError, match=r"needs 11\.27 GiB on cpu, which has 3\.00 GiB free"):
         gh.load_model("gpt-j-6b-random")
+
+
+def test_a_budget_larger_than_the_named_card_is_refused(monkeypatch):
+    """torch reports a T4 as 14.7 GiB: a 15GiB budget on it is refused, naming the card."""
+    class Props:
+        name, total_memory = "Tesla T4", int(14.7 * 2**30)
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    with pytest.raises(ValueError, match=r"cuda:0 is a Tesla T4 with 14\.70 GiB in all.*at most 14GiB"):
+        gh.parse_devices("cuda:0=15GiB")
+    assert gh.parse_devices("cuda:0=14GiB") == [gh.Device("cuda:0", 14 * 2**30)]
+    assert gh.parse_devices("cuda:0=15GiB", check=False)  # planning for a card that is not here: no check

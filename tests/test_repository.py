@@ -114,3 +114,19 @@ def test_binder_provides_every_notebook_import():
     imports = set().union(*(notebook_imports(p) for p in NOTEBOOKS))
     missing = {m for m in imports if m not in sys.stdlib_module_names and m.lower() not in provided}
     assert not missing, f"notebooks import {missing}, which environment.yml does not provide"
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if not p.name.startswith("01_")], ids=lambda p: p.name)
+def test_settings_cell_is_one_line_to_switch_with_the_setups_table(path):
+    """Every settings cell carries the same suggested lines, from gh.SETUPS, and one MODEL line to replace."""
+    cell = next(source(c) for c in cells(path) if c["cell_type"] == "code" and source(c).startswith("# Settings"))
+    assert gh.settings_comment() in cell
+    model_lines = [line for line in cell.splitlines() if line.startswith("MODEL = ")]
+    assert len(model_lines) == 1 and "; DEVICES = " in model_lines[0] and "; DTYPE = torch." in model_lines[0]
+    suggested = [line.split(": ", 1)[1].strip() for line in cell.splitlines() if line.startswith("#   ")]
+    assert suggested == [gh.settings_line(name) for name in gh.SETUPS if gh.SETUPS[name][0] != "tiny"]
+
+
+def test_readme_suggests_only_lines_of_the_setups_table():
+    lines = set(re.findall(r'`(MODEL = "gpt-j-6b[^`]*)`', (ROOT / "README.md").read_text()))
+    assert lines and lines <= {gh.settings_line(name) for name in gh.SETUPS}
