@@ -7,7 +7,7 @@ BUILD  := build
 export PYTHONPATH := $(CURDIR)
 
 
-.PHONY: demo test lab venv notebooks tiny-model clean set-repo
+.PHONY: demo test lab venv notebooks tiny-model clean set-repo rehearse
 
 venv: $(STAMP)
 
@@ -29,6 +29,9 @@ test: $(STAMP)  ## lint, unit tests, then every committed notebook checked by nb
 
 notebooks: $(STAMP)  ## re-execute the committed notebooks in place (after changing the helpers)
 	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --inplace
+
+rehearse: $(STAMP)  ## every notebook at GPT-J-6B's size (random weights) on the CPU: 20 to 40 minutes, 14 GiB of RAM
+	$(PY) benchmarks/rehearse.py
 
 tiny-model: $(STAMP)  ## retrain the tiny default that speaks into gptj_split/tiny-gptj (about 10 minutes on 2 CPU cores)
 	$(PY) assets/train_tiny.py gptj_split/tiny-gptj

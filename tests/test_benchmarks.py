@@ -17,3 +17,35 @@ def test_pipeline_speedup_quick_mode_runs_and_matches_tokens():
     for line in ("two-core scaling (prefill):", "two-core scaling (decode):", "prefill speedup:", "decode speedup:",
                  "prefill bubble: measured"):
         assert line in out.stdout  # no speed is asserted: only that every figure is measured and printed
+
+
+@pytest.mark.timeout(200)
+def test_rehearsal_quick_mode_switches_the_settings_line_and_reports_each_notebook():
+    out = subprocess.run([sys.executable, "benchmarks/rehearse.py", "--quick", "--notebooks", "00"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert 'with `MODEL = "tiny"; DEVICES = "3x4MiB"; DTYPE = torch.float32`' in out.stdout
+    assert "| 00_start_here.ipynb | yes |" in out.stdout
+    assert "| 01 from pytorch_model.bin | yes |" in out.stdout and "| 01 from the JAX slim layout | yes |" in out.stdout
+
+
+def test_rehearsal_switches_only_the_model_line_and_refuses_a_cell_without_one():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from rehearse import rehearsal_source
+
+    cell = '# Settings\n# MODEL = "x" in a comment stays\nMODEL = "tiny"; DEVICES = "cpu"\nMAX_NEW_TOKENS = 24\nSEED = 0'
+    switched = rehearsal_source(cell, 'MODEL = "gpt-j-6b-random"; DEVICES = "2x7GiB"', 4)
+    assert switched.splitlines() == ["# Settings", '# MODEL = "x" in a comment stays',
+                                     'MODEL = "gpt-j-6b-random"; DEVICES = "2x7GiB"', "MAX_NEW_TOKENS = 4", "SEED = 0"]
+    with pytest.raises(ValueError, match="no MODEL line"):
+        rehearsal_source("# Settings\nDEVICES = 'cpu'", "MODEL = 'x'", 4)
+
+
+@pytest.mark.timeout(120)
+def test_rehearsal_watchdog_ends_a_notebook_past_its_memory_limit():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from rehearse import run_notebook
+
+    row = run_notebook(ROOT / "notebooks" / "00_start_here.ipynb", 'MODEL = "tiny"; DEVICES = "cpu"; '
+                       "DTYPE = torch.float32", 4, limit=1, timeout=60)
+    assert not row["ok"] and row["error"] == "ended by the watchdog (memory)"
