@@ -33,7 +33,8 @@ def test_rehearsal_switches_only_the_model_line_and_refuses_a_cell_without_one()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from rehearse import rehearsal_source
 
-    cell = '# Settings\n# MODEL = "x" in a comment stays\nMODEL = "tiny"; DEVICES = "cpu"\nMAX_NEW_TOKENS = 24\nSEED = 0'
+    cell = ('# Settings\n# MODEL = "x" in a comment stays\nMODEL = "tiny"; DEVICES = "cpu"\n'
+            "MAX_NEW_TOKENS = 24\nSEED = 0")
     switched = rehearsal_source(cell, 'MODEL = "gpt-j-6b-random"; DEVICES = "2x7GiB"', 4)
     assert switched.splitlines() == ["# Settings", '# MODEL = "x" in a comment stays',
                                      'MODEL = "gpt-j-6b-random"; DEVICES = "2x7GiB"', "MAX_NEW_TOKENS = 4", "SEED = 0"]
