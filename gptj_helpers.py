@@ -5,7 +5,8 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | notebook                     | file(s) in gptj_split/                                                           |
 |------------------------------|----------------------------------------------------------------------------------|
 | 00 start here                | models.py (configs, the tiny default, sizes, dtypes), devices.py (budgets, RSS)  |
-| 00, 01 download and convert  | hub.py (names to folders, hub download, load_*), convert.py (JAX slim, .bin)     |
+| 00, 01 download and convert  | hub.py (names to folders, hub download, load_*), convert.py (JAX slim),          |
+|                              | convert_bin.py (pytorch_model*.bin to safetensors, once, beside them)            |
 | 02 layer splitting           | plan.py (Plan, min-max planner, refusals), place.py (load per stage, hooks)      |
 | 03 generation                | sampling.py (Sampling, prompt checks), generate.py (generate_text, stage timing) |
 | 03 to 05 (shared)            | records.py (RunRecord, MemoryRow, TimingEvent)                                   |
@@ -37,7 +38,11 @@ from gptj_split.hub import (WEIGHT_PATTERNS, hub_id, resolve_model, random_gptj_
 from gptj_split.convert import (GPTJ_6B_JAX_CONFIG, JAX_PIECES, jax_config_of, hf_config_of, JaxLeaf, jax_leaves,
                                 split_pieces, target_group, write_safetensors_shards, check_finite, refuse_existing,
                                 read_npz_array, convert_jax_checkpoint, write_jax_checkpoint, make_tiny_gptj,
-                                convert_to_safetensors, measure_command)
+                                measure_command)
+from gptj_split.convert_bin import (BIN_INDEX, SAFETENSORS_INDEX, MASK_BUFFERS, COPIED_SUFFIXES, files_complete,
+                                    safetensors_complete, bin_files, read_bin, bin_sources, bin_groups, files_label,
+                                    copy_side_files, convert_to_safetensors, writable, converted_copy, check_disk,
+                                    convert_in_place, check_conversion, delete_bin, placeable_folder)
 from gptj_split.plan import (StagePlan, Plan, kv_cache_bytes_per_layer, as_config, plan_split, explain_infeasible,
                              format_plan, accelerate_plan, plot_plan)
 from gptj_split.records import (TimingEvent, MemoryRow, RunRecord)

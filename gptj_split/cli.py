@@ -12,7 +12,8 @@ from pathlib import Path
 from .models import DTYPES, GPTJ_6B_REPO, GPTJ_6B_REVISION, TINY_SEED, as_dtype, build_atomically, default_dtype
 from .devices import format_size, list_devices, parse_devices
 from .hub import download_gptj, load_config, load_tokenizer, resolve_model
-from .convert import convert_jax_checkpoint, convert_to_safetensors, make_tiny_gptj
+from .convert import convert_jax_checkpoint, make_tiny_gptj
+from .convert_bin import convert_to_safetensors
 from .plan import format_plan, plan_split
 from .place import place_stages
 from .sampling import SAMPLING_DEFAULTS, Sampling, check_prompts
