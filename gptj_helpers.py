@@ -41,8 +41,8 @@ from gptj_split.convert import (GPTJ_6B_JAX_CONFIG, JAX_PIECES, jax_config_of, h
                                 measure_command)
 from gptj_split.convert_bin import (BIN_INDEX, SAFETENSORS_INDEX, MASK_BUFFERS, COPIED_SUFFIXES, files_complete,
                                     safetensors_complete, bin_files, read_bin, bin_sources, bin_groups, files_label,
-                                    copy_side_files, convert_to_safetensors, writable, converted_copy, check_disk,
-                                    convert_in_place, check_conversion, delete_bin, placeable_folder)
+                                    copy_modes, copy_side_files, convert_to_safetensors, writable, converted_copy,
+                                    check_disk, convert_in_place, check_conversion, delete_bin, placeable_folder)
 from gptj_split.plan import (StagePlan, Plan, kv_cache_bytes_per_layer, as_config, plan_split, explain_infeasible,
                              format_plan, accelerate_plan, plot_plan)
 from gptj_split.records import (TimingEvent, MemoryRow, RunRecord)

@@ -123,6 +123,13 @@ def files_label(files: list[Path]) -> str:
     return files[0].name if len(files) == 1 else f"{len(files)} .bin files"
 
 
+def copy_modes(out: Path, like: Path) -> None:
+    """Give the files in `out` the read/write bits of the file `like` (safetensors writes 0600: others could not
+    read a shared cache)."""
+    for part in out.iterdir():
+        os.chmod(part, like.stat().st_mode & 0o666)
+
+
 def copy_side_files(src: Path, out: Path, dtype: torch.dtype | None) -> None:
     """Copy config and tokenizer files (not the .bin index) from `src` to `out`, recording a new dtype."""
     for extra in src.iterdir():
@@ -151,6 +158,8 @@ def convert_to_safetensors(src: str | Path, out_dir: str | Path, dtype: torch.dt
         copy_side_files(files[0].parent, tmp, dtype)
         write_safetensors_shards(tmp, bin_groups(sources, dtype), len(sources), f"converting {files_label(files)}",
                                  progress)
+        copy_modes(tmp, files[0])
+        os.chmod(tmp, files[0].parent.stat().st_mode & 0o777)  # not mkdtemp's 0700
 
     return build_atomically(out_dir, build)
 
@@ -197,6 +206,7 @@ def convert_in_place(folder: str | Path, progress: bool = True) -> Path:
         try:
             write_safetensors_shards(tmp, bin_groups(sources, None), len(sources), f"converting {files_label(files)}",
                                      progress)
+            copy_modes(tmp, files[0])
             for part in sorted(tmp.iterdir(), key=lambda p: p.name == SAFETENSORS_INDEX):  # the index last
                 os.replace(part, folder / part.name)
         finally:

@@ -321,6 +321,8 @@ def test_generate_command_converts_a_local_bin_folder_once(tmp_path, tiny_path, 
     assert r.stdout == "The list" + want[0] + "\n"
     assert "converting 1 .bin file(s)" in r.stderr
     assert (folder / "pytorch_model.bin").exists() and gh.safetensors_complete(folder)
+    mode = (folder / "pytorch_model.bin").stat().st_mode
+    assert all(f.stat().st_mode == mode for f in folder.glob("model*"))  # readable as the .bin is, not 0600
     index = (folder / "model.safetensors.index.json").stat().st_mtime_ns
     assert gh.resolve_model(str(folder)) == folder
     assert (folder / "model.safetensors.index.json").stat().st_mtime_ns == index  # converted once
@@ -708,6 +710,8 @@ def test_sharded_bin_folder_converts_to_a_new_folder(tmp_path, tiny_path, layout
     assert sorted(converted) == sorted(original)
     assert all(torch.equal(converted[k], original[k].half()) for k in original)
     assert not (out / "pytorch_model.bin.index.json").exists() and (out / "tokenizer.json").exists()
+    assert out.stat().st_mode == src.stat().st_mode  # not mkdtemp's 0700
+    assert {f.stat().st_mode for f in out.glob("*.safetensors")} == {(src / "config.json").stat().st_mode}
     assert sorted(p.name for p in src.iterdir()) == sorted(layouts["test-org/bin-sharded"])  # the source untouched
 
 
