@@ -85,7 +85,7 @@ def cmd_convert_jax(args: argparse.Namespace) -> None:
 
 
 def cmd_convert_bin(args: argparse.Namespace) -> None:
-    """convert-bin SRC OUT_DIR: a pytorch_model.bin (or its folder) to safetensors."""
+    """convert-bin SRC OUT_DIR: a pytorch_model.bin, or a folder of one or sharded .bin files, to safetensors."""
     print(convert_to_safetensors(args.src, args.out_dir, dtype=DTYPES.get(args.dtype), progress=not args.no_progress))
 
 
@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert_jax)
 
     p = sub.add_parser("convert-bin", help="convert a pytorch_model.bin to safetensors without running pickle code")
-    p.add_argument("src", help="pytorch_model.bin, or the folder holding it (its config and tokenizer are copied)")
+    p.add_argument("src", help="pytorch_model.bin, or the folder holding it or its shards (config and tokenizer are "
+                   "copied)")
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: keep the saved dtype")
     p.add_argument("--no-progress", action="store_true")
