@@ -5,7 +5,8 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | notebook                     | file(s) in gptj_split/                                                           |
 |------------------------------|----------------------------------------------------------------------------------|
 | 00 start here                | models.py (configs, the tiny default, sizes, dtypes), devices.py (budgets, RSS)  |
-| 00, 01 download and convert  | hub.py (names to folders, hub download, load_*), convert.py (JAX slim, .bin)     |
+| 00, 01 download and convert  | hub.py (names to folders, hub download, load_*), convert.py (JAX slim),          |
+|                              | convert_bin.py (pytorch_model*.bin to safetensors, once, beside them)            |
 | 02 layer splitting           | plan.py (Plan, min-max planner, refusals), place.py (load per stage, hooks)      |
 | 03 generation                | sampling.py (Sampling, prompt checks), generate.py (generate_text, stage timing) |
 | 03 to 05 (shared)            | records.py (RunRecord, MemoryRow, TimingEvent)                                   |
@@ -38,7 +39,11 @@ from gptj_split.hub import (WEIGHT_PATTERNS, hub_id, resolve_model, random_gptj_
 from gptj_split.convert import (GPTJ_6B_JAX_CONFIG, JAX_PIECES, jax_config_of, hf_config_of, JaxLeaf, jax_leaves,
                                 split_pieces, target_group, write_safetensors_shards, check_finite, refuse_existing,
                                 read_npz_array, convert_jax_checkpoint, write_jax_checkpoint, make_tiny_gptj,
-                                convert_to_safetensors, measure_command)
+                                measure_command)
+from gptj_split.convert_bin import (BIN_INDEX, SAFETENSORS_INDEX, MASK_BUFFERS, COPIED_SUFFIXES, files_complete,
+                                    safetensors_complete, bin_files, read_bin, bin_sources, bin_groups, files_label,
+                                    copy_modes, copy_side_files, convert_to_safetensors, writable, converted_copy,
+                                    check_disk, convert_in_place, check_conversion, delete_bin, placeable_folder)
 from gptj_split.plan import (StagePlan, Plan, kv_cache_bytes_per_layer, as_config, plan_split, explain_infeasible,
                              format_plan, accelerate_plan, plot_plan, SETUPS, setups_markdown, settings_line,
                              settings_comment)
@@ -64,7 +69,7 @@ from gptj_split.launch import (CONFIG_ERRORS, LaunchSettings, launch_settings, p
 from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget)
 from gptj_split.cli import (run_notebooks, run_notebook, cmd_make_tiny, cmd_download, cmd_convert_jax, cmd_convert_bin,
                             cmd_devices, cmd_run_notebooks, cmd_plan, cmd_generate, cmd_setups, read_prompts,
-                            cmd_pipeline, sampling_of, add_sampling_arguments, build_parser, main)
+                            cmd_pipeline, sampling_of, add_sampling_arguments, DELETE_BIN_HELP, build_parser, main)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,6 @@
 """Notebook 01: weights into safetensors, streamed in bounded memory. The original JAX "slim" checkpoint (8 shards x
-16 pieces) and `pytorch_model.bin` pickles (read with `weights_only`) become one safetensors file per block.
+16 pieces) becomes one safetensors file per block; `write_safetensors_shards` also writes convert_bin.py's
+conversion of `pytorch_model.bin` pickles.
 """
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +122,10 @@ def write_safetensors_shards(out: Path, groups, total: int, desc: str, progress:
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
-    """Refuse NaN or inf in a weight, naming it."""
-    if not torch.isfinite(t).all():
+    """Refuse NaN or inf in a weight, naming it; checked a few MiB of rows at a time (isfinite's temporaries of a
+    whole 394 MiB embedding took more memory than the embedding)."""
+    rows = t.split(max(1, 2**20 // max(1, t[0].numel()))) if t.dim() else [t]
+    if not all(torch.isfinite(chunk).all() for chunk in rows):
         raise ValueError(f"{what} contains NaN or inf (after conversion to {t.dtype}): the checkpoint is damaged, "
                          "or its values overflow this dtype (try --dtype bfloat16 or float32)")
 
@@ -265,52 +267,6 @@ def make_tiny_gptj(out_dir: str | Path, seed: int = TINY_SEED, format: str = "hf
     if format != "hf":
         raise ValueError(f"unknown format {format!r}: use hf or jax-slim")
     return write_tiny_model(out_dir, seed)
-
-
-def convert_to_safetensors(src: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
-                           progress: bool = True) -> Path:
-    """Turn a pytorch_model.bin (and the config and tokenizer beside it) into safetensors shards, memory-mapped
-    (notebook 01)."""
-    import pickle
-
-    src, out_dir = Path(src), Path(out_dir)
-    file = src / "pytorch_model.bin" if src.is_dir() else src
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist")
-    refuse_existing(out_dir)
-    try:  # weights_only: the unpickler builds tensors and plain containers, and runs no other code
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{file} holds more than tensors, so it was not loaded ({str(err).splitlines()[0]}). "
-                         "Convert only weight files; never torch.load a pickle you do not trust.") from err
-    except RuntimeError as err:
-        raise ValueError(f"{file} is not a torch.save zip file that can be memory-mapped: {err}") from err
-    if not isinstance(state, dict):
-        raise ValueError(f"{file} holds a {type(state).__name__}, not a dict of tensor names to tensors")
-    for name, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{file}: {name!r} is not a tensor ({type(value).__name__}); this is not a weight file")
-    names = [k for k in state if not k.endswith((".attn.bias", ".attn.masked_bias"))]  # old mask buffers
-
-    def groups(bar):
-        for group in sorted({target_group(k) for k in names}):
-            tensors = {k: state[k].to(dtype or state[k].dtype, copy=True) for k in names if target_group(k) == group}
-            for k, t in tensors.items():
-                check_finite(t, f"{k} in {file}")
-            bar.update(len(tensors))
-            yield group, tensors
-
-    def build(tmp: Path) -> None:
-        for extra in file.parent.iterdir():  # config and tokenizer files travel along
-            if extra.suffix in (".json", ".txt", ".model") and not extra.name.endswith(".bin.index.json"):
-                shutil.copy(extra, tmp / extra.name)
-        if dtype is not None and (tmp / "config.json").exists():
-            cfg = json.loads((tmp / "config.json").read_text())
-            cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] = str(dtype).removeprefix("torch.")
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        write_safetensors_shards(tmp, groups, len(names), f"converting {file.name}", progress)
-
-    return build_atomically(out_dir, build)
 
 
 def measure_command(argv: list[str], timeout: float = 3600) -> dict:

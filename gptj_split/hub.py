@@ -1,5 +1,7 @@
 """Notebooks 00 and 01: model names to local folders. "tiny" (shipped with the package), a local folder, or a hub
 id such as "gpt-j-6b", downloaded with huggingface_hub; then the config, tokenizer or whole model loaded from it.
+Whatever layout the weights come in (safetensors, one or sharded pytorch_model.bin), the folder returned holds
+safetensors the split can place: .bin files are converted once, beside themselves (convert_bin.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from .models import (GPTJ_6B_RANDOM, GPTJ_6B_REPO, GPTJ_6B_REVISION, RANDOM_WEIG
                      build_atomically, cache_dir, default_dtype, gptj_6b_config, module_sizes, quiet_progress,
                      seeded_tensor, sliced_config, tiny_folder, write_random_model)
 from .devices import available_memory, format_size
+from .convert_bin import BIN_INDEX, SAFETENSORS_INDEX, files_complete, placeable_folder
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # first match wins: never fetch both copies
 
@@ -25,9 +28,10 @@ def hub_id(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def resolve_model(name: str = "tiny") -> Path:
+def resolve_model(name: str = "tiny", delete_bin: bool = False) -> Path:
     """Turn "tiny", "gpt-j-6b-random", a local folder, "gpt-j-6b" or a hub id into a local folder with a config and
-    weights, or a seed for them (notebook 00)."""
+    safetensors weights, or a seed for them; .bin weights are converted once, and with `delete_bin` deleted after a
+    check (notebooks 00, 01)."""
     if name == "tiny":  # the trained weights shipped in the package (make tiny-model), else the random model
         return tiny_folder()
     if name == GPTJ_6B_RANDOM:
@@ -37,11 +41,11 @@ def resolve_model(name: str = "tiny") -> Path:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json: is it a converted model folder? "
                                     "See notebook 01 to download or convert one.")
-        return path
+        return placeable_folder(path, delete_bin)
     if name.count("/") > 1 or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder {path} does not exist")
     repo_id, revision = hub_id(name)
-    return download_gptj(repo_id, revision=revision)
+    return download_gptj(repo_id, revision=revision, delete_bin=delete_bin)
 
 
 def random_gptj_folder(seed: int = TINY_SEED) -> Path:
@@ -140,9 +144,16 @@ def check_room(nbytes: int, device: str, what: str) -> None:
 
 def download_gptj(repo_id: str = GPTJ_6B_REPO, revision: str | None = GPTJ_6B_REVISION,
                   local_dir: str | Path | None = None, endpoint: str | None = None,
-                  cache_dir: str | Path | None = None) -> Path:
-    """Download config, tokenizer and one copy of the weights with huggingface_hub: progress bars, retries (notebook
-    01)."""
+                  cache_dir: str | Path | None = None, delete_bin: bool = False) -> Path:
+    """Download config, tokenizer and one copy of the weights (safetensors if the branch has them, else the .bin
+    files) with huggingface_hub, and return a folder the split can place (notebook 01).
+
+    huggingface_hub retries a dropped transfer within the call, continuing with Range requests past its first 10 MiB.
+    A call that fails keeps the files it finished; the next call fetches the rest, an unfinished file from its start.
+    .bin weights are converted once to safetensors beside them (`convert_in_place`: in the hub-cache snapshot or
+    `local_dir`, about as big again); `delete_bin=True` then deletes the .bin files (and their cache blobs) after
+    checking every tensor's name, shape and end rows against the copy.
+    """
     from fnmatch import fnmatch
 
     from huggingface_hub import HfApi, snapshot_download
@@ -152,7 +163,7 @@ def download_gptj(repo_id: str = GPTJ_6B_REPO, revision: str | None = GPTJ_6B_RE
     with contextlib.suppress(LocalEntryNotFoundError):  # complete already? then no network at all
         path = Path(snapshot_download(**kwargs, local_files_only=True, allow_patterns=["*.json"]))
         if model_files_complete(path):
-            return path
+            return placeable_folder(path, delete_bin)
     check_online(endpoint)
     files = HfApi(endpoint=endpoint).list_repo_files(repo_id, revision=revision)
     weights = next((p for p in WEIGHT_PATTERNS if any(fnmatch(f, p) for f in files)), None)
@@ -160,10 +171,12 @@ def download_gptj(repo_id: str = GPTJ_6B_REPO, revision: str | None = GPTJ_6B_RE
         raise FileNotFoundError(f"{repo_id}@{revision} has no safetensors or pytorch_model.bin weights")
     patterns = ["*.json", "*.txt", "*.model", weights]
     try:
-        return Path(snapshot_download(**kwargs, allow_patterns=patterns))
+        path = Path(snapshot_download(**kwargs, allow_patterns=patterns))
     except transport_errors() as err:  # a dropped connection, after the hub's own retries
         raise ConnectionError(f"downloading {repo_id}@{revision} was interrupted ({type(err).__name__}: {err}). "
-                              "Run the same command again: finished files are kept, the rest starts over.") from err
+                              "Run the same command again: finished files are kept, an unfinished one starts "
+                              "over.") from err
+    return placeable_folder(path, delete_bin)
 
 
 download_model = download_gptj  # an older name, kept for notebooks that use it
@@ -181,13 +194,10 @@ def transport_errors() -> tuple[type[BaseException], ...]:
 
 
 def model_files_complete(path: Path) -> bool:
-    """True when a folder has config.json and every weight file its index names (or one unsharded file)."""
-    if not (path / "config.json").exists():
-        return False
-    for index in path.glob("*.index.json"):
-        names = set(json.loads(index.read_text())["weight_map"].values())
-        return all((path / n).exists() for n in names)
-    return any((path / n).exists() for n in ("model.safetensors", "pytorch_model.bin"))
+    """True when a folder has config.json and complete weights: model.safetensors or pytorch_model.bin, or an index
+    and every file it names (notebook 01)."""
+    return (path / "config.json").exists() and (files_complete(path, SAFETENSORS_INDEX, "model.safetensors")
+                                                or files_complete(path, BIN_INDEX, "pytorch_model.bin"))
 
 
 def check_online(endpoint: str | None = None, timeout: float = 3.0) -> None:

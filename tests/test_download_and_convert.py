@@ -1,6 +1,8 @@
 """Notebook 01: downloading from a (local, fake) hub, converting the JAX slim checkpoint and pickles, bad input."""
 import hashlib
+import io
 import json
+import re
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -9,29 +11,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 
 import gptj_helpers as gh
 from conftest import run_cli
 
 # ---------------------------------------------------------------- a small hub on 127.0.0.1
 
-REPO, SHA = "test-org/tiny-gptj", "0123456789abcdef0123456789abcdef01234567"
+REPO = "test-org/tiny-gptj"
+LAYOUTS = ("safetensors", "safetensors-sharded", "bin-with-masks", "bin-sharded")  # repos test-org/LAYOUT
 
 
 class FakeHub(BaseHTTPRequestHandler):
-    """The hub's URL layout for one repo: revision info, tree listing, HEAD/GET resolve with Range."""
+    """The hub's URL layout for several repos: revision info, tree listing, HEAD/GET resolve with Range."""
 
-    files: dict = {}
+    repos: dict = {}  # repo id -> {file name: bytes}
+    files: dict = {}  # REPO's files (the same dict as repos[REPO])
     log: list = []
     drop: dict = {}  # file -> (bytes sent before the connection is cut, how many GETs to cut)
+    timeout = 30  # seconds a connection may stall before its thread gives up
 
     def log_message(self, *args):
         pass
 
-    def send_json(self, obj):
+    def send_json(self, obj, status=200):
         body = json.dumps(obj).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -43,22 +48,24 @@ class FakeHub(BaseHTTPRequestHandler):
     def do_GET(self, head=False):
         path = self.path.split("?")[0]
         self.log.append((self.command, path, self.headers.get("Range")))
-        if path.startswith(f"/api/models/{REPO}/revision/"):
-            return self.send_json({"id": REPO, "sha": SHA})
-        if path.startswith(f"/api/models/{REPO}/tree/"):
+        api = re.match(r"/api/models/(.+)/(revision|tree)/", path)
+        resolve = re.match(r"/(.+?/.+?)/resolve/[^/]+/(.+)", path)
+        repo = api.group(1) if api else resolve.group(1) if resolve else None
+        if repo not in self.repos or (resolve and resolve.group(2) not in self.repos[repo]):
+            return self.send_json({"error": "not found"}, 404)
+        files = self.repos[repo]
+        if api and api.group(2) == "revision":
+            return self.send_json({"id": repo, "sha": repo_sha(repo)})
+        if api:
             return self.send_json([{"type": "file", "path": name, "size": len(data), "oid": sha(data)[:40],
                                     "lfs": {"oid": sha(data), "size": len(data), "pointerSize": 130}}
-                                   for name, data in sorted(self.files.items())])
-        name = path.split("/resolve/", 1)[-1].split("/", 1)[-1]
-        if not path.startswith(f"/{REPO}/resolve/") or name not in self.files:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            return self.end_headers()
-        data, start = self.files[name], 0
+                                   for name, data in sorted(files.items())])
+        name = resolve.group(2)
+        data, start = files[name], 0
         if self.headers.get("Range"):
             start = int(self.headers["Range"].split("=")[1].split("-")[0])
         self.send_response(206 if start else 200)
-        self.send_header("X-Repo-Commit", SHA)
+        self.send_header("X-Repo-Commit", repo_sha(repo))
         self.send_header("ETag", f'"{sha(data)}"')
         self.send_header("Content-Length", str(len(data) - start))
         if start:
@@ -81,9 +88,57 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def repo_sha(repo: str) -> str:
+    return hashlib.sha1(repo.encode()).hexdigest()
+
+
+def saved(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def with_mask_buffers(state: dict, n_layer: int) -> dict:
+    """A state dict plus the causal-mask buffers that 2021 exports (GPT-J's main branch) carried."""
+    state = dict(state)
+    for i in range(n_layer):
+        state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 512, 512, dtype=torch.bool))
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e9)
+    return state
+
+
+def layout_files(tiny_path: Path, layout: str) -> dict[str, bytes]:
+    """The tiny model's config, tokenizer and weights in one of the hub's layouts; shards cut inside a block."""
+    files = {p.name: p.read_bytes() for p in tiny_path.iterdir() if p.is_file() and p.name != "model.safetensors"}
+    state = load_file(tiny_path / "model.safetensors")
+    if layout == "safetensors":
+        return {**files, "model.safetensors": (tiny_path / "model.safetensors").read_bytes()}
+    if layout == "bin-with-masks":
+        return {**files, "pytorch_model.bin": saved(with_mask_buffers(state, gh.tiny_config().n_layer))}
+    names = list(state)
+    cut = len(names) // 2 + 3
+    assert gh.target_group(names[cut - 1]) == gh.target_group(names[cut])  # one block's tensors in both files
+    ext, prefix, index = ((".safetensors", "model", "model.safetensors.index.json") if layout == "safetensors-sharded"
+                          else (".bin", "pytorch_model", "pytorch_model.bin.index.json"))
+    weight_map = {}
+    for i, part in enumerate((names[:cut], names[cut:])):
+        fname = f"{prefix}-{i + 1:05d}-of-00002{ext}"
+        tensors = {k: state[k] for k in part}
+        files[fname] = save(tensors) if ext == ".safetensors" else saved(tensors)
+        weight_map.update({k: fname for k in part})
+    files[index] = json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+    return files
+
+
+@pytest.fixture(scope="module")
+def layouts(tiny_path):
+    return {f"test-org/{layout}": layout_files(tiny_path, layout) for layout in LAYOUTS}
+
+
 @pytest.fixture
-def hub(tiny_path, tmp_path, monkeypatch):
-    """Serve the tiny model (plus files a download must skip) on a free port; yields (endpoint, handler class)."""
+def hub(tiny_path, layouts, tmp_path, monkeypatch):
+    """Serve the tiny model (plus files a download must skip) as REPO, and in every layout as test-org/LAYOUT, on a
+    free port; yields (endpoint, handler class)."""
     import huggingface_hub.file_download
     import huggingface_hub.utils._http
 
@@ -92,7 +147,8 @@ def hub(tiny_path, tmp_path, monkeypatch):
     files = {p.name: p.read_bytes() for p in tiny_path.iterdir() if p.is_file()}
     files["pytorch_model.bin"] = b"a second copy of the weights, never to be fetched" * 1000
     files["flax_model.msgpack"] = b"not needed"
-    handler = type("Hub", (FakeHub,), {"files": files, "log": [], "drop": {}})
+    repos = {REPO: files, **{repo: dict(layout) for repo, layout in layouts.items()}}
+    handler = type("Hub", (FakeHub,), {"repos": repos, "files": files, "log": [], "drop": {}})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -162,6 +218,186 @@ def test_offline_fails_fast_with_advice(tmp_path, monkeypatch):
         gh.download_gptj(REPO, endpoint="http://127.0.0.1:1", cache_dir=tmp_path / "hub")
     r = run_cli("download", REPO, "--endpoint", f"http://127.0.0.1:{port}", "--local-dir", str(tmp_path / "x"))
     assert r.returncode == 2 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- every hub layout ends placeable
+
+def greedy_tokens(model, tokenizer, n=8):
+    batch = tokenizer(["The list", "A function is"], return_tensors="pt", padding=True)
+    return model.generate(**batch, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+
+
+def check_placeable(path: Path, tiny) -> None:
+    """`path` places as two stages whose greedy tokens equal the original model's, and holds no mask buffers."""
+    model, tokenizer = tiny
+    tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.eos_token
+    assert gh.safetensors_complete(path)
+    names = gh.stage_parameter_names(path)
+    assert sorted(names) == sorted(model.state_dict()) and not any(k.endswith(gh.MASK_BUFFERS) for k in names)
+    plan = gh.plan_split(path, "cpu,cpu", dtype=torch.float32)
+    assert [st.blocks[1] > st.blocks[0] for st in plan.devices] == [True, True]
+    split = gh.place_stages(path, plan)
+    assert torch.equal(greedy_tokens(split, tokenizer), greedy_tokens(model, tokenizer))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_hub_layout_downloads_to_a_placeable_folder(hub, tmp_path, tiny, layout):
+    endpoint, handler = hub
+    path = gh.download_gptj(f"test-org/{layout}", revision="float16", endpoint=endpoint, cache_dir=tmp_path / "hub")
+    check_placeable(path, tiny)
+    served = handler.repos[f"test-org/{layout}"]
+    assert all((path / name).read_bytes() == data for name, data in served.items())  # the .bin files are kept
+    if "bin" in layout:
+        assert sorted(p.name for p in path.glob("*.safetensors")) == [
+            f"model-{g}.safetensors" for g in [f"block-{i:02d}" for i in range(8)] + ["embedding", "head"]]
+        assert not list(path.glob(".*"))  # no temporary folder or lock left
+    requests = len(handler.log)
+    assert gh.download_gptj(f"test-org/{layout}", revision="float16", endpoint=endpoint,
+                            cache_dir=tmp_path / "hub") == path
+    assert len(handler.log) == requests  # placeable already: no network, no second conversion
+
+
+@pytest.mark.timeout(120)
+def test_gpt_j_6b_with_only_a_bin_resolves_placeable_then_deletes_it(hub, tmp_path, tiny, layouts, monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.constants as constants
+
+    endpoint, handler = hub  # the hub's default endpoint and cache, as resolve_model("gpt-j-6b") uses them
+    handler.repos["EleutherAI/gpt-j-6b"] = layouts["test-org/bin-with-masks"]
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    path = gh.resolve_model("gpt-j-6b")
+    assert path.is_relative_to(tmp_path / "hub") and (path / "pytorch_model.bin").is_symlink()
+    check_placeable(path, tiny)
+    blob = (path / "pytorch_model.bin").resolve()
+    cache = huggingface_hub.scan_cache_dir(tmp_path / "hub")  # the cache stays readable with the converted files
+    converted = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    assert converted > 0.7 * blob.stat().st_size and cache.size_on_disk > blob.stat().st_size + converted
+    requests = len(handler.log)
+    assert gh.resolve_model("gpt-j-6b", delete_bin=True) == path
+    assert len(handler.log) == requests
+    assert not (path / "pytorch_model.bin").exists() and not (path / "pytorch_model.bin").is_symlink()
+    assert not blob.exists()  # the blob is gone too: the disk is freed
+    check_placeable(path, tiny)
+    huggingface_hub.scan_cache_dir(tmp_path / "hub")
+    assert gh.resolve_model("gpt-j-6b") == path and len(handler.log) == requests  # no download of the .bin again
+
+
+@pytest.mark.timeout(120)
+def test_download_command_deletes_sharded_bin_after_checking(hub, tmp_path, tiny, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    endpoint, _ = hub
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    local = tmp_path / "gptj"
+    assert gh.main(["download", "test-org/bin-sharded", "--endpoint", endpoint, "--local-dir", str(local),
+                    "--delete-bin"]) == 0
+    assert not list(local.glob("pytorch_model*"))
+    check_placeable(local, tiny)
+
+
+def bin_folder(tmp_path: Path, tiny_path: Path, state=None) -> Path:
+    """A local model folder with config, tokenizer and only a pytorch_model.bin (with mask buffers)."""
+    folder = tmp_path / "bin-only"
+    folder.mkdir()
+    files = layout_files(tiny_path, "bin-with-masks")
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    if state is not None:
+        torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.timeout(120)
+def test_generate_command_converts_a_local_bin_folder_once(tmp_path, tiny_path, tiny):
+    folder = bin_folder(tmp_path, tiny_path)
+    model, tokenizer = tiny
+    want, _ = gh.generate_text(model, tokenizer, ["The list"], 4, greedy=True)
+    r = run_cli("generate", "--model", str(folder), "--devices", "cpu,cpu", "--prompt", "The list",
+                "--max-new-tokens", "4", "--greedy")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "The list" + want[0] + "\n"
+    assert "converting 1 .bin file(s)" in r.stderr
+    assert (folder / "pytorch_model.bin").exists() and gh.safetensors_complete(folder)
+    mode = (folder / "pytorch_model.bin").stat().st_mode
+    assert all(f.stat().st_mode == mode for f in folder.glob("model*"))  # readable as the .bin is, not 0600
+    index = (folder / "model.safetensors.index.json").stat().st_mtime_ns
+    assert gh.resolve_model(str(folder)) == folder
+    assert (folder / "model.safetensors.index.json").stat().st_mtime_ns == index  # converted once
+    assert gh.build_parser().parse_args(["generate", "--devices", "cpu", "--prompt", "x", "--delete-bin"]).delete_bin
+
+
+@pytest.mark.timeout(120)
+def test_interrupted_conversion_leaves_the_folder_unplaceable_then_completes(tmp_path, tiny_path, tiny, monkeypatch):
+    import safetensors.torch
+
+    folder = bin_folder(tmp_path, tiny_path)
+    real, calls = safetensors.torch.save_file, []
+
+    def failing(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    with pytest.raises(OSError, match="No space left"):
+        gh.resolve_model(str(folder))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(layout_files(tiny_path, "bin-with-masks"))
+    (folder / ".safetensors.killed").mkdir()  # what a killed converter leaves
+    (folder / ".safetensors.killed" / "model-block-00.safetensors").write_bytes(b"half")
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert gh.resolve_model(str(folder)) == folder
+    assert not list(folder.glob(".*"))
+    check_placeable(folder, tiny)
+
+
+def test_conversion_refuses_a_disk_without_room(tmp_path, tiny_path, monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    folder = bin_folder(tmp_path, tiny_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**12, used=10**12 - 1000, free=1000))
+    with pytest.raises(OSError, match=r"needs .* in .*bin-only, which has 1000 B free"):
+        gh.resolve_model(str(folder))
+    assert not gh.safetensors_complete(folder) and not list(folder.glob(".*"))
+
+
+def test_read_only_bin_folder_is_converted_into_the_cache(tmp_path, tiny_path, tiny, monkeypatch):
+    import gptj_split.convert_bin
+
+    folder = bin_folder(tmp_path, tiny_path)
+    before = sorted(p.name for p in folder.iterdir())
+    monkeypatch.setattr(gptj_split.convert_bin, "writable", lambda f: False)
+    path = gh.resolve_model(str(folder))
+    assert path == gh.converted_copy(folder) and path.is_relative_to(gh.cache_dir())
+    assert sorted(p.name for p in folder.iterdir()) == before
+    check_placeable(path, tiny)
+    assert gh.resolve_model(str(folder)) == path
+    with pytest.raises(ValueError, match="read-only"):
+        gh.resolve_model(str(folder), delete_bin=True)
+
+
+def test_a_damaged_conversion_keeps_the_bin(tmp_path, tiny_path):
+    folder = bin_folder(tmp_path, tiny_path)
+    gh.resolve_model(str(folder))
+    block = folder / "model-block-03.safetensors"
+    tensors = {k: v.clone() for k, v in load_file(block).items()}  # not views of the file rewritten below
+    name = "transformer.h.3.mlp.fc_in.weight"
+    tensors[name][-1, 0] += 1  # the last row differs
+    block.write_bytes(save(tensors))
+    with pytest.raises(ValueError, match=f"{name} differs"):
+        gh.resolve_model(str(folder), delete_bin=True)
+    del tensors[name]
+    block.write_bytes(save(tensors))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    del index["weight_map"][name]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"lacks {name}"):
+        gh.resolve_model(str(folder), delete_bin=True)
+    assert (folder / "pytorch_model.bin").exists()
 
 
 # ---------------------------------------------------------------- the JAX slim checkpoint, written by hand here
@@ -416,6 +652,24 @@ def test_pickle_converts_to_safetensors_without_mask_buffers(tmp_path, tiny_path
     assert gh.load_tokenizer(str(tmp_path / "st")).encode("Hello") == gh.load_tokenizer("tiny").encode("Hello")
 
 
+@pytest.mark.timeout(180)
+def test_bin_conversion_memory_stays_near_the_largest_tensor(tmp_path):
+    from transformers import GPTJConfig
+
+    # GPT-J's proportions, smaller: the embedding and the head about as big as one block
+    config = GPTJConfig(vocab_size=12608, n_embd=1024, n_layer=6, n_head=8, rotary_dim=16, n_positions=128)
+    state = {k: torch.full(p.shape, 0.5) for k, p in gh.meta_model(config).named_parameters()}
+    largest = max(t.numel() * t.element_size() for t in state.values())
+    (tmp_path / "bin").mkdir()
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    total = (tmp_path / "bin" / "pytorch_model.bin").stat().st_size
+    del state
+    run = gh.measure_command(["convert-bin", str(tmp_path / "bin"), str(tmp_path / "st"), "--no-progress"])
+    assert total > 7 * largest
+    # one group (about one largest tensor) and a few MiB: one mapping kept for the whole file reached `total`
+    assert run["peak_over_baseline"] < largest + total / 4, (run["peak_over_baseline"], largest, total)
+
+
 class Payload:
     """Unpickling this would run code: it creates a marker file."""
 
@@ -437,6 +691,28 @@ def test_pickle_with_anything_but_tensors_is_refused(tmp_path, case):
     with pytest.raises(ValueError, match=match):
         gh.convert_to_safetensors(tmp_path / "pytorch_model.bin", tmp_path / "out")
     assert not marker.exists() and not (tmp_path / "out").exists()
+    (tmp_path / "config.json").write_text(gh.tiny_config().to_json_string())
+    with pytest.raises(ValueError, match=match):  # the same refusal where a folder is resolved for the split
+        gh.resolve_model(str(tmp_path))
+    assert not marker.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "pytorch_model.bin"]
+
+
+def test_sharded_bin_folder_converts_to_a_new_folder(tmp_path, tiny_path, layouts):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, data in layouts["test-org/bin-sharded"].items():
+        (src / name).write_bytes(data)
+    out = gh.convert_to_safetensors(src, tmp_path / "st", dtype=torch.float16, progress=False)
+    converted = {}
+    for f in out.glob("*.safetensors"):
+        converted.update(load_file(f))
+    original = load_file(tiny_path / "model.safetensors")
+    assert sorted(converted) == sorted(original)
+    assert all(torch.equal(converted[k], original[k].half()) for k in original)
+    assert not (out / "pytorch_model.bin.index.json").exists() and (out / "tokenizer.json").exists()
+    assert out.stat().st_mode == src.stat().st_mode  # not mkdtemp's 0700
+    assert {f.stat().st_mode for f in out.glob("*.safetensors")} == {(src / "config.json").stat().st_mode}
+    assert sorted(p.name for p in src.iterdir()) == sorted(layouts["test-org/bin-sharded"])  # the source untouched
 
 
 @pytest.mark.timeout(120)
