@@ -5,9 +5,22 @@ STAMP  := $(VENV)/.installed
 BUILD  := build
 # the working tree's helpers win over any installed copy (also inside notebook kernels)
 export PYTHONPATH := $(CURDIR)
+# `make test` runs some tests again on other versions, each installed (pure Python, --no-deps) into a folder that
+# goes first on PYTHONPATH; kept under .venv, so only a changed version downloads again.
+# 1. pyproject's lowest transformers and huggingface_hub (GPU images ship transformers 5.17)
+TRANSFORMERS_FLOOR := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml)
+HUB_FLOOR          := $(shell sed -n 's/^ *"huggingface_hub>=\([0-9.]*\).*/\1/p' pyproject.toml)
+FLOORS             := transformers==$(TRANSFORMERS_FLOOR) huggingface_hub==$(HUB_FLOOR)
+FLOORS_PARENT      := $(VENV)/floors
+FLOORS_DIR         := $(FLOORS_PARENT)/transformers$(TRANSFORMERS_FLOOR)-hub$(HUB_FLOOR)
+FLOOR_TESTS        := tests/test_plan_and_place.py tests/test_generate.py tests/test_pipeline.py
+# 2. ipywidgets as Colab ships it (7 needs ipython_genutils; widgetsnbextension 3 is only the classic
+#    notebook's frontend, which the Python side never imports)
+WIDGETS7           := ipywidgets==7.7.1 ipython_genutils==0.2.0
+WIDGETS7_DIR       := $(VENV)/ipywidgets7.7.1
 
 
-.PHONY: demo test lab venv notebooks tiny-model clean set-repo rehearse
+.PHONY: demo test test-widgets7 test-floors lab venv notebooks tiny-model clean set-repo rehearse
 
 venv: $(STAMP)
 
@@ -22,10 +35,29 @@ $(STAMP): constraints.txt pyproject.toml
 demo: $(STAMP)  ## the main job: run every notebook on the tiny default, results under build/
 	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --out $(BUILD)
 
-test: $(STAMP)  ## lint, unit tests, then every committed notebook checked by nbval
+test: $(STAMP)  ## lint, unit tests (again on ipywidgets 7 and on the version floors), then every committed notebook checked by nbval
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests
+	$(MAKE) --no-print-directory test-widgets7 test-floors
 	$(PY) -m pytest --nbval notebooks --nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout=600 -p no:cacheprovider
+
+test-widgets7: $(WIDGETS7_DIR)/.installed  ## the prompt widget's unit tests on ipywidgets 7.7.1 (Colab's); the browser test needs 8
+	GPTJ_EXPECT_VERSIONS="$(WIDGETS7)" PYTHONPATH=$(WIDGETS7_DIR):$(CURDIR) $(PY) -m pytest tests/test_widget.py \
+	  --deselect tests/test_widget.py::test_widget_in_a_real_browser -p no:cacheprovider \
+	  -W "ignore::DeprecationWarning:ipywidgets.widgets.widget"
+
+test-floors: $(FLOORS_DIR)/.installed  ## placement, generation and pipeline tests on pyproject's lowest transformers and huggingface_hub
+	GPTJ_EXPECT_VERSIONS="$(FLOORS)" PYTHONPATH=$(FLOORS_DIR):$(CURDIR) $(PY) -m pytest $(FLOOR_TESTS) -p no:cacheprovider
+
+$(FLOORS_DIR)/.installed: | $(STAMP)
+	rm -rf $(FLOORS_PARENT)
+	$(PY) -m pip install -q --no-deps --target $(FLOORS_DIR) $(FLOORS)
+	touch $@
+
+$(WIDGETS7_DIR)/.installed: | $(STAMP)
+	rm -rf $(WIDGETS7_DIR)
+	$(PY) -m pip install -q --no-deps --target $(WIDGETS7_DIR) $(WIDGETS7)
+	touch $@
 
 notebooks: $(STAMP)  ## re-execute the committed notebooks in place (after changing the helpers)
 	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --inplace

@@ -40,11 +40,13 @@ def forward_stage(model, plan, stage: int) -> None:
     """Run one forward pass through one stage's blocks (and head), so every weight is really read."""
     st = plan.devices[stage]
     hidden = torch.randn(1, 64, model.config.n_embd, dtype=torch.bfloat16)
-    position_ids = torch.arange(64)[None]
-    rotary = model.transformer.rotary_emb(hidden, position_ids=position_ids)
+    kwargs = {"position_ids": torch.arange(64)[None]}
+    if hasattr(model.transformer, "rotary_emb"):  # transformers 5.24 hands each block the sin/cos; 5.17's make theirs
+        kwargs["position_embeddings"] = model.transformer.rotary_emb(hidden, position_ids=kwargs["position_ids"])
     with torch.no_grad():
         for b in range(*st.blocks):
-            hidden = model.transformer.h[b](hidden, position_ids=position_ids, position_embeddings=rotary)
+            out = model.transformer.h[b](hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out  # 5.17's blocks return (hidden states, attention)
         if st.head:
             model.lm_head(model.transformer.ln_f(hidden))
 

@@ -125,7 +125,8 @@ def load_stage(model_path, plan: Plan, rank: int, dtype: torch.dtype, comm_devic
     for (module, local, param), name in zip(owned, names):
         set_module_tensor_to_device(module, local, device, value=weights.read(name, param.shape, dtype, device),
                                     dtype=dtype)
-    model.rotary_emb.to(device)
+    for name, _ in list(model.named_buffers()):  # rotary sin/cos: one table (transformers 5.24) or one per block (5.17)
+        set_module_tensor_to_device(model, name, device)
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
     modules = [model] + ([lm_head] if lm_head is not None else [])
     params = sum(tensor_bytes(p) for m in modules for p in m.parameters() if p.device.type != "meta")

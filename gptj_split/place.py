@@ -113,8 +113,15 @@ def place_stages(model_path, plan: Plan, dtype: torch.dtype | list[torch.dtype] 
         device = torch.device(plan.devices[s].device)
         set_module_tensor_to_device(model, name, device, value=weights.read(name, param.shape, dtypes[s], device),
                                     dtype=dtypes[s])
-    model.transformer.rotary_emb.to(plan.devices[0].device)
+    for name, _ in list(model.named_buffers()):  # the rotary sin/cos tables, computed on the CPU
+        set_module_tensor_to_device(model, name, torch.device(plan.devices[tensor_stage(plan, name)].device))
     return hook_stages(model, plan, dtypes).eval()
+
+
+def tensor_stage(plan: Plan, name: str) -> int:
+    """The stage holding a parameter or buffer: its module's. The model-wide rotary table (`transformer.rotary_emb`,
+    transformers 5.24) sits on the first stage; 5.17 keeps one per attention module, in its block (notebook 02)."""
+    return 0 if name.startswith("transformer.rotary") else plan.stage_of_module(name)
 
 
 def hook_stages(model, plan: Plan, dtypes: list[torch.dtype]):
@@ -162,7 +169,7 @@ def measure_memory(model, cache=None, activations: list[int] | None = None) -> l
     rows = [MemoryRow(s, st.device if st else str(model.device), activation_bytes=activations[s] if activations else 0,
                       budget_bytes=st.budget_bytes if st else None) for s, st in enumerate(stages)]
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        s = plan.stage_of_module(name) if plan and not name.startswith("transformer.rotary") else 0
+        s = tensor_stage(plan, name) if plan else 0
         rows[s].param_bytes += tensor_bytes(tensor)
     if cache is not None:
         for layer_index, layer in enumerate(cache.layers):

@@ -77,8 +77,15 @@ class PromptWidget:
         self.ui = w.VBox([self.prompt, controls, w.HBox([self.generate_button, self.stop_button]), self.message,
                           self.output, self.status]).add_class("gptj-prompt-widget")
 
-    def _repr_mimebundle_(self, **kwargs):
-        return self.ui._repr_mimebundle_(**kwargs)
+    def _repr_mimebundle_(self, **kwargs) -> dict:
+        """What a notebook shows: the box's view. ipywidgets 8 makes the bundle; 7 (Colab's) only has
+        `_ipython_display_`, so the same bundle is made here."""
+        if hasattr(self.ui, "_repr_mimebundle_"):
+            return self.ui._repr_mimebundle_(**kwargs)
+        text = repr(self.ui)
+        return {"text/plain": text if len(text) <= 110 else text[:110] + "…",
+                "application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0,
+                                                             "model_id": self.ui.model_id}}
 
     def show_sampling(self, change=None) -> None:
         """Grey out temperature, top-p and top-k while greedy is ticked."""

@@ -8,6 +8,34 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")  # tests draw figures without a display
 
 ROOT = Path(__file__).resolve().parents[1]
+VERSIONS_SHOWN = ("torch", "transformers", "huggingface_hub", "ipywidgets")
+
+
+def imported_version(name: str) -> str:
+    """The version of the module Python imports under this name (PYTHONPATH first), "missing" without one."""
+    import importlib
+
+    try:
+        return importlib.import_module(name).__version__
+    except ImportError:  # e.g. no ipywidgets on a GPU image
+        return "missing"
+
+
+def pytest_report_header(config):
+    return "versions: " + ", ".join(f"{name} {imported_version(name)}" for name in VERSIONS_SHOWN)
+
+
+def pytest_configure(config):
+    """GPTJ_EXPECT_VERSIONS="transformers==5.17 huggingface_hub==1.5" (set by `make test` for its runs on other
+    versions): stop unless those are the versions imported, so a run meant for them never tests the pinned ones."""
+    from packaging.requirements import Requirement
+
+    for spec in os.environ.get("GPTJ_EXPECT_VERSIONS", "").split():
+        req = Requirement(spec)
+        found = imported_version(req.name)
+        if found == "missing" or found not in req.specifier:
+            raise pytest.UsageError(f"GPTJ_EXPECT_VERSIONS wants {spec} but {req.name} {found} is imported "
+                                    f"(is its folder first on PYTHONPATH?)")
 
 
 @pytest.fixture(scope="session", autouse=True)

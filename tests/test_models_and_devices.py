@@ -93,18 +93,31 @@ def test_cuda_without_gpu_is_explained():
 
 
 def test_environment_yml_matches_pyproject():
-    def names(reqs):
-        return {re.split(r"[<>=!~ @\[]", r.strip(), maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+    """Binder installs pyproject's ranges: the same pip requirements, except torch (conda-forge's CPU build, same
+    range) and ipywidgets (8 only: Binder runs JupyterLab 4, which has no extension for 7)."""
+    import yaml
+    from packaging.requirements import Requirement
+    from packaging.version import Version
 
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    env = (ROOT / "environment.yml").read_text()
-    pip_part = env.split("- pip:", 1)[1]
-    env_pkgs = names(re.findall(r"^\s+- (\S+)", pip_part, flags=re.M))
-    assert names(deps) <= env_pkgs, f"in pyproject but not environment.yml: {names(deps) - env_pkgs}"
-    extra = env_pkgs - names(deps)
+    def by_name(reqs):
+        return {r.name.lower().replace("_", "-"): r.specifier for r in map(Requirement, reqs)}
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = by_name(project["dependencies"])
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())["dependencies"]
+    conda = [d for d in env if isinstance(d, str)]
+    pip = by_name(next(d["pip"] for d in env if isinstance(d, dict)))
+    assert "torch" not in pip, "Binder's torch comes from conda-forge (pytorch-cpu), never from pip"
+    torch_spec = next(d for d in conda if re.match(r"pytorch-cpu\b", d))
+    assert torch_spec.removeprefix("pytorch-cpu") == str(deps.pop("torch"))
+    lab, ours = pip.pop("ipywidgets"), deps.pop("ipywidgets")
+    assert Version("7.7.1") in ours and Version("8.1.9") in ours
+    assert Version("7.7.1") not in lab and Version("8.1.9") in lab
+    assert set(deps) <= set(pip), f"in pyproject but not environment.yml: {set(deps) - set(pip)}"
+    extra = set(pip) - set(deps)
     assert extra <= {"jupyterlab", "nbval"}, f"in environment.yml but not pyproject: {extra}"
-    assert {"jupyterlab", "nbval"} <= names(tomllib.loads((ROOT / "pyproject.toml").read_text())
-                                            ["project"]["optional-dependencies"]["dev"])
+    assert extra <= set(by_name(project["optional-dependencies"]["dev"]))
+    assert {name: str(pip[name]) for name in deps} == {name: str(spec) for name, spec in deps.items()}
 
 
 def test_constraints_pin_cpu_torch():

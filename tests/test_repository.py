@@ -91,6 +91,19 @@ def test_binder_environment():
     assert post.stat().st_mode & 0o111 and "pip install" in post.read_text() and "-e ." in post.read_text()
 
 
+def test_binder_torch_is_conda_forge_cpu_build():
+    """Binder's torch is conda-forge's CPU build: pip's Linux torch pulls gigabytes of CUDA libraries (nvidia-*)."""
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert env["channels"] == ["conda-forge"]
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    names = [re.split(r"[<>=!~ ]", d, maxsplit=1)[0] for d in conda]
+    # `pytorch-cpu` is conda-forge's metapackage pinning `pytorch` to a cpu_* build; `pytorch=*=cpu*` would do too
+    assert "pytorch-cpu" in names or any(re.fullmatch(r"pytorch[ =][^=]*=cpu\S*", d) for d in conda), conda
+    assert not [n for n in names if n in {"pytorch-gpu", "cudatoolkit"} or n.startswith(("cuda", "nvidia"))]
+    assert not [p for p in pip if re.match(r"(torch|pytorch|nvidia)\b", p, flags=re.I)], pip
+
+
 def notebook_imports(path):
     names = set()
     for c in cells(path):
@@ -111,6 +124,8 @@ def test_binder_provides_every_notebook_import():
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     provided = {re.split(r"[<>=!~ ]", p, maxsplit=1)[0].lower().replace("-", "_") for p in pip}
     provided |= {"gptj_helpers"}  # postBuild installs it
+    if any(str(d).startswith("pytorch") for d in env["dependencies"]):  # conda-forge's pytorch(-cpu) is torch
+        provided |= {"torch"}
     imports = set().union(*(notebook_imports(p) for p in NOTEBOOKS))
     missing = {m for m in imports if m not in sys.stdlib_module_names and m.lower() not in provided}
     assert not missing, f"notebooks import {missing}, which environment.yml does not provide"

@@ -135,6 +135,21 @@ def test_error_during_a_run_is_shown_not_raised(models):
     assert not widget.generate_button.disabled and widget.stop_button.disabled and widget.status.value == ""
 
 
+def test_a_notebook_shows_the_widget_view(models):
+    """What IPython hands the frontend for a cell ending in the widget: the box's view (ipywidgets 7 and 8 alike;
+    7 has no `_repr_mimebundle_` of its own), and no traceback."""
+    import ipywidgets
+    from IPython.core.formatters import DisplayFormatter
+
+    by_name, tokenizer = models
+    widget = gh.prompt_widget(by_name["whole"], tokenizer)
+    data, _ = DisplayFormatter().format(widget)
+    view = data.get("application/vnd.jupyter.widget-view+json")
+    assert view is not None, f"no widget view on ipywidgets {ipywidgets.__version__}: {sorted(data)}"
+    assert view["model_id"] == widget.ui.model_id and view["version_major"] == 2
+    assert "PromptWidget object at" not in data["text/plain"]
+
+
 def test_greedy_greys_out_the_sampling_sliders(models):
     by_name, tokenizer = models
     widget = gh.prompt_widget(by_name["whole"], tokenizer)
