@@ -186,14 +186,15 @@ def model_folder(model) -> Path:
     return resolve_model(str(getattr(getattr(model, "config", None), "_name_or_path", None) or model))
 
 
-def pipeline_worker(rank: int, settings: LaunchSettings) -> None:
-    """Entry point of a stage process started by run_pipeline; results go to files, errors too (notebook 05)."""
+def pipeline_worker(rank: int, settings: LaunchSettings, serve=None) -> None:
+    """Entry point of a stage process started by run_pipeline; results go to files, errors too (notebook 05).
+    `serve`: what the process runs instead of `serve_stage` (notebook 07's tensor-parallel ranks)."""
     import pickle
     import time
     import traceback
 
     try:
-        records = serve_stage(rank, settings)
+        records = (serve or serve_stage)(rank, settings)
         if rank == 0:
             tmp = Path(settings.result_path + ".tmp")
             tmp.write_bytes(pickle.dumps(records))
@@ -242,9 +243,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_stages(settings: LaunchSettings) -> list[RunRecord]:
+def launch_stages(settings: LaunchSettings, serve=None) -> list[RunRecord]:
     """Start one process per stage (spawn) and return rank 0's records; a failure stops all and names the stage
-    (notebook 05)."""
+    (notebook 05). `serve(rank, settings)`, a module-level function, replaces `serve_stage` (notebook 07)."""
     import multiprocessing
     import multiprocessing.connection
     import pickle
@@ -255,7 +256,7 @@ def launch_stages(settings: LaunchSettings) -> list[RunRecord]:
     with tempfile.TemporaryDirectory(prefix="gptj-pipeline-") as tmp:
         settings = dataclasses.replace(settings, result_path=str(Path(tmp, "result.pkl")), error_dir=tmp,
                                        init_method=f"tcp://127.0.0.1:{free_port()}", launched_here=True)
-        procs = [ctx.Process(target=pipeline_worker, args=(r, settings), daemon=True, name=f"pipeline-stage-{r}")
+        procs = [ctx.Process(target=pipeline_worker, args=(r, settings, serve), daemon=True, name=f"pipeline-stage-{r}")
                  for r in range(world_size)]
         exits: dict[int, float] = {}
         try:
