@@ -13,6 +13,7 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | 04 memory and timing         | measure.py (estimates vs measurements, scaling), plots.py (every figure)         |
 | 05 pipeline parallelism      | pipeline.py (one stage: GPTJModel, send/recv), launch.py (processes, torchrun)   |
 | 06 prompt widget             | widget.py                                                                        |
+| 07 tensor parallelism        | tensor_parallel.py (cut blocks by heads, planner), tp_launch.py (ranks, torchrun)|
 | command line, notebook runs  | cli.py (`python -m gptj_helpers --help`)                                         |
 
 Nothing runs at import: transformers and friends are imported inside the functions that need them.
@@ -66,10 +67,19 @@ from gptj_split.launch import (CONFIG_ERRORS, LaunchSettings, launch_settings, p
                                serve_stage, prepare_pipeline, plan_pipeline, model_folder, pipeline_worker,
                                leave_process, PipelineError, is_neighbour_error, free_port, launch_stages,
                                describe_stage_failure, run_pipeline_jobs, prompts_job, run_pipeline)
+from gptj_split.tensor_parallel import (VARIANTS, COLUMNS, ROWS, shard_dim, shard_of, rank_counts, check_head_split,
+                                        rank_parameter_bytes, plan_tensor_parallel, RankModel, CommClock,
+                                        tensor_parallel_plan, time_collective, one_reduce_per_block, gather_vocabulary,
+                                        cut_linear, build_rank_model, forward_rank)
+from gptj_split.tp_launch import (TP_VARIANT, TensorParallelJob, tensor_parallel_job, TensorParallelSettings,
+                                  TensorParallelError, inject_rank_fault, run_rank, prepare_tensor_parallel,
+                                  plan_for_jobs, serve_tensor_parallel, merge_rank_results, tensor_parallel_settings,
+                                  run_tensor_parallel_jobs, run_tensor_parallel)
 from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget)
 from gptj_split.cli import (run_notebooks, run_notebook, cmd_make_tiny, cmd_download, cmd_convert_jax, cmd_convert_bin,
                             cmd_devices, cmd_run_notebooks, cmd_plan, cmd_generate, cmd_setups, read_prompts,
-                            cmd_pipeline, sampling_of, add_sampling_arguments, DELETE_BIN_HELP, build_parser, main)
+                            cmd_pipeline, sampling_of, add_sampling_arguments, DELETE_BIN_HELP, build_parser, main,
+                            cmd_tensor_parallel)
 
 if __name__ == "__main__":
     sys.exit(main())

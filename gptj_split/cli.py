@@ -19,7 +19,10 @@ from .place import place_stages
 from .sampling import SAMPLING_DEFAULTS, Sampling, check_prompts
 from .generate import format_timing, generate_text
 from .pipeline import PIPELINE_TIMEOUT
-from .launch import PipelineError, is_neighbour_error, launch_settings, leave_process, run_pipeline, serve_stage
+from .launch import (PipelineError, is_neighbour_error, launch_settings, leave_process, prompts_job, run_pipeline,
+                     serve_stage)
+from .tp_launch import (TensorParallelError, run_tensor_parallel_jobs, serve_tensor_parallel, tensor_parallel_job,
+                        tensor_parallel_settings)
 
 
 def run_notebooks(paths: list[str | Path], out_dir: str | Path | None = None, inplace: bool = False,
@@ -191,6 +194,51 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         leave_process()
 
 
+def cmd_tensor_parallel(args: argparse.Namespace) -> None:
+    """tensor-parallel: generate with every block cut over one process per device; under torchrun this process is
+    one rank. Standard output is exactly what `generate` prints for the same settings (notebook 07)."""
+    fail = (args.fail_rank, args.fail_after, args.fail_mode) if args.fail_rank is not None else None
+    sampling = sampling_of(args)
+    groups = [[p] for p in args.prompt] if args.stream else [args.prompt]  # like generate: one prompt at a time
+    options = dict(dtype=as_dtype(args.dtype), timeout=args.timeout, fail=fail)
+    if "RANK" not in os.environ:  # plain `python -m gptj_helpers tensor-parallel`: start the ranks from here
+        path = resolve_model(args.model)
+        config = load_config(str(path))
+        jobs = [tensor_parallel_job(prompts_job(path, config, prompts, 1, args.max_new_tokens, sampling=sampling),
+                                    args.variant) for prompts in groups]
+        try:
+            records = run_tensor_parallel_jobs(path, args.devices, jobs, **options)
+        except TensorParallelError as err:
+            raise SystemExit(f"error: {err}") from err
+    else:  # one rank of a torchrun launch
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        jobs = None
+        if rank == 0:
+            path = resolve_model(args.model)
+            config = load_config(str(path))
+            jobs = [tensor_parallel_job(prompts_job(path, config, prompts, 1, args.max_new_tokens,
+                                                   sampling=sampling), args.variant) for prompts in groups]
+        settings = tensor_parallel_settings(args.model, world, devices=args.devices, jobs=jobs,
+                                            variant=args.variant, **options)
+        try:
+            records = serve_tensor_parallel(rank, settings)
+        except (ValueError, FileNotFoundError, MemoryError):
+            raise
+        except Exception as err:
+            if is_neighbour_error(err):
+                raise SystemExit(f"error: tensor-parallel rank {rank} lost another rank (see its error): "
+                                 f"{err}") from err
+            raise SystemExit(f"error: tensor-parallel rank {rank} failed: {type(err).__name__}: {err}") from err
+        if rank != 0:
+            leave_process()
+    texts = [t for record in records for t in record.texts]
+    print("\n\n".join(prompt + text for prompt, text in zip(args.prompt, texts)), flush=True)
+    for record in records:
+        print(format_timing(record), file=sys.stderr)
+    if "RANK" in os.environ:
+        leave_process()
+
+
 def sampling_of(args: argparse.Namespace) -> Sampling:
     """The `Sampling` that generate's and pipeline's flags describe, checked."""
     return Sampling(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -278,6 +326,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-after", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--fail-mode", choices=["raise", "exit"], default="raise", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("tensor-parallel", help="generate with every block cut over one process per device "
+                       "(torchrun or started from here)")
+    p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, or a model folder")
+    p.add_argument("--devices", required=True, help='one rank per device, e.g. "cpu,cpu" or "cuda:0,cuda:1"')
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    add_sampling_arguments(p)
+    p.add_argument("--stream", action="store_true", help="prompts one at a time, as generate --stream")
+    p.add_argument("--variant", choices=["block", "torch"], default="block",
+                   help="block: one all-reduce per block (default); torch: parallelize_module, one per layer")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on GPUs, bfloat16 on the CPU for GPT-J-6B; "
+                   "else the saved dtype (float32 for tiny)")
+    p.add_argument("--timeout", type=float, default=PIPELINE_TIMEOUT, help="seconds a rank waits for the others")
+    p.add_argument("--fail-rank", type=int, help=argparse.SUPPRESS)  # tests: inject a fault in this rank
+    p.add_argument("--fail-after", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--fail-mode", choices=["raise", "exit"], default="raise", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_tensor_parallel)
 
     p = sub.add_parser("run-notebooks", help="execute notebooks headless (make demo, make notebooks)")
     p.add_argument("notebooks", nargs="+")

@@ -69,7 +69,8 @@ def plot_memory(record: RunRecord, plan: Plan | None = None):
     return fig
 
 
-TIMELINE_COLORS = {"prefill": "tab:purple", "decode": "tab:blue", "send": "tab:orange", "recv": "tab:green"}
+TIMELINE_COLORS = {"prefill": "tab:purple", "decode": "tab:blue", "send": "tab:orange", "recv": "tab:green",
+                   "all-reduce": "tab:red", "all-gather": "tab:brown", "broadcast": "tab:olive"}  # notebook 07
 
 
 def plot_timeline(record: RunRecord, max_step: int = 3, first_step: int | None = None):
