@@ -189,6 +189,7 @@ def serve_tensor_parallel(rank: int, settings: TensorParallelSettings) -> list[R
         mesh = init_device_mesh("cuda" if backend == "nccl" else "cpu", (world,)) if world > 1 else None
         import accelerate.utils  # noqa: F401  (libraries belong to the baseline, not to the rank)
         import safetensors  # noqa: F401
+        from torch.distributed.tensor import parallel  # noqa: F401
         import transformers.masking_utils  # noqa: F401
         from transformers import DynamicCache, GPTJForCausalLM  # noqa: F401
 
