@@ -14,6 +14,7 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | 05 pipeline parallelism      | pipeline.py (one stage: GPTJModel, send/recv), launch.py (processes, torchrun)   |
 | 06 prompt widget             | widget.py                                                                        |
 | 07 tensor parallelism        | tensor_parallel.py (cut blocks by heads, planner), tp_launch.py (ranks, torchrun)|
+|                              | tp_compare.py (naive split, pipeline and tensor parallel, measured side by side) |
 | command line, notebook runs  | cli.py (`python -m gptj_helpers --help`)                                         |
 
 Nothing runs at import: transformers and friends are imported inside the functions that need them.
@@ -75,6 +76,8 @@ from gptj_split.tp_launch import (TP_VARIANT, TensorParallelJob, tensor_parallel
                                   TensorParallelError, inject_rank_fault, run_rank, prepare_tensor_parallel,
                                   plan_for_jobs, serve_tensor_parallel, merge_rank_results, tensor_parallel_settings,
                                   run_tensor_parallel_jobs, run_tensor_parallel)
+from gptj_split.tp_compare import (COMM_KINDS, bench_config, write_bench_model, pinned, decode_seconds,
+                                   decode_seconds_of, comm_per_token, compare_splits, format_comparison)
 from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget)
 from gptj_split.cli import (run_notebooks, run_notebook, cmd_make_tiny, cmd_download, cmd_convert_jax, cmd_convert_bin,
                             cmd_devices, cmd_run_notebooks, cmd_plan, cmd_generate, cmd_setups, read_prompts,

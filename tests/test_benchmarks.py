@@ -50,3 +50,14 @@ def test_rehearsal_watchdog_ends_a_notebook_past_its_memory_limit():
     row = run_notebook(ROOT / "notebooks" / "00_start_here.ipynb", 'MODEL = "tiny"; DEVICES = "cpu"; '
                        "DTYPE = torch.float32", 4, limit=1, timeout=60)
     assert not row["ok"] and row["error"] == "ended by the watchdog (memory)"
+
+
+@pytest.mark.timeout(300)
+def test_tensor_parallel_quick_mode_runs_and_matches_tokens():
+    out = subprocess.run([sys.executable, "benchmarks/tensor_parallel.py", "--quick"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=280, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tokens equal (naive split, pipeline, tensor parallel block and torch): True" in out.stdout
+    for line in ("two-core scaling (one-prompt decode):", "one-prompt decode speedup:", "all-reduce per token (block)",
+                 "all-reduce per token (torch)"):
+        assert line in out.stdout  # no speed is asserted: only that every figure is measured and printed

@@ -1,0 +1,178 @@
+"""Notebook 07, part 3: the three ways side by side. One model with GPT-J's width, measured in one run as the naive
+split (one process, the devices in turn), the pipeline (notebook 05) and tensor parallelism: memory per device,
+one-prompt latency, many-prompt throughput and communication per token. The benchmark prints the same figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .models import seeded_tensor
+from .devices import format_size
+from .hub import load_config, save_tokenizer
+from .plan import plan_split
+from .place import measure_memory, place_stages
+from .pipeline import make_job
+from .launch import run_pipeline_jobs
+from .tp_launch import TP_VARIANT, run_tensor_parallel_jobs, tensor_parallel_job
+
+COMM_KINDS = ("all-reduce", "all-gather", "broadcast", "send")
+
+
+def bench_config(layers: int = 4, width: int = 4096, vocab: int = 50400):
+    """GPT-J's block shape (heads of 256, rotary 64) at any width and depth, with an end token that random weights
+    practically never pick, so every run makes all its tokens (notebook 07)."""
+    from transformers import GPTJConfig
+
+    return GPTJConfig(vocab_size=vocab, n_positions=2048, n_embd=width, n_layer=layers, n_head=max(1, width // 256),
+                      rotary_dim=min(64, width // max(1, width // 256)), bos_token_id=vocab - 1,
+                      eos_token_id=vocab - 1, tie_word_embeddings=False)
+
+
+def write_bench_model(folder: str | Path, config, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """Random weights saved as safetensors, one file per block: each tensor cut from one seeded pool of normal values
+    (fast to make; every row different), norms 1, biases 0 (notebook 07)."""
+    from safetensors.torch import save_file
+    from transformers import GPTJForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pool = torch.randn(1_000_003, generator=torch.Generator().manual_seed(seed)).mul_(config.initializer_range)
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in GPTJForCausalLM(config).named_parameters()}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        if name.endswith("bias") or ".ln_" in name:
+            value = seeded_tensor(name, shape, config, seed, dtype, torch.device("cpu"))
+        else:
+            n = shape.numel()
+            start = (i * 7919) % len(pool)
+            value = pool.roll(-start).repeat(n // len(pool) + 1)[:n].view(shape).to(dtype)
+        part = name.split(".")[2] if ".h." in name else "rest"
+        groups.setdefault(f"model-{part}.safetensors", {})[name] = value
+    weight_map = {}
+    for file, tensors in groups.items():
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        weight_map |= {name: file for name in tensors}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.dtype = dtype  # the saved dtype: every path computes in it by default
+    config.save_pretrained(str(folder))
+    save_tokenizer(folder)
+    return folder
+
+
+@contextlib.contextmanager
+def pinned(cores: list[int] | None, threads: int):
+    """Run this process on `cores` with `threads` intra-op threads; both restored afterwards (notebook 07)."""
+    old_cores, old_threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        if cores:
+            os.sched_setaffinity(0, set(cores))
+        torch.set_num_threads(threads)
+        yield
+    finally:
+        os.sched_setaffinity(0, old_cores)
+        torch.set_num_threads(old_threads)
+
+
+def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """Greedy `generate` on a placed model: mean seconds per token after the first, and the output (notebook 07)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    marks: list[float] = []
+
+    class Mark(LogitsProcessor):  # called once per step, right after that step's logits
+        def __call__(self, input_ids, scores):
+            marks.append(time.perf_counter())
+            return scores
+
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=model.config.eos_token_id,
+                             logits_processor=LogitsProcessorList([Mark()]))
+    return (marks[-1] - marks[0]) / max(1, len(marks) - 1), out
+
+
+def decode_seconds_of(record) -> float:
+    """Mean seconds per token after the first, from a pipeline or tensor-parallel record (notebook 07)."""
+    steps = max(e.step for e in record.events)
+    return (record.total_seconds - record.time_to_first_token) / max(1, steps)
+
+
+def comm_per_token(record, rank: int = 0) -> dict[str, tuple[float, float]]:
+    """Per decode token on one rank: (count, seconds) of each kind of communication event (notebook 07)."""
+    steps = max(e.step for e in record.events)
+    out = {}
+    for kind in COMM_KINDS:
+        events = [e for e in record.events if e.kind == kind and e.stage == rank and e.step >= 1]
+        if events:
+            out[kind] = (len(events) / max(1, steps), sum(e.end - e.start for e in events) / max(1, steps))
+    return out
+
+
+def compare_splits(path, devices: str = "cpu,cpu", new_tokens: int = 8, batch: int = 4, prompt_tokens: int = 16,
+                   cores: list[int] | None = None, variants: tuple[str, ...] = (TP_VARIANT,)) -> dict:
+    """Measure the naive split (1 and 2 threads), the pipeline and tensor parallelism on one model in one run: one
+    prompt's decode seconds per token, a batch's tokens per second, memory per device and communication (notebook
+    07). Each process runs one thread, pinned to its own core when `cores` names them."""
+    config = load_config(str(path))
+    n = len(devices.split(","))
+    gen = torch.Generator().manual_seed(0)
+    one = torch.randint(1, min(config.vocab_size - 1, 1000), (1, prompt_tokens), generator=gen)
+    many = torch.randint(1, min(config.vocab_size - 1, 1000), (batch, prompt_tokens), generator=gen)
+    affinity = [[c] for c in cores] if cores else None
+    plan = plan_split(config, devices, dtype=torch.bfloat16, prompt_tokens=prompt_tokens, max_new_tokens=new_tokens,
+                      batch_size=batch)
+    naive = place_stages(path, plan, dtype=torch.bfloat16)
+    result = {"naive": {"memory": [r.param_bytes for r in measure_memory(naive)]}}
+    for threads in (1, 2):
+        with pinned(cores[:threads] if cores else None, threads):
+            decode_seconds(naive, one, 2)  # warm-up
+            result[f"naive{threads}"] = dict(zip(("decode", "tokens"), decode_seconds(naive, one, new_tokens)))
+    with pinned(cores[:1] if cores else None, 1):
+        start = time.perf_counter()
+        decode_seconds(naive, many, new_tokens)
+        result["naive"]["throughput"] = batch * new_tokens / (time.perf_counter() - start)
+    del naive
+    jobs = [make_job(one, torch.ones_like(one), 1, 2, greedy=True), make_job(one, torch.ones_like(one), 1, new_tokens,
+                                                                              greedy=True),
+            make_job(many, torch.ones_like(many), min(n, batch), new_tokens, greedy=True)]
+    pipe = run_pipeline_jobs(path, None, jobs, plan=plan, dtype=torch.bfloat16, threads=1, affinity=affinity)
+    result["pipeline"] = {"decode": decode_seconds_of(pipe[1]), "record": pipe[1], "tokens": pipe[1].output_ids,
+                          "throughput": batch * new_tokens / pipe[2].total_seconds,
+                          "memory": [r.param_bytes + r.kv_cache_bytes for r in pipe[2].memory]}
+    tp_jobs = [tensor_parallel_job(make_job(job.input_ids, job.attention_mask, 1, job.max_new_tokens, greedy=True), v)
+               for v in variants for job in jobs]
+    records = run_tensor_parallel_jobs(path, devices, tp_jobs, dtype=torch.bfloat16, threads=1, affinity=affinity)
+    for i, variant in enumerate(variants):
+        _, rec, rec_many = records[3 * i:3 * i + 3]
+        result[f"tp-{variant}"] = {"decode": decode_seconds_of(rec), "record": rec, "tokens": rec.output_ids,
+                                   "throughput": batch * new_tokens / rec_many.total_seconds,
+                                   "memory": [r.param_bytes + r.kv_cache_bytes for r in rec_many.memory],
+                                   "peak_rss": [r.peak_rss_bytes for r in rec.memory], "comm": comm_per_token(rec)}
+    return result
+
+
+def format_comparison(result: dict, batch: int = 4) -> str:
+    """The side-by-side table of `compare_splits` (notebook 07)."""
+    lines = [f"{'':22} {'memory/device':>14} {'one prompt':>12} {f'{batch} prompts':>12}  communication per token",
+             f"{'':22} {'(largest)':>14} {'s/token':>12} {'tokens/s':>12}"]
+    naive = result["naive"]
+    lines.append(f"{'naive split, 1 thread':22} {format_size(max(naive['memory'])):>14} "
+                 f"{result['naive1']['decode']:12.3f} {naive['throughput']:12.1f}  one hidden state copied in-process")
+    pipe = result["pipeline"]
+    sends = comm_per_token(pipe["record"], 0).get("send", (0, 0))
+    lines.append(f"{'pipeline':22} {format_size(max(pipe['memory'])):>14} {pipe['decode']:12.3f} "
+                 f"{pipe['throughput']:12.1f}  {sends[0]:.0f} send(s) from stage 0, {sends[1] * 1e3:.1f} ms")
+    for key in [k for k in result if k.startswith("tp-")]:
+        tp = result[key]
+        comm = ", ".join(f"{c:.0f} {kind} {s * 1e3:.1f} ms" for kind, (c, s) in tp["comm"].items())
+        lines.append(f"{'tensor parallel (' + key[3:] + ')':22} {format_size(max(tp['memory'])):>14} "
+                     f"{tp['decode']:12.3f} {tp['throughput']:12.1f}  {comm}")
+    return "\n".join(lines)
