@@ -264,7 +264,8 @@ SETUPS = {  # README's "Which setup do I have?" and every notebook's settings co
 
 def setups_markdown(reserve: str = "1GiB", prompt_tokens: int = 512, max_new_tokens: int = 256) -> str:
     """The README's table of common setups, each planned by `plan_split` (README)."""
-    rows = ["| setup | settings line | blocks per device | fullest device |", "|---|---|---|---|"]
+    rows = ["| setup | settings line | blocks per device | fullest device | tensor parallel (notebook 07) |",
+            "|---|---|---|---|---|"]
     for name, (model, devices, dtype) in SETUPS.items():
         res = reserve if model == "gpt-j-6b" else "0"  # the reserve is for a GPU's CUDA context
         plan = plan_split(model, parse_devices(devices, check=False), dtype=dtype, reserve=res,
@@ -273,8 +274,10 @@ def setups_markdown(reserve: str = "1GiB", prompt_tokens: int = 512, max_new_tok
         blocks = " / ".join(str(st.blocks[1] - st.blocks[0]) for st in plan.devices)
         fullest = max(plan.devices, key=lambda st: st.fill)
         settings = f"`{settings_line(name)}`"
+        heads = as_config(model).n_head  # tensor parallelism gives every device the same whole heads
+        tp = "yes" if heads % len(plan.devices) == 0 else f"no: {heads} heads do not split {len(plan.devices)} ways"
         rows.append(f"| {name} | {settings} | {blocks} | {format_size(fullest.total_bytes)} of "
-                    f"{format_size(fullest.budget_bytes)} ({fullest.fill:.0%}) |")
+                    f"{format_size(fullest.budget_bytes)} ({fullest.fill:.0%}) | {tp} |")
     note = (f"Planned by `python -m gptj_helpers setups`: GPT-J-6B in float16 (bfloat16 for the CPU rehearsal) with "
             f"{prompt_tokens} prompt tokens, "
             f"{max_new_tokens} new tokens, batch 1 and a {reserve} reserve per GPU for the CUDA context and "

@@ -43,17 +43,20 @@ def write_bench_model(folder: str | Path, config, dtype: torch.dtype = torch.bfl
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pool = torch.randn(1_000_003, generator=torch.Generator().manual_seed(seed)).mul_(config.initializer_range)
+    pool = torch.randn(1_000_003, generator=torch.Generator().manual_seed(seed)) * config.initializer_range
+    pool = pool.to(dtype)
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in GPTJForCausalLM(config).named_parameters()}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for i, (name, shape) in enumerate(shapes.items()):
         if name.endswith("bias") or ".ln_" in name:
             value = seeded_tensor(name, shape, config, seed, dtype, torch.device("cpu"))
-        else:
-            n = shape.numel()
-            start = (i * 7919) % len(pool)
-            value = pool.roll(-start).repeat(n // len(pool) + 1)[:n].view(shape).to(dtype)
+        else:  # the pool, rotated per tensor, repeated: copies at memory speed
+            value, rolled = torch.empty(shape.numel(), dtype=dtype), pool.roll(-(i * 7919) % len(pool))
+            for start in range(0, len(value), len(pool)):
+                piece = value[start:start + len(pool)]
+                piece.copy_(rolled[:len(piece)])
+            value = value.view(shape)
         part = name.split(".")[2] if ".h." in name else "rest"
         groups.setdefault(f"model-{part}.safetensors", {})[name] = value
     weight_map = {}
