@@ -14,8 +14,9 @@ naive split and `generate`: per slice the planned bytes against `torch.cuda.max_
 against the card's measured copy bandwidth, and the host's peak RSS (Colab has 12.7 GB). Budget slices of one GPU
 never cross a device boundary, so it also splits the tiny model across cuda:0 and the CPU and checks greedy,
 sampled and beam-search output against the unsplit model, and runs the pipeline with 2 processes on that GPU (over
-gloo). With 2 or more GPUs it also runs the pipeline over NCCL, one GPU per stage (written, labelled untested until
-it has run on such a machine). A case whose backend is missing says so and is skipped.
+gloo), and tensor parallelism with 2 ranks on that GPU (over gloo; notebook 07). With 2 or more GPUs it also runs the
+pipeline and tensor parallelism over NCCL, one GPU per process (written, labelled untested until it has run on such a
+machine). A case whose backend is missing says so and is skipped.
 
 usage: python benchmarks/gpu_check.py [--devices 3x10GiB] [--tokens 64] [--mini] [--full-size]
 """
@@ -196,6 +197,37 @@ def pipeline_over_nccl() -> None:
           f"{torch.equal(record.output_ids, reference.output_ids)}")
 
 
+@case("tensor parallel, 2 ranks on cuda:0 over gloo, equals generate; memory against the plan (notebook 07)")
+def tensor_parallel_on_one_gpu(device: str = "cuda:0") -> None:
+    tokenizer = gh.load_tokenizer("tiny")
+    prompts = ["The list", "A dictionary is", "Hello, world", "import os"]
+    model = gh.load_model("tiny", dtype=torch.float32, device=device)
+    _, reference = gh.generate_text(model, tokenizer, prompts, max_new_tokens=12, greedy=True)
+    del model
+    for variant in ("block", "torch"):  # torch: DTensor on a CUDA mesh over gloo
+        _, record = gh.run_tensor_parallel("tiny", prompts, f"{device}=2GiB,{device}=2GiB", max_new_tokens=12,
+                                           greedy=True, dtype=torch.float32, variant=variant)
+        print(f"{variant}: backend {gh.pick_backend([s.device for s in record.plan.devices])}; tokens equal "
+              f"generate's: {torch.equal(record.output_ids, reference.output_ids)}")
+        for row, planned in zip(record.memory, record.plan.devices):
+            print(f"  rank {row.stage} on {row.device}: params planned {gh.format_size(planned.param_bytes)} | "
+                  f"measured {gh.format_size(row.param_bytes)}; planned total {gh.format_size(planned.total_bytes)} "
+                  f"| CUDA peak {gh.format_size(row.cuda_peak_bytes or 0)}; host peak RSS "
+                  f"{gh.format_size(row.peak_rss_bytes or 0)}")
+
+
+@case("tensor parallel over NCCL, one GPU per rank (UNTESTED until it has run on a machine with several GPUs)")
+def tensor_parallel_over_nccl() -> None:
+    tokenizer = gh.load_tokenizer("tiny")
+    prompts = ["The list", "A dictionary is"]
+    _, record = gh.run_tensor_parallel("tiny", prompts, "cuda:0,cuda:1", max_new_tokens=12, greedy=True,
+                                       dtype=torch.float32)
+    model = gh.load_model("tiny", dtype=torch.float32, device="cuda:0")
+    _, reference = gh.generate_text(model, tokenizer, prompts, max_new_tokens=12, greedy=True)
+    print(f"backend {gh.pick_backend(['cuda:0', 'cuda:1'])}; tokens equal generate's: "
+          f"{torch.equal(record.output_ids, reference.output_ids)}")
+
+
 def full_size_check(tokens: int) -> int:
     """The prepared GPU check: every case, one after the other, each freeing its memory; 1 if any failed."""
     import transformers
@@ -205,11 +237,12 @@ def full_size_check(tokens: int) -> int:
         return 0
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.cuda.device_count()} GPU(s): "
           f"{torch.cuda.get_device_name(0)}", flush=True)
-    results = [full_size_naive(tokens), tiny_across_a_real_boundary(), pipeline_on_one_gpu()]
+    results = [full_size_naive(tokens), tiny_across_a_real_boundary(), pipeline_on_one_gpu(),
+               tensor_parallel_on_one_gpu()]
     if torch.cuda.device_count() >= 2:
-        results.append(pipeline_over_nccl())
+        results += [pipeline_over_nccl(), tensor_parallel_over_nccl()]
     else:
-        print("\n=== pipeline over NCCL: skipped, one GPU only (NCCL refuses two ranks on one GPU)")
+        print("\n=== pipeline and tensor parallel over NCCL: skipped, one GPU only (NCCL refuses two ranks on one GPU)")
     print(f"\n{sum(results)} of {len(results)} case(s) passed")
     return 0 if all(results) else 1
 

@@ -125,8 +125,9 @@ class CommClock:
     """Notes every collective of one rank as a TimingEvent ("all-reduce", "all-gather", "broadcast"); `t0` and
     `step` are set by the generation loop (notebook 07)."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, comm_device: str = "cpu"):
         self.rank, self.t0, self.step, self.events = rank, time.time(), 0, []
+        self.comm = torch.device(comm_device)  # where collectives run: the GPU for NCCL, the CPU for gloo
 
     def now(self) -> float:
         return time.time() - self.t0
@@ -178,11 +179,11 @@ def one_reduce_per_block(block: torch.nn.Module, clock: CommClock) -> None:
         return (torch.zeros_like(out[0]), *out[1:])
 
     def mlp_out(m, args, out):
-        total = held.pop() + out
+        total = (held.pop() + out).to(clock.comm)
         start = clock.now()
         dist.all_reduce(total)
         clock.note("all-reduce", start)
-        return total
+        return total.to(out.device)
 
     block.attn.register_forward_hook(attn_out)
     block.mlp.register_forward_hook(mlp_out)
@@ -195,13 +196,13 @@ def gather_vocabulary(lm_head: torch.nn.Module, clock: CommClock, vocab: int, ra
 
     def gather(m, args, out):
         piece = -(-vocab // ranks)  # torch.chunk's piece size; the last pieces may be shorter
-        padded = torch.nn.functional.pad(out, (0, piece - out.shape[-1]))
+        padded = torch.nn.functional.pad(out, (0, piece - out.shape[-1])).to(clock.comm)
         parts = [torch.empty_like(padded) for _ in range(ranks)]
         start = clock.now()
         dist.all_gather(parts, padded.contiguous())
         clock.note("all-gather", start)
         sizes = [len(c) for c in torch.empty(vocab, device="meta").chunk(ranks)]
-        return torch.cat([p[..., :s] for p, s in zip(parts, sizes)], dim=-1)
+        return torch.cat([p[..., :s] for p, s in zip(parts, sizes)], dim=-1).to(out.device)
 
     lm_head.register_forward_hook(gather)
 
@@ -217,7 +218,7 @@ def cut_linear(linear: torch.nn.Linear, dim: int, rank: int, ranks: int) -> torc
 
 
 def build_rank_model(model_path, rank: int, ranks: int, dtype: torch.dtype, device: str = "cpu",
-                     variant: str = "block", mesh=None) -> RankModel:
+                     variant: str = "block", mesh=None, comm_device: str = "cpu") -> RankModel:
     """Build GPT-J on the meta device, cut it for this rank, allocate only the shards (`to_empty`), fill them from
     safetensors or seeds, and put back the rotary tables that `to_empty` leaves as garbage (notebook 07)."""
     from accelerate import init_empty_weights
@@ -227,7 +228,7 @@ def build_rank_model(model_path, rank: int, ranks: int, dtype: torch.dtype, devi
         raise ValueError(f"variant={variant!r}: use one of {VARIANTS}")
     weights = WeightReader(model_path)
     config = weights.config
-    clock = CommClock(rank)
+    clock = CommClock(rank, comm_device)
     with init_empty_weights():  # parameters on meta; buffers (the rotary sin/cos table) computed for real
         model = GPTJForCausalLM(config)
     shapes = {name: p.shape for name, p in model.named_parameters()}
@@ -244,6 +245,8 @@ def build_rank_model(model_path, rank: int, ranks: int, dtype: torch.dtype, devi
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, cut_linear(module, shard_dim(name + ".weight"), rank,
                                                                        ranks))
+    for block in model.transformer.h:  # 5.17 reshapes with this count (5.24 with -1); head_dim stays the model's
+        block.attn.num_attention_heads = config.n_head // ranks
     model.to_empty(device=device)
     for name, value in buffers.items():  # as computed, in float32, as placement keeps them
         parent, _, child = name.rpartition(".")

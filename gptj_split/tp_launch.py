@@ -186,7 +186,7 @@ def serve_tensor_parallel(rank: int, settings: TensorParallelSettings) -> list[R
         device = plan.devices[rank].device
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cuda" if backend == "nccl" else "cpu", (world,)) if world > 1 else None
+        mesh = init_device_mesh(torch.device(device).type, (world,)) if world > 1 else None
         import accelerate.utils  # noqa: F401  (libraries belong to the baseline, not to the rank)
         import safetensors  # noqa: F401
         from torch.distributed.tensor import parallel  # noqa: F401
@@ -200,7 +200,8 @@ def serve_tensor_parallel(rank: int, settings: TensorParallelSettings) -> list[R
                 gc.collect()
                 baseline = reset_peak_rss()
                 start = time.perf_counter()
-                rm = build_rank_model(model_path, rank, world, dtype, device, job.variant, mesh)
+                rm = build_rank_model(model_path, rank, world, dtype, device, job.variant, mesh,
+                                      device if backend == "nccl" else "cpu")
                 load_seconds = time.perf_counter() - start
             dist.barrier()
             t0 = [time.time()]
