@@ -12,6 +12,7 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | 03 to 05 (shared)            | records.py (RunRecord, MemoryRow, TimingEvent)                                   |
 | 04 memory and timing         | measure.py (estimates vs measurements, scaling), plots.py (every figure)         |
 | 05 pipeline parallelism      | pipeline.py (one stage: GPTJModel, send/recv), launch.py (processes, torchrun)   |
+| 05 to 07 (shared)            | relay.py (tokens streamed to this process, Stop sent back)                       |
 | 06 prompt widget             | widget.py                                                                        |
 | command line, notebook runs  | cli.py (`python -m gptj_helpers --help`)                                         |
 
@@ -52,8 +53,8 @@ from gptj_split.place import (stage_parameter_names, move_to, boundary_hook, Wei
                               plan_of, tensor_bytes, kv_bytes, measure_memory, SplitCheck, check_split)
 from gptj_split.sampling import (SAMPLING_DEFAULTS, Sampling, as_sampling, check_max_new_tokens, check_sampling,
                                  check_prompts, check_generation, pad_left)
-from gptj_split.generate import (plan_modules, stage_modules, StageRecorder, TokenTimes, generate_text, seeded,
-                                 format_timing)
+from gptj_split.generate import (plan_modules, stage_modules, StageRecorder, TokenTimes, make_streamer,
+                                 generate_text, seeded, format_timing)
 from gptj_split.measure import (utilisation, prompt_of_length, measure_scaling, copy_seconds, compare_estimates,
                                 format_estimates)
 from gptj_split.plots import (size_unit, MEMORY_COLORS, plot_memory, TIMELINE_COLORS, plot_timeline, plot_utilisation,
@@ -62,10 +63,12 @@ from gptj_split.pipeline import (PIPELINE_TIMEOUT, PipelineJob, make_job, check_
                                  PipelineStage, stage_tensor_name, load_stage, new_stage_cache, cache_keyword,
                                  forward_stage, make_warpers, pick_tokens, Inbox, Outbox, inject_fault, run_stage,
                                  merge_stage_results, measure_module_seconds)
+from gptj_split.relay import (RelayEnd, TokenRelay)
 from gptj_split.launch import (CONFIG_ERRORS, LaunchSettings, launch_settings, pick_backend, configure_worker,
                                serve_stage, prepare_pipeline, plan_pipeline, model_folder, pipeline_worker,
                                leave_process, PipelineError, is_neighbour_error, free_port, launch_stages,
-                               describe_stage_failure, run_pipeline_jobs, prompts_job, run_pipeline)
+                               describe_stage_failure, run_pipeline_jobs, prompts_job, run_pipeline,
+                               pipeline_generate)
 from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget)
 from gptj_split.cli import (run_notebooks, run_notebook, cmd_make_tiny, cmd_download, cmd_convert_jax, cmd_convert_bin,
                             cmd_devices, cmd_run_notebooks, cmd_plan, cmd_generate, cmd_setups, read_prompts,
