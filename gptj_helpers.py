@@ -13,6 +13,7 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | 04 memory and timing         | measure.py (estimates vs measurements, scaling), plots.py (every figure)         |
 | 05 pipeline parallelism      | pipeline.py (one stage: GPTJModel, send/recv), launch.py (processes, torchrun)   |
 | 05 to 07 (shared)            | relay.py (tokens streamed to this process, Stop sent back)                       |
+| 05 speedup, measured live    | compare.py (naive split on 1 and 2 threads vs the pipeline, the bubble)          |
 | 06 prompt widget             | widget.py                                                                        |
 | command line, notebook runs  | cli.py (`python -m gptj_helpers --help`)                                         |
 
@@ -56,9 +57,10 @@ from gptj_split.sampling import (SAMPLING_DEFAULTS, Sampling, as_sampling, check
 from gptj_split.generate import (plan_modules, stage_modules, StageRecorder, TokenTimes, make_streamer,
                                  generate_text, seeded, format_timing)
 from gptj_split.measure import (utilisation, prompt_of_length, measure_scaling, copy_seconds, compare_estimates,
-                                format_estimates)
-from gptj_split.plots import (size_unit, MEMORY_COLORS, plot_memory, TIMELINE_COLORS, plot_timeline, plot_utilisation,
-                              plot_scaling, output_dir, show_figure)
+                                format_estimates, decode_read_bytes, measure_weight_bandwidth, format_bandwidth)
+from gptj_split.plots import (size_unit, MEMORY_COLORS, plot_memory, TIMELINE_COLORS, timeline_events, shared_span_ms,
+                              draw_timeline, plot_timeline, plot_timelines, plot_utilisation, plot_scaling, output_dir,
+                              show_figure)
 from gptj_split.pipeline import (PIPELINE_TIMEOUT, PipelineJob, make_job, check_stage_count, check_pipeline_plan,
                                  PipelineStage, stage_tensor_name, load_stage, new_stage_cache, cache_keyword,
                                  forward_stage, make_warpers, pick_tokens, Inbox, Outbox, inject_fault, run_stage,
@@ -69,6 +71,8 @@ from gptj_split.launch import (CONFIG_ERRORS, LaunchSettings, launch_settings, p
                                leave_process, PipelineError, is_neighbour_error, free_port, launch_stages,
                                describe_stage_failure, run_pipeline_jobs, prompts_job, run_pipeline,
                                pipeline_generate)
+from gptj_split.compare import (mini_gptj_folder, pinned, time_phases, balanced_plans, SpeedupRun,
+                                measure_pipeline_speedup, prefill_bubble)
 from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget)
 from gptj_split.cli import (run_notebooks, run_notebook, cmd_make_tiny, cmd_download, cmd_convert_jax, cmd_convert_bin,
                             cmd_devices, cmd_run_notebooks, cmd_plan, cmd_generate, cmd_setups, read_prompts,
