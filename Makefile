@@ -59,8 +59,10 @@ $(WIDGETS7_DIR)/.installed: | $(STAMP)
 	$(PY) -m pip install -q --no-deps --target $(WIDGETS7_DIR) $(WIDGETS7)
 	touch $@
 
-notebooks: $(STAMP)  ## re-execute the committed notebooks in place (after changing the helpers)
-	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --inplace
+notebooks: $(STAMP)  ## re-execute the committed notebooks in place (after changing the helpers), and the README's picture
+	rm -rf $(BUILD)/figures
+	GPTJ_HELPERS_OUT=$(BUILD)/figures $(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --inplace
+	cp $(BUILD)/figures/05_timelines.png assets/readme_timeline.png
 
 rehearse: $(STAMP)  ## every notebook at GPT-J-6B's size (random weights) on the CPU: 20 to 40 minutes, 14 GiB of RAM
 	$(PY) benchmarks/rehearse.py

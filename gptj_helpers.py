@@ -12,6 +12,8 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | 03 to 05 (shared)            | records.py (RunRecord, MemoryRow, TimingEvent)                                   |
 | 04 memory and timing         | measure.py (estimates vs measurements, scaling), plots.py (every figure)         |
 | 05 pipeline parallelism      | pipeline.py (one stage: GPTJModel, send/recv), launch.py (processes, torchrun)   |
+| 05 to 07 (shared)            | relay.py (tokens streamed to this process, Stop sent back)                       |
+| 05 speedup, measured live    | compare.py (naive split on 1 and 2 threads vs the pipeline, the bubble)          |
 | 06 prompt widget             | widget.py                                                                        |
 | 07 tensor parallelism        | tensor_parallel.py (cut blocks by heads, planner), tp_launch.py (ranks, torchrun)|
 |                              | tp_compare.py (naive split, pipeline and tensor parallel, measured side by side) |
@@ -54,20 +56,25 @@ from gptj_split.place import (stage_parameter_names, move_to, boundary_hook, Wei
                               plan_of, tensor_bytes, kv_bytes, measure_memory, SplitCheck, check_split)
 from gptj_split.sampling import (SAMPLING_DEFAULTS, Sampling, as_sampling, check_max_new_tokens, check_sampling,
                                  check_prompts, check_generation, pad_left)
-from gptj_split.generate import (plan_modules, stage_modules, StageRecorder, TokenTimes, generate_text, seeded,
-                                 format_timing)
+from gptj_split.generate import (plan_modules, stage_modules, StageRecorder, TokenTimes, make_streamer,
+                                 generate_text, seeded, format_timing)
 from gptj_split.measure import (utilisation, prompt_of_length, measure_scaling, copy_seconds, compare_estimates,
-                                format_estimates)
-from gptj_split.plots import (size_unit, MEMORY_COLORS, plot_memory, TIMELINE_COLORS, plot_timeline, plot_utilisation,
-                              plot_scaling, output_dir, show_figure)
+                                format_estimates, decode_read_bytes, measure_weight_bandwidth, format_bandwidth)
+from gptj_split.plots import (size_unit, MEMORY_COLORS, plot_memory, TIMELINE_COLORS, timeline_events, shared_span_ms,
+                              draw_timeline, plot_timeline, plot_timelines, plot_utilisation, plot_scaling, output_dir,
+                              show_figure)
 from gptj_split.pipeline import (PIPELINE_TIMEOUT, PipelineJob, make_job, check_stage_count, check_pipeline_plan,
                                  PipelineStage, stage_tensor_name, load_stage, new_stage_cache, cache_keyword,
                                  forward_stage, make_warpers, pick_tokens, Inbox, Outbox, inject_fault, run_stage,
                                  merge_stage_results, measure_module_seconds)
+from gptj_split.relay import (RelayEnd, TokenRelay)
 from gptj_split.launch import (CONFIG_ERRORS, LaunchSettings, launch_settings, pick_backend, configure_worker,
                                serve_stage, prepare_pipeline, plan_pipeline, model_folder, pipeline_worker,
                                leave_process, PipelineError, is_neighbour_error, free_port, launch_stages,
-                               describe_stage_failure, run_pipeline_jobs, prompts_job, run_pipeline)
+                               describe_stage_failure, run_pipeline_jobs, prompts_job, run_pipeline,
+                               pipeline_generate)
+from gptj_split.compare import (mini_gptj_folder, pinned, time_phases, balanced_plans, SpeedupRun,
+                                measure_pipeline_speedup, prefill_bubble)
 from gptj_split.tensor_parallel import (VARIANTS, COLUMNS, ROWS, shard_dim, shard_of, rank_counts, check_head_split,
                                         rank_parameter_bytes, plan_tensor_parallel, RankModel, CommClock,
                                         tensor_parallel_plan, time_collective, one_reduce_per_block, gather_vocabulary,
@@ -75,8 +82,9 @@ from gptj_split.tensor_parallel import (VARIANTS, COLUMNS, ROWS, shard_dim, shar
 from gptj_split.tp_launch import (TP_VARIANT, TensorParallelJob, tensor_parallel_job, TensorParallelSettings,
                                   TensorParallelError, inject_rank_fault, run_rank, prepare_tensor_parallel,
                                   plan_for_jobs, serve_tensor_parallel, merge_rank_results, tensor_parallel_settings,
-                                  run_tensor_parallel_jobs, run_tensor_parallel)
-from gptj_split.tp_compare import (COMM_KINDS, bench_config, write_bench_model, pinned, decode_seconds,
+                                  run_tensor_parallel_jobs, run_tensor_parallel, tensor_parallel_generate,
+                                  PrintRelay)
+from gptj_split.tp_compare import (COMM_KINDS, bench_config, write_bench_model, decode_seconds,
                                    decode_seconds_of, comm_per_token, compare_splits, format_comparison)
 from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget)
 from gptj_split.cli import (run_notebooks, run_notebook, cmd_make_tiny, cmd_download, cmd_convert_jax, cmd_convert_bin,

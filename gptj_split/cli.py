@@ -21,8 +21,8 @@ from .generate import format_timing, generate_text
 from .pipeline import PIPELINE_TIMEOUT
 from .launch import (PipelineError, is_neighbour_error, launch_settings, leave_process, prompts_job, run_pipeline,
                      serve_stage)
-from .tp_launch import (TensorParallelError, run_tensor_parallel_jobs, serve_tensor_parallel, tensor_parallel_job,
-                        tensor_parallel_settings)
+from .tp_launch import (PrintRelay, TensorParallelError, run_tensor_parallel, run_tensor_parallel_jobs,
+                        serve_tensor_parallel, tensor_parallel_job, tensor_parallel_settings)
 
 
 def run_notebooks(paths: list[str | Path], out_dir: str | Path | None = None, inplace: bool = False,
@@ -204,10 +204,18 @@ def cmd_tensor_parallel(args: argparse.Namespace) -> None:
     if "RANK" not in os.environ:  # plain `python -m gptj_helpers tensor-parallel`: start the ranks from here
         path = resolve_model(args.model)
         config = load_config(str(path))
-        jobs = [tensor_parallel_job(prompts_job(path, config, prompts, 1, args.max_new_tokens, sampling=sampling),
-                                    args.variant) for prompts in groups]
         try:
-            records = run_tensor_parallel_jobs(path, args.devices, jobs, **options)
+            if args.stream:  # one start of the ranks per prompt, its text relayed here token by token
+                records = []
+                for prompts in groups:
+                    records.append(run_tensor_parallel(path, prompts, args.devices, args.max_new_tokens, sampling,
+                                                       args.variant, stream=True, **options)[1])
+                    if prompts is not groups[-1]:
+                        print(flush=True)
+            else:
+                jobs = [tensor_parallel_job(prompts_job(path, config, prompts, 1, args.max_new_tokens,
+                                                        sampling=sampling), args.variant) for prompts in groups]
+                records = run_tensor_parallel_jobs(path, args.devices, jobs, **options)
         except TensorParallelError as err:
             raise SystemExit(f"error: {err}") from err
     else:  # one rank of a torchrun launch
@@ -218,8 +226,9 @@ def cmd_tensor_parallel(args: argparse.Namespace) -> None:
             config = load_config(str(path))
             jobs = [tensor_parallel_job(prompts_job(path, config, prompts, 1, args.max_new_tokens,
                                                    sampling=sampling), args.variant) for prompts in groups]
+        relay = PrintRelay(load_tokenizer(args.model), args.prompt) if args.stream and rank == 0 else None
         settings = tensor_parallel_settings(args.model, world, devices=args.devices, jobs=jobs,
-                                            variant=args.variant, **options)
+                                            variant=args.variant, relay=relay, **options)
         try:
             records = serve_tensor_parallel(rank, settings)
         except (ValueError, FileNotFoundError, MemoryError):
@@ -232,7 +241,8 @@ def cmd_tensor_parallel(args: argparse.Namespace) -> None:
         if rank != 0:
             leave_process()
     texts = [t for record in records for t in record.texts]
-    print("\n\n".join(prompt + text for prompt, text in zip(args.prompt, texts)), flush=True)
+    if not args.stream:  # streamed: already printed as it came
+        print("\n\n".join(prompt + text for prompt, text in zip(args.prompt, texts)), flush=True)
     for record in records:
         print(format_timing(record), file=sys.stderr)
     if "RANK" in os.environ:

@@ -150,6 +150,20 @@ class TokenTimes:
             self.inner.end()
 
 
+def make_streamer(tokenizer, prompts: list[str], stream=False):
+    """`stream=True`: print the prompt, then a TextStreamer prints each piece of text (one prompt only); a streamer
+    passes through; False gives None (notebook 03, reused by the pipeline and tensor parallelism)."""
+    if stream is True and len(prompts) > 1:
+        raise ValueError(f"stream=True prints one prompt at a time, got {len(prompts)}: generate them one by one, "
+                         "or pass your own streamer that handles a batch")
+    if stream is True:
+        from transformers import TextStreamer
+
+        print(prompts[0], end="", flush=True)
+        return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return stream or None
+
+
 def generate_text(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 50, greedy: bool = False,
                   temperature: float = 1.0, top_p: float = 0.7, top_k: int = 0, seed: int | None = None,
                   stream=False, stopping_criteria=None,
@@ -171,14 +185,7 @@ def generate_text(model, tokenizer, prompts: str | list[str], max_new_tokens: in
     sampling = sampling if sampling is not None else Sampling(**given)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids = check_prompts(model.config, tokenizer, prompts, max_new_tokens)
-    if stream is True and len(prompts) > 1:
-        raise ValueError(f"stream=True prints one prompt at a time, got {len(prompts)}: generate them one by one, "
-                         "or pass your own streamer that handles a batch")
-    if stream is True:
-        from transformers import TextStreamer
-
-        print(prompts[0], end="", flush=True)
-        stream = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stream = make_streamer(tokenizer, prompts, stream)
     eos = tokenizer.eos_token_id
     stages = stage_modules(model)
     input_ids, mask = pad_left(ids, eos, stages[0][1])
@@ -188,7 +195,7 @@ def generate_text(model, tokenizer, prompts: str | list[str], max_new_tokens: in
 
         extra["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
     with StageRecorder(model) as recorder, seeded(sampling.seed, recorder.cuda):
-        times = TokenTimes(recorder.now, inner=None if stream is False else stream)
+        times = TokenTimes(recorder.now, inner=stream)
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              pad_token_id=eos, streamer=times, return_dict_in_generate=True,
                              **sampling.generate_kwargs(), **extra)

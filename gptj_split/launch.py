@@ -20,7 +20,9 @@ from .devices import Device, parse_devices, peak_rss, reset_peak_rss
 from .hub import load_config, load_tokenizer, resolve_model
 from .plan import Plan, plan_split
 from .records import RunRecord
+from .relay import RelayEnd, TokenRelay  # noqa: F401  (TokenRelay: re-exported for chapter 7)
 from .sampling import Sampling, as_sampling, check_prompts, pad_left
+from .generate import make_streamer
 from .pipeline import (PIPELINE_TIMEOUT, PipelineJob, check_pipeline_plan, check_stage_count, load_stage, make_job,
                        merge_stage_results, run_stage)
 
@@ -50,6 +52,7 @@ class LaunchSettings:
     result_path: str | None = None  # launch_stages: where rank 0 leaves its records, and the stages their errors
     error_dir: str | None = None
     launched_here: bool = False
+    relay: RelayEnd | None = None  # the last stage streams its tokens here and reads the caller's Stop
 
 
 def launch_settings(model, world_size: int, devices: str | list[Device] | None = None, plan: Plan | None = None,
@@ -140,7 +143,7 @@ def serve_stage(rank: int, settings: LaunchSettings) -> list[RunRecord] | None:
             dist.barrier()
             t0 = [time.time()]
             dist.broadcast_object_list(t0, src=0)
-            result = run_stage(stage, job, t0[0], settings.fail)
+            result = run_stage(stage, job, t0[0], settings.fail, settings.relay if rank == world_size - 1 else None)
             result["memory"].load_seconds = load_seconds
             if baseline is not None:  # host memory of this stage process over its RSS after imports, before loading
                 result["memory"].peak_rss_bytes = peak_rss() - baseline
@@ -307,7 +310,8 @@ def describe_stage_failure(error_dir: str, failed: dict[int, float], procs) -> E
 
 def run_pipeline_jobs(model, devices: str | list[Device] | None, jobs: list[PipelineJob], plan: Plan | None = None,
                       dtype: torch.dtype | None = None, timeout: float = PIPELINE_TIMEOUT, threads: int | None = None,
-                      affinity: list[list[int]] | None = None, fail: tuple | None = None) -> list[RunRecord]:
+                      affinity: list[list[int]] | None = None, fail: tuple | None = None,
+                      relay: RelayEnd | None = None) -> list[RunRecord]:
     """Several generations in one start of the stage processes (benchmarks and tests reuse the loaded stages);
     everything is planned and checked here, before any process starts."""
     model_path = model_folder(model)
@@ -319,37 +323,61 @@ def run_pipeline_jobs(model, devices: str | list[Device] | None, jobs: list[Pipe
     check_pipeline_plan(plan, config.n_layer)
     settings = launch_settings(model_path, len(plan.devices), plan=plan, jobs=jobs, dtype=dtype, timeout=timeout,
                                threads=threads, affinity=affinity, fail=fail)
-    return launch_stages(settings)
+    return launch_stages(dataclasses.replace(settings, relay=relay))
 
 
 def prompts_job(model_path: Path, config, prompts: list[str], micro_batches: int = 1, max_new_tokens: int = 50,
-                sampling: Sampling | None = None, **knobs) -> PipelineJob:
+                sampling: Sampling | None = None, stoppable: bool = False, **knobs) -> PipelineJob:
     """Tokenize and left-pad prompts as generate_text does, checked the same way, into a job (notebook 05)."""
     sampling = as_sampling(sampling, **knobs)
     tokenizer = load_tokenizer(str(model_path))
     ids = check_prompts(config, tokenizer, prompts, max_new_tokens)
     input_ids, mask = pad_left(ids, tokenizer.eos_token_id, "cpu")
-    return make_job(input_ids, mask, micro_batches, max_new_tokens, sampling=sampling)
+    return make_job(input_ids, mask, micro_batches, max_new_tokens, sampling=sampling, stoppable=stoppable)
 
 
 def run_pipeline(model, prompts: str | list[str], devices: str | list[Device] | None = None,
                  micro_batches: int = 1, plan: Plan | None = None, dtype: torch.dtype | None = None,
                  timeout: float = PIPELINE_TIMEOUT, threads: int | None = None,
                  affinity: list[list[int]] | None = None, fail: tuple | None = None, max_new_tokens: int = 50,
-                 sampling: Sampling | None = None, **knobs) -> tuple[list[str], RunRecord]:
+                 sampling: Sampling | None = None, stream=False, stopping_criteria=None,
+                 **knobs) -> tuple[list[str], RunRecord]:
     """Generate with one process per stage, micro-batches flowing through them at once (notebook 05).
 
     Returns `(texts, record)` like generate_text: `model` is a name or folder ("tiny", "gpt-j-6b", a path);
     `max_new_tokens` and the sampling keywords (greedy, temperature, top_p, top_k, seed, or `sampling=`) are
     generate_text's, and `texts[i]` continues `prompts[i]`. Greedy tokens equal `model.generate` on the whole
     batch; seeded sampling equals `torch.manual_seed(seed); model.generate(...)` run on each micro-batch alone
-    (each micro-batch has its own generator), so on the whole batch when micro_batches=1.
+    (each micro-batch has its own generator), so on the whole batch when micro_batches=1. `stream` and
+    `stopping_criteria` work as in generate_text (notebook 06's widget uses both), with one prompt per
+    micro-batch: the last stage sends each token to this process as it is picked, the criteria run here on what
+    has arrived, and a stop ends every stage after the same token, usually one token later than in generate.
     """
+    import multiprocessing
+
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     model_path = model_folder(model)
+    stoppable = stream is not False or stopping_criteria is not None
     job = prompts_job(model_path, load_config(str(model_path)), prompts, micro_batches, max_new_tokens,
-                      sampling=as_sampling(sampling, **knobs))
-    record = run_pipeline_jobs(model_path, devices, [job], plan=plan, dtype=dtype, timeout=timeout, threads=threads,
-                               affinity=affinity, fail=fail)[0]
+                      sampling=as_sampling(sampling, **knobs), stoppable=stoppable)
+    if not stoppable:
+        record = run_pipeline_jobs(model_path, devices, [job], plan=plan, dtype=dtype, timeout=timeout,
+                                   threads=threads, affinity=affinity, fail=fail)[0]
+    else:
+        streamer = make_streamer(load_tokenizer(str(model_path)), prompts, stream)
+        relay = TokenRelay(multiprocessing.get_context("spawn"), job.input_ids, streamer, stopping_criteria)
+        with relay:
+            record = run_pipeline_jobs(model_path, devices, [job], plan=plan, dtype=dtype, timeout=timeout,
+                                       threads=threads, affinity=affinity, fail=fail, relay=relay.worker_end())[0]
     record.prompts = prompts
     return record.texts, record
+
+
+def pipeline_generate(devices: str | list[Device], **options):
+    """A function with generate_text's signature that runs the pipeline on `devices`, for notebook 06's widget:
+    `prompt_widget("tiny", tokenizer, generate=pipeline_generate("cpu,cpu"))`; `options` go to run_pipeline."""
+
+    def generate(model, tokenizer, prompts, **kwargs) -> tuple[list[str], RunRecord]:
+        return run_pipeline(model, prompts, devices, **options, **kwargs)
+
+    return generate

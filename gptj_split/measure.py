@@ -120,3 +120,58 @@ def format_estimates(rows: list[dict]) -> str:
     """Estimate | measured | ratio, one line each (notebook 04)."""
     return "\n".join(f"{r['what']:44} estimate {r['estimate']:9.3f} {r['unit']:3} | measured {r['measured']:9.3f} "
                      f"{r['unit']:3} | ratio {r['ratio']:.2f}" for r in rows)
+
+
+def decode_read_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes of weights one decode step reads: every block and the head; the embedding is a lookup of one row per
+    token, so it is left out (notebooks 03, 04)."""
+    from .models import module_sizes
+
+    sizes = module_sizes(config, dtype)
+    return sizes["total"] - sizes["embedding"]
+
+
+def measure_weight_bandwidth(rows: int = 16384, cols: int = 4096, dtypes=(torch.float32, torch.bfloat16),
+                             threads=(1, 2)) -> list[dict]:
+    """Decode's core at batch 1, one linear layer of GPT-J's MLP (`fc_in`, 16384 x 4096) times one vector, per
+    dtype and thread count: weight bytes read per second and multiply-adds per second, beside the bandwidth of a
+    plain copy of the same bytes on one thread (notebook 04)."""
+    from torch.utils import benchmark
+
+    results = []
+    for dtype in dtypes:
+        weight = torch.randn(rows, cols).to(dtype)
+        x = torch.randn(1, cols).to(dtype)
+        nbytes = weight.numel() * weight.element_size()
+        copy = torch.empty_like(weight)
+        copy_s = benchmark.Timer("copy.copy_(weight)", globals={"copy": copy, "weight": weight},
+                                 num_threads=1).blocked_autorange(min_run_time=0.3).median
+        for n in threads:
+            seconds = benchmark.Timer("torch.nn.functional.linear(x, weight)", globals={"x": x, "weight": weight},
+                                      num_threads=n).blocked_autorange(min_run_time=0.3).median
+            results.append({"dtype": str(dtype).removeprefix("torch."), "threads": n, "ms": seconds * 1e3,
+                            "weights_gb_s": nbytes / seconds / 1e9, "gmacs": rows * cols / seconds / 1e9,
+                            "copy_gb_s": 2 * nbytes / copy_s / 1e9})  # a copy reads and writes every byte
+        del weight, copy
+    return results
+
+
+def format_bandwidth(rows: list[dict]) -> str:
+    """The bandwidth table with a verdict per row, argued from its own numbers (notebook 04): a row that reads the
+    weights at most of the copy bandwidth waits on memory; a row well below it, that a second thread speeds up,
+    waits on arithmetic."""
+    one = {r["dtype"]: r for r in rows if r["threads"] == 1}
+    lines = ["dtype     threads   ms/call   weights read   multiply-adds   of copy bandwidth   bound by"]
+    for r in rows:
+        share = r["weights_gb_s"] / r["copy_gb_s"]
+        faster = r["ms"] < 0.8 * one[r["dtype"]]["ms"] if r["threads"] > 1 else None
+        if share >= 0.6:
+            verdict = "memory bandwidth"
+        elif r["threads"] == 1:
+            verdict = "arithmetic (or overhead)"
+        else:
+            verdict = "arithmetic: 2 threads help" if faster else "neither alone (shared)"
+        lines.append(f"{r['dtype']:9} {r['threads']:7} {r['ms']:9.2f} {r['weights_gb_s']:9.1f} GB/s "
+                     f"{r['gmacs']:9.2f} G/s {share:15.0%}      {verdict}")
+    lines.append(f"copy bandwidth, one thread (read + write): {rows[0]['copy_gb_s']:.1f} GB/s")
+    return "\n".join(lines)

@@ -32,20 +32,24 @@ class PipelineJob:
     micro_batches: int = 1
     max_new_tokens: int = 50
     sampling: Sampling = dataclasses.field(default_factory=lambda: Sampling(seed=0))
+    stoppable: bool = False  # a one-number "go on / stop" message goes ahead of each hidden state (Stop, eos)
 
 
 def make_job(input_ids: torch.Tensor, attention_mask: torch.Tensor, micro_batches: int = 1,
-             max_new_tokens: int = 50, sampling: Sampling | None = None, **knobs) -> PipelineJob:
-    """Check the options of one pipelined generation and bundle them; `knobs` or `sampling` as generate_text's
-    (notebook 05)."""
+             max_new_tokens: int = 50, sampling: Sampling | None = None, stoppable: bool = False,
+             **knobs) -> PipelineJob:
+    """Check the options of one pipelined generation and bundle them; `knobs` or `sampling` as generate_text's;
+    `stoppable` lets the run end early, on a Stop or when every row has ended (notebook 05)."""
     batch = input_ids.shape[0]
     if not 1 <= micro_batches <= batch:
         raise ValueError(f"micro_batches={micro_batches}: use between 1 and the number of prompts ({batch})")
+    if stoppable and micro_batches != 1:
+        raise ValueError(f"streaming and stopping criteria need micro_batches=1, got {micro_batches}")
     check_max_new_tokens(max_new_tokens)
     sampling = as_sampling(sampling, **knobs)
     if sampling.seed is None:  # like generate without a seed: whatever torch's global generator gives
         sampling = dataclasses.replace(sampling, seed=int(torch.randint(2**62, ())))
-    return PipelineJob(input_ids, attention_mask, micro_batches, max_new_tokens, sampling)
+    return PipelineJob(input_ids, attention_mask, micro_batches, max_new_tokens, sampling, stoppable)
 
 
 def check_stage_count(n: int, n_layer: int) -> None:
@@ -195,11 +199,14 @@ class Inbox:
             self.next += 1
 
     def get(self, phase: str, step: int, micro_batch: int) -> torch.Tensor:
-        """Wait for the next message (timed as a "recv" event) and post the following receives."""
+        """Wait for the next message (timed as a "recv" event) and post the following receives; after a stop
+        message (negative numbers) nothing more is posted, so no receive is left waiting."""
         self.post()
         start = self.record()
         buffer, work = self.posted.pop(0)
         work.wait()
+        if buffer.dtype == torch.long and bool((buffer < 0).all()):
+            self.next = len(self.shapes)
         self.post()
         self.record(start, phase, step, micro_batch, "recv")
         return buffer.to(self.stage.device)
@@ -237,9 +244,13 @@ def inject_fault(stage: PipelineStage, fail: tuple | None, step: int) -> None:
     raise RuntimeError(message)
 
 
-def run_stage(stage: PipelineStage, job: PipelineJob, t0: float, fail: tuple | None = None) -> dict:
+def run_stage(stage: PipelineStage, job: PipelineJob, t0: float, fail: tuple | None = None, relay=None) -> dict:
     """One stage's share of a pipelined generation, micro-batches in the same order on every stage: events, memory,
-    and on the last stage the new tokens (notebook 05)."""
+    and on the last stage the new tokens, also handed to `relay` (a RelayEnd) step by step (notebook 05).
+
+    In a stoppable job, the last stage decides after each step's first micro-batch whether to go on (no Stop asked,
+    some row not ended); a stop goes to the first stage in place of the tokens, and from stage to stage as the
+    one-number message that precedes each hidden state, so every stage ends after the same token."""
     import time
 
     rank, n, dev = stage.rank, stage.world_size, stage.device
@@ -257,18 +268,23 @@ def run_stage(stage: PipelineStage, job: PipelineJob, t0: float, fail: tuple | N
             events.append(TimingEvent(rank, phase, step, start, now, kind, micro_batch))
         return now
 
+    go, stop = torch.ones(1, dtype=torch.long), torch.full((1,), -1, dtype=torch.long)
     inbox = None
-    if not first:  # hidden states from the previous stage, in schedule order
+    if not first:  # hidden states from the previous stage, in schedule order (each after a go/stop if stoppable)
         shapes = [((len(r), prompt_len if s == 0 else 1, width), stage.dtype) for s in range(steps) for r in rows]
-        inbox = Inbox(stage, rank - 1, shapes, record)
+        if job.stoppable:
+            shapes = [m for shape in shapes for m in (((1,), torch.long), shape)]
+        inbox = Inbox(stage, rank - 1, shapes, record, ahead=1 if job.stoppable else 2)
     elif n > 1:  # token ids from the last stage, for every step but the last
-        inbox = Inbox(stage, n - 1, [((len(r),), torch.long) for s in range(steps - 1) for r in rows], record)
+        inbox = Inbox(stage, n - 1, [((len(r),), torch.long) for s in range(steps - 1) for r in rows], record,
+                      ahead=1 if job.stoppable else 2)
     outbox = Outbox(stage, record)
     tokens = [[] for _ in rows]
     unfinished = [torch.ones(len(r), dtype=torch.long, device=dev) for r in rows]
     generators = ([torch.Generator(device=dev).manual_seed(job.sampling.seed) for _ in rows]
                   if last and not job.sampling.greedy else None)
     warpers = make_warpers(job)
+    stopping = False  # last stage: a stop was sent, this step is the last
     with torch.inference_mode():
         for step in range(steps):
             inject_fault(stage, fail, step)
@@ -276,8 +292,15 @@ def run_stage(stage: PipelineStage, job: PipelineJob, t0: float, fail: tuple | N
             for m in range(len(rows)):
                 if first:
                     x = ids[m] if step == 0 else (inbox.get(phase, step, m) if n > 1 else tokens[m][-1])
+                    if step > 0 and n > 1 and bool((x < 0).all()):  # the last stage said stop
+                        outbox.send(stop, rank + 1, phase, step, m)
+                        break
                     x = x.view(len(rows[m]), -1)
                 else:
+                    if job.stoppable and bool((inbox.get(phase, step, m) < 0).all()):
+                        if not last:
+                            outbox.send(stop, rank + 1, phase, step, m)
+                        break
                     x = inbox.get(phase, step, m)
                 start = record()
                 out = forward_stage(stage, x, masks[m], caches[m])
@@ -290,11 +313,23 @@ def run_stage(stage: PipelineStage, job: PipelineJob, t0: float, fail: tuple | N
                     torch.cuda.synchronize(dev)
                 record(start, phase, step, m)
                 masks[m] = torch.cat([masks[m], masks[m].new_ones((len(rows[m]), 1))], dim=-1)
+                if last and relay is not None:
+                    relay.put(out)
+                if last and job.stoppable and m == 0 and step < steps - 1:
+                    stopping = (relay is not None and relay.stop_requested()) or not any(u.any() for u in unfinished)
                 if not last:
+                    if job.stoppable:
+                        outbox.send(go, rank + 1, phase, step, m)
                     outbox.send(out, rank + 1, phase, step, m)
-                elif n > 1 and step < steps - 1:
-                    outbox.send(out, 0, phase, step, m)
+                elif n > 1 and step < steps - 1 and not (stopping and m > 0):
+                    outbox.send(stop.expand(len(out)) if stopping else out, 0, phase, step, m)
+            else:
+                if not (stopping and n == 1):
+                    continue
+            break  # a stop: this stage's last step is done
         outbox.flush()
+    if relay is not None:
+        relay.end()
     kv = sum(kv_bytes(layer) for c in caches for layer in c.layers)
     memory = MemoryRow(rank, str(dev), stage.param_bytes, kv,
                        cuda_peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None)

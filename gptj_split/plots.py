@@ -73,21 +73,33 @@ TIMELINE_COLORS = {"prefill": "tab:purple", "decode": "tab:blue", "send": "tab:o
                    "all-reduce": "tab:red", "all-gather": "tab:brown", "broadcast": "tab:olive"}  # notebook 07
 
 
-def plot_timeline(record: RunRecord, max_step: int = 3, first_step: int | None = None):
-    """A Gantt chart of each stage's busy intervals and sends/receives, steps `first_step` to `max_step` (notebooks
-    04, 05)."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
+def timeline_events(record: RunRecord, max_step: int = 3, first_step: int | None = None) -> list:
+    """The timing events of steps `first_step` (default: the first decode step, if any) to `max_step`."""
     if first_step is None:
         first_step = 1 if any(e.step >= 1 for e in record.events) else 0
     events = [e for e in record.events if first_step <= e.step <= max_step]
     if not events:
         raise ValueError("this RunRecord has no timing events to draw")
+    return events
+
+
+def shared_span_ms(records: list[RunRecord], max_step: int = 3, first_step: int | None = None) -> float:
+    """The longest of these runs' timelines in ms, the time axis they share in `plot_timelines` (notebooks 05, 07)."""
+    spans = []
+    for record in records:
+        events = timeline_events(record, max_step, first_step)
+        spans.append((max(e.end for e in events) - min(e.start for e in events)) * 1000)
+    return max(spans)
+
+
+def draw_timeline(ax, record: RunRecord, max_step: int = 3, first_step: int | None = None) -> None:
+    """One run's Gantt chart on `ax`: each stage's compute intervals, and its sends and receives below them."""
+    from matplotlib.patches import Patch
+
+    events = timeline_events(record, max_step, first_step)
     t0 = min(e.start for e in events)
     stages = sorted({e.stage for e in events})
     several = len({e.micro_batch for e in events}) > 1
-    fig, ax = plt.subplots(figsize=(9, 0.55 * len(stages) + 1.8))
     span = max(e.end for e in events) - t0
     for e in events:
         key = e.phase if e.kind == "compute" else e.kind
@@ -101,12 +113,33 @@ def plot_timeline(record: RunRecord, max_step: int = 3, first_step: int | None =
     ax.legend(handles=[Patch(color=TIMELINE_COLORS[k], label=k) for k in kinds], fontsize=8, loc="upper left",
               bbox_to_anchor=(1.01, 1))
     ax.set_yticks(stages, [f"stage {s}" for s in stages])
-    ax.invert_yaxis()
+    ax.set_ylim(max(stages) + 0.6, min(stages) - 0.6)  # stage 0 on top
     ax.set_xlabel("time since the first event shown (ms)")
     shown = sorted({e.step for e in events})
     steps = f"steps {shown[0]} to {shown[-1]}" if len(shown) > 1 else f"step {shown[0]}"
     ax.set_title(f"Who is busy when: {record.mode} run, {steps} (step 0 = the prefill)"
                  + (" (numbers: micro-batches)" if several else ""))
+
+
+def plot_timeline(record: RunRecord, max_step: int = 3, first_step: int | None = None):
+    """A Gantt chart of each stage's busy intervals and sends/receives, steps `first_step` to `max_step` (notebooks
+    04, 05)."""
+    return plot_timelines([record], max_step, first_step)
+
+
+def plot_timelines(records: list[RunRecord], max_step: int = 3, first_step: int | None = None):
+    """Several runs' Gantt charts stacked on one time axis, to compare them (notebooks 05, 07; the README's picture)."""
+    import matplotlib.pyplot as plt
+
+    heights = [0.55 * len({e.stage for e in timeline_events(r, max_step, first_step)}) + 1.3 for r in records]
+    fig, axes = plt.subplots(len(records), 1, figsize=(9, sum(heights) + 0.5), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, record in zip(axes[:, 0], records):
+        draw_timeline(ax, record, max_step, first_step)
+    span = shared_span_ms(records, max_step, first_step)
+    axes[-1, 0].set_xlim(0, span * 1.02)
+    for ax in axes[:-1, 0]:
+        ax.set_xlabel("")
     fig.tight_layout()
     return fig
 

@@ -5,7 +5,6 @@ one-prompt latency, many-prompt throughput and communication per token. The benc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -20,6 +19,7 @@ from .plan import plan_split
 from .place import measure_memory, place_stages
 from .pipeline import make_job
 from .launch import run_pipeline_jobs
+from .compare import pinned, time_phases
 from .tp_launch import TP_VARIANT, run_tensor_parallel_jobs, tensor_parallel_job
 
 COMM_KINDS = ("all-reduce", "all-gather", "broadcast", "send")
@@ -70,36 +70,10 @@ def write_bench_model(folder: str | Path, config, dtype: torch.dtype = torch.bfl
     return folder
 
 
-@contextlib.contextmanager
-def pinned(cores: list[int] | None, threads: int):
-    """Run this process on `cores` with `threads` intra-op threads; both restored afterwards (notebook 07)."""
-    old_cores, old_threads = os.sched_getaffinity(0), torch.get_num_threads()
-    try:
-        if cores:
-            os.sched_setaffinity(0, set(cores))
-        torch.set_num_threads(threads)
-        yield
-    finally:
-        os.sched_setaffinity(0, old_cores)
-        torch.set_num_threads(old_threads)
-
-
 def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
     """Greedy `generate` on a placed model: mean seconds per token after the first, and the output (notebook 07)."""
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    marks: list[float] = []
-
-    class Mark(LogitsProcessor):  # called once per step, right after that step's logits
-        def __call__(self, input_ids, scores):
-            marks.append(time.perf_counter())
-            return scores
-
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, pad_token_id=model.config.eos_token_id,
-                             logits_processor=LogitsProcessorList([Mark()]))
-    return (marks[-1] - marks[0]) / max(1, len(marks) - 1), out
+    _, decode, out = time_phases(model, ids, new_tokens)
+    return decode / max(1, new_tokens - 1), out
 
 
 def decode_seconds_of(record) -> float:
@@ -135,10 +109,10 @@ def compare_splits(path, devices: str = "cpu,cpu", new_tokens: int = 8, batch: i
     naive = place_stages(path, plan, dtype=torch.bfloat16)
     result = {"naive": {"memory": [r.param_bytes for r in measure_memory(naive)]}}
     for threads in (1, 2):
-        with pinned(cores[:threads] if cores else None, threads):
+        with pinned(cores[:threads] if cores else sorted(os.sched_getaffinity(0)), threads):
             decode_seconds(naive, one, 2)  # warm-up
             result[f"naive{threads}"] = dict(zip(("decode", "tokens"), decode_seconds(naive, one, new_tokens)))
-    with pinned(cores[:1] if cores else None, 1):
+    with pinned(cores[:1] if cores else sorted(os.sched_getaffinity(0)), 1):
         start = time.perf_counter()
         decode_seconds(naive, many, new_tokens)
         result["naive"]["throughput"] = batch * new_tokens / (time.perf_counter() - start)

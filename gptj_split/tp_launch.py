@@ -19,6 +19,8 @@ from .plan import Plan
 from .records import MemoryRow, RunRecord, TimingEvent
 from .place import kv_bytes
 from .sampling import Sampling, as_sampling
+from .generate import make_streamer
+from .relay import TokenRelay
 from .pipeline import PIPELINE_TIMEOUT, PipelineJob, merge_stage_results
 from .launch import (CONFIG_ERRORS, LaunchSettings, PipelineError, configure_worker, launch_stages, model_folder,
                      pick_backend, prompts_job)
@@ -49,8 +51,7 @@ def tensor_parallel_job(job: PipelineJob, variant: str = TP_VARIANT, keep_logits
 class TensorParallelSettings(LaunchSettings):
     """What every rank of one tensor-parallel run needs, the same under both launchers (notebook 07)."""
 
-    variant: str = TP_VARIANT
-    relay: object | None = None  # the caller's token relay (streaming, Stop); rank 0 feeds it
+    variant: str = TP_VARIANT  # `relay` (LaunchSettings): rank 0 streams every job's tokens there, reads Stop
 
 
 class TensorParallelError(PipelineError):
@@ -206,7 +207,7 @@ def serve_tensor_parallel(rank: int, settings: TensorParallelSettings) -> list[R
             dist.barrier()
             t0 = [time.time()]
             dist.broadcast_object_list(t0, src=0)
-            relay = settings.relay if rank == 0 and job is jobs[-1] else None
+            relay = settings.relay if rank == 0 else None
             result = run_rank(rm, job, t0[0], settings.fail, relay)
             result["memory"].load_seconds = load_seconds
             if baseline is not None:  # host memory of this rank over its RSS after imports, before building
@@ -283,20 +284,66 @@ def run_tensor_parallel(model, prompts: str | list[str], devices: str | list[Dev
                         max_new_tokens: int = 50, sampling: Sampling | None = None, variant: str = TP_VARIANT,
                         dtype: torch.dtype | None = None, timeout: float = PIPELINE_TIMEOUT,
                         threads: int | None = None, affinity: list[list[int]] | None = None,
-                        fail: tuple | None = None, **knobs) -> tuple[list[str], RunRecord]:
+                        fail: tuple | None = None, stream=False, stopping_criteria=None,
+                        **knobs) -> tuple[list[str], RunRecord]:
     """Generate with one process per device, every block cut across all of them (notebook 07).
 
     Returns `(texts, record)` like generate_text, with its sampling keywords and defaults (greedy, temperature,
     top_p, top_k, seed, or `sampling=`). Greedy tokens equal `model.generate`; seeded sampling equals
     `generate_text(seed=...)`: rank 0 alone samples, from the gathered logits with a generator seeded like
     generate's, and broadcasts each token. `variant`: "block" (one all-reduce per block) or "torch"
-    (parallelize_module, one per layer).
+    (parallelize_module, one per layer). `stream` and `stopping_criteria` work as in generate_text (notebook 06's
+    widget uses both): rank 0 sends each token to this process as it is picked, the criteria run here, and a stop
+    travels with the next token's broadcast, so every rank ends after the same token (usually one token later than
+    in generate).
     """
+    import multiprocessing
+
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     model_path = model_folder(model)
     job = tensor_parallel_job(prompts_job(model_path, load_config(str(model_path)), prompts, 1, max_new_tokens,
                                           sampling=as_sampling(sampling, **knobs)), variant)
-    record = run_tensor_parallel_jobs(model_path, devices, [job], dtype=dtype, timeout=timeout, threads=threads,
-                                      affinity=affinity, fail=fail)[0]
+    options = dict(dtype=dtype, timeout=timeout, threads=threads, affinity=affinity, fail=fail)
+    if stream is False and stopping_criteria is None:
+        record = run_tensor_parallel_jobs(model_path, devices, [job], **options)[0]
+    else:
+        streamer = make_streamer(load_tokenizer(str(model_path)), prompts, stream)
+        relay = TokenRelay(multiprocessing.get_context("spawn"), job.input_ids, streamer, stopping_criteria)
+        with relay:
+            record = run_tensor_parallel_jobs(model_path, devices, [job], relay=relay.worker_end(), **options)[0]
     record.prompts = prompts
     return record.texts, record
+
+
+def tensor_parallel_generate(devices: str | list[Device], **options):
+    """A function with generate_text's signature that runs tensor parallelism on `devices`, for notebook 06's widget:
+    `prompt_widget("tiny", tokenizer, generate=tensor_parallel_generate("cpu,cpu"))` (notebook 07)."""
+
+    def generate(model, tokenizer, prompts, **kwargs) -> tuple[list[str], RunRecord]:
+        return run_tensor_parallel(model, prompts, devices, **options, **kwargs)
+
+    return generate
+
+
+class PrintRelay:
+    """Under torchrun, rank 0 streams to its own standard output as `generate --stream` prints: each job's prompt,
+    then its text as the tokens are picked, a blank line between prompts (notebook 07)."""
+
+    def __init__(self, tokenizer, prompts: list[str]):
+        self.tokenizer, self.prompts, self.streamer = tokenizer, list(prompts), None
+
+    def put(self, token_ids: torch.Tensor) -> None:
+        if self.streamer is None:  # a new job: print its prompt; the streamer skips the first thing it is given
+            self.streamer = make_streamer(self.tokenizer, [self.prompts.pop(0)], True)
+            self.streamer.put(token_ids.view(-1))
+        self.streamer.put(token_ids.view(-1))
+
+    def stop_requested(self) -> bool:
+        return False
+
+    def end(self) -> None:
+        if self.streamer is not None:
+            self.streamer.end()
+            self.streamer = None
+            if self.prompts:
+                print(flush=True)

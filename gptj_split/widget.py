@@ -12,6 +12,7 @@ from .devices import format_size
 from .records import RunRecord
 from .sampling import SAMPLING_DEFAULTS, Sampling, check_prompts
 from .generate import generate_text
+from .hub import load_config, resolve_model
 
 
 class StopOnEvent:
@@ -50,10 +51,12 @@ class PromptWidget:
         import ipywidgets as w
 
         self.model, self.tokenizer, self.escape = model, tokenizer, html.escape
+        # a loaded model, or a name or folder (the pipeline's processes load their own stages)
+        self.config = model.config if hasattr(model, "config") else load_config(str(resolve_model(str(model))))
         self.generate_fn = generate or generate_text
         self.stop_event, self.thread, self.record, self.error = threading.Event(), None, None, None
         self.prompt_used, self.text = "", ""
-        limit = model.config.n_positions - 1
+        limit = self.config.n_positions - 1
         wide = {"style": {"description_width": "9em"}, "layout": w.Layout(width="28em")}
         self.prompt = w.Textarea(value=prompt, placeholder="Type a prompt", description="prompt",
                                  layout=w.Layout(width="100%", height="5em"), style=wide["style"])
@@ -120,7 +123,7 @@ class PromptWidget:
         prompt = self.prompt.value
         try:
             settings = self.settings()
-            check_prompts(self.model.config, self.tokenizer, prompt, settings["max_new_tokens"])
+            check_prompts(self.config, self.tokenizer, prompt, settings["max_new_tokens"])
         except ValueError as err:
             self.show_error(err)
             return
@@ -164,5 +167,8 @@ class PromptWidget:
 
 
 def prompt_widget(model, tokenizer, prompt: str = "", max_new_tokens: int = 50, generate=None) -> PromptWidget:
-    """An interactive prompt for a split (or whole) model; `generate` has `generate_text`'s signature (notebook 06)."""
+    """An interactive prompt for a split (or whole) model; `generate` has `generate_text`'s signature (notebook 06).
+
+    `model` may be a loaded model or, for runners that load their own (like `pipeline_generate(devices)`), a name.
+    """
     return PromptWidget(model, tokenizer, prompt=prompt, max_new_tokens=max_new_tokens, generate=generate)

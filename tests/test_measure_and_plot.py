@@ -120,6 +120,21 @@ def test_timeline_draws_a_pipeline_record():
         gh.plot_timeline(gh.RunRecord([], [], "naive", 0, 0.0, 0.0, 0.0))
 
 
+def test_timelines_of_two_runs_share_one_time_axis():
+    """The slower run sets the axis: the faster one's bars end about halfway along it."""
+    def run_of(seconds, mode):
+        events = [gh.TimingEvent(s, "prefill", 0, s * seconds / 2, (s + 1) * seconds / 2) for s in range(2)]
+        return gh.RunRecord(texts=["a"], prompts=["p"], mode=mode, new_tokens=1, time_to_first_token=seconds,
+                            tokens_per_second=0.0, total_seconds=seconds, events=events)
+
+    slow, fast = run_of(0.2, "naive"), run_of(0.1, "pipeline")
+    assert gh.shared_span_ms([slow, fast], max_step=0, first_step=0) == pytest.approx(200)
+    fig = gh.plot_timelines([slow, fast], max_step=0, first_step=0)
+    assert len(fig.axes) == 2 and fig.axes[0].get_xlim() == fig.axes[1].get_xlim()
+    assert fig.axes[1].get_xlim()[1] == pytest.approx(204)
+    assert "naive" in fig.axes[0].get_title() and "pipeline" in fig.axes[1].get_title()
+
+
 def test_figures_are_saved_only_with_an_output_folder(run, tmp_path, monkeypatch):
     _, record = run
     monkeypatch.delenv("GPTJ_HELPERS_OUT", raising=False)

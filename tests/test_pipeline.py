@@ -141,6 +141,79 @@ def test_eos_padding_and_trim_like_generate():
     assert record.output_ids.shape == (2, 7)
 
 
+class FakeRelay:
+    """A RelayEnd stand-in for one stage run in this process: notes tokens, asks to stop after `stop_after`."""
+
+    def __init__(self, stop_after=None):
+        self.tokens, self.stop_after, self.ended = [], stop_after, False
+
+    def put(self, token_ids):
+        self.tokens.append(token_ids.tolist())
+
+    def stop_requested(self):
+        return self.stop_after is not None and len(self.tokens) >= self.stop_after
+
+    def end(self):
+        self.ended = True
+
+
+def test_one_stage_streams_each_token_and_stops_on_request_or_when_every_row_ended(tiny, tiny_path, batch, reference):
+    """run_stage alone (one stage, no process group): tokens go to the relay as picked; a stop asked after k
+    tokens ends after the token in flight (k + 1, as the relay lags one step); rows that all ended end the run."""
+    model, tokenizer = tiny
+    ids, mask = batch
+    plan = gh.plan_split(model.config, "cpu", dtype=torch.float32)
+    stage = gh.load_stage(tiny_path, plan, 0, torch.float32)
+    relay = FakeRelay()
+    result = gh.run_stage(stage, gh.make_job(ids, mask, max_new_tokens=NEW, greedy=True, stoppable=True), 0.0,
+                          relay=relay)
+    assert torch.equal(result["new_tokens"], reference[:, ids.shape[1]:]) and relay.ended
+    assert [list(step) for step in zip(*result["new_tokens"].tolist())] == relay.tokens
+    relay = FakeRelay(stop_after=3)
+    result = gh.run_stage(stage, gh.make_job(ids, mask, max_new_tokens=NEW, greedy=True, stoppable=True), 0.0,
+                          relay=relay)
+    assert torch.equal(result["new_tokens"], reference[:, ids.shape[1]:ids.shape[1] + 3])
+    stage.eos_token_id = int(reference[0, ids.shape[1] + 1])  # pretend the second token of row 0 ends text
+    first_row = gh.make_job(ids[:1], mask[:1], max_new_tokens=NEW, greedy=True, stoppable=True)
+    assert gh.run_stage(stage, first_row, 0.0)["new_tokens"].shape == (1, 2)
+    plain = gh.make_job(ids[:1], mask[:1], max_new_tokens=NEW, greedy=True)  # not stoppable: runs every step
+    assert gh.run_stage(stage, plain, 0.0)["new_tokens"].shape == (1, NEW)
+    with pytest.raises(ValueError, match="micro_batches=1"):
+        gh.make_job(ids, mask, 2, max_new_tokens=NEW, stoppable=True)
+
+
+class StopAfter:
+    """A stopping criterion: every row is done once `n` tokens follow the prompt."""
+
+    def __init__(self, prompt_len, n):
+        self.prompt_len, self.n = prompt_len, n
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] - self.prompt_len >= self.n)
+
+
+@pytest.mark.timeout(240)
+def test_stream_and_stop_across_three_stage_processes(tiny, tiny_path, capsys):
+    """The last stage streams to this process; a stop decided here ends all three stages after the same token."""
+    model, tokenizer = tiny
+    prompt = PROMPTS[1]
+    want, _ = gh.generate_text(model, tokenizer, prompt, max_new_tokens=12, seed=5)
+    texts, record = gh.run_pipeline(tiny_path, prompt, "cpu,cpu,cpu", max_new_tokens=12, seed=5, stream=True,
+                                    timeout=60)
+    assert texts == want and capsys.readouterr().out == prompt + want[0] + "\n"
+    prompt_len = len(tokenizer(prompt).input_ids)
+    before = time.time()
+    texts, record = gh.run_pipeline(tiny_path, prompt, "cpu,cpu,cpu", max_new_tokens=200, seed=5, timeout=60,
+                                    stopping_criteria=[StopAfter(prompt_len, 4)])
+    got = record.new_tokens
+    assert 4 <= got < 200
+    prefix, _ = gh.generate_text(model, tokenizer, prompt, max_new_tokens=got, seed=5)
+    assert texts == prefix
+    last_step = {s: max(e.step for e in record.events if e.stage == s and e.kind == "compute") for s in range(3)}
+    assert set(last_step.values()) == {got - 1}  # every stage computed the same tokens, then ended
+    assert time.time() - before < 120 and not leftover_workers("gptj-pipeline-")
+
+
 def run_torchrun(args, timeout=180, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", *args]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}

@@ -228,3 +228,30 @@ def test_torchrun_prints_what_generate_prints_and_a_dead_rank_ends_it(tiny_path)
     assert time.time() - fault_seen < 30 and proc.returncode != 0
     assert not [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])
                 and p.pid != os.getpid()]
+
+
+@pytest.mark.timeout(240)
+def test_tensor_parallel_drives_the_widget_streaming_and_stopping(tiny):
+    """Notebook 06's widget on notebook 07's ranks: text streamed from rank 0 as it is picked, and Stop ending every
+    rank after the same token; the text is the start of the same seeded generate_text run."""
+    pytest.importorskip("ipywidgets")
+    model, tokenizer = tiny
+    widget = gh.prompt_widget("tiny", tokenizer, generate=gh.tensor_parallel_generate("cpu,cpu", timeout=60))
+    widget.prompt.value = "The list"
+    widget.max_new_tokens.value, widget.seed.value = 300, 1
+    updates = []
+
+    def stop_once_text_shows(change):
+        updates.append(widget.text)
+        if widget.text and not widget.stop_event.is_set():
+            widget.stop_button.click()
+
+    widget.output.observe(stop_once_text_shows, "value")
+    widget.generate_button.click()
+    assert widget.wait(timeout=180)
+    assert widget.error is None, widget.message.value
+    got = widget.record.new_tokens
+    assert 1 <= got < 300 and widget.record.mode == "tensor-parallel"
+    assert f"stopped after {got} of 300 tokens" in widget.status.value
+    prefix, _ = gh.generate_text(model, tokenizer, "The list", max_new_tokens=got, seed=1)
+    assert widget.text == prefix[0] and len([u for u in updates if u]) >= 1

@@ -98,6 +98,31 @@ def test_stop_mid_run_ends_early_and_reenables_generate(models):
     assert "stopped" not in widget.status.value
 
 
+@pytest.mark.timeout(240)
+def test_pipeline_drives_the_widget_streaming_and_stopping(tiny, tiny_path):
+    """Notebook 06 with notebook 05's pipeline: a model name, two stage processes, text streamed from the last
+    stage, and Stop ending every stage; the text is the start of the same seeded generate_text run."""
+    model, tokenizer = tiny
+    widget = gh.prompt_widget("tiny", tokenizer, generate=gh.pipeline_generate("cpu,cpu", timeout=60))
+    set_controls(widget, "The list", max_new_tokens=300, seed=1)
+    updates = []
+
+    def stop_once_text_shows(change):
+        updates.append(widget.text)
+        if widget.text and not widget.stop_event.is_set():
+            widget.stop_button.click()
+
+    widget.output.observe(stop_once_text_shows, "value")
+    widget.generate_button.click()
+    assert widget.wait(timeout=180)
+    assert widget.error is None, widget.message.value
+    got = widget.record.new_tokens
+    assert 1 <= got < 300 and widget.record.mode == "pipeline"
+    assert f"stopped after {got} of 300 tokens" in widget.status.value
+    prefix, _ = gh.generate_text(model, tokenizer, "The list", max_new_tokens=got, seed=1)
+    assert widget.text == prefix[0] and len([u for u in updates if u]) >= 1
+
+
 @pytest.mark.parametrize("values, message", [
     (dict(temperature=0.0), "temperature=0.0: sampling needs a temperature above 0"),
     (dict(top_p=0.0), "top_p=0.0: it must be in (0, 1]"),

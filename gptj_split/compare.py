@@ -1,0 +1,145 @@
+"""Notebook 05, part 3: the speedup measured live. A random GPT-J big enough for compute to dominate is timed as the
+naive split on one thread, the same on two threads (the machine's own limit), and as a pipeline of one-thread
+stage processes pinned to their own cores; benchmarks/pipeline_speedup.py runs the same with more rounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .models import write_random_model
+from .place import place_stages
+from .plan import Plan, plan_split
+from .records import RunRecord
+from .pipeline import make_job, measure_module_seconds
+from .launch import run_pipeline_jobs
+
+
+def mini_gptj_folder(out: str | Path, layers: int = 8, width: int = 512, vocab: int = 50400, seed: int = 0) -> Path:
+    """A seeded random GPT-J of `layers` blocks, `width` wide, with GPT-J's vocabulary and an untied head: big
+    enough that compute, not Python, dominates a step (notebook 05). Its eos is an id it practically never picks."""
+    from transformers import GPTJConfig
+
+    eos = vocab - 1
+    config = GPTJConfig(vocab_size=vocab, n_positions=1024, n_embd=width, n_layer=layers, n_head=width // 64,
+                        rotary_dim=16, bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False)
+    return write_random_model(config, out, seed)
+
+
+@contextlib.contextmanager
+def pinned(cores: list[int], threads: int):
+    """Run the block on these cores with this many torch threads, then give the caller's settings back."""
+    before_cores, before_threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, set(cores))
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before_threads)
+        os.sched_setaffinity(0, before_cores)
+
+
+def time_phases(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
+    """(prefill seconds, decode seconds, tokens) of greedy `generate`: the prefill ends with the first logits."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    marks: list[float] = []
+
+    class Mark(LogitsProcessor):  # called once per step, right after that step's logits
+        def __call__(self, input_ids, scores):
+            marks.append(time.perf_counter())
+            return scores
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=model.config.eos_token_id,
+                             logits_processor=LogitsProcessorList([Mark()]))
+    return marks[0] - start, time.perf_counter() - marks[0], out
+
+
+def balanced_plans(model, prefill_ids: torch.Tensor, decode_ids: torch.Tensor, prefill_mb: int, decode_mb: int,
+                   cores: list[int], n: int = 2) -> dict[str, Plan]:
+    """One plan per phase with equal measured seconds per stage (one thread), not equal bytes: the head over
+    GPT-J's vocabulary costs as much as several blocks (notebook 05)."""
+    plans = {}
+    with pinned(cores[:1], 1):
+        for phase, ids, mb, steps in (("prefill", prefill_ids, prefill_mb, 2), ("decode", decode_ids, decode_mb, 6)):
+            rows = ids[: len(ids) // mb]
+            cost = measure_module_seconds(model, rows, torch.ones_like(rows), max_new_tokens=steps, repeats=2)[phase]
+            plans[phase] = plan_split(model.config, ",".join(["cpu"] * n), dtype=torch.float32, cost=cost)
+    return plans
+
+
+@dataclass
+class SpeedupRun:
+    """Seconds per phase for the naive split on 1 and 2 threads and the pipeline, medians of interleaved rounds,
+    with the pipeline's last records (notebook 05)."""
+
+    seconds: dict[str, list[float]] = field(default_factory=dict)  # "naive1 prefill", "pipeline decode", ...
+    records: dict[str, RunRecord] = field(default_factory=dict)
+    micro_batches: dict[str, int] = field(default_factory=dict)
+    same_tokens: bool = False
+
+    def median(self, key: str) -> float:
+        return statistics.median(self.seconds[key])
+
+    def ratios(self, phase: str) -> dict[str, float]:
+        """The two-core scaling (naive, 1 vs 2 threads) and the pipeline's speedup over the naive split."""
+        naive1 = self.median(f"naive1 {phase}")
+        return {"scaling": naive1 / self.median(f"naive2 {phase}"),
+                "speedup": naive1 / self.median(f"pipeline {phase}")}
+
+
+def measure_pipeline_speedup(model_path: str | Path, prefill_ids: torch.Tensor, decode_ids: torch.Tensor,
+                             prefill_mb: int = 8, decode_mb: int = 2, new_tokens: int = 16, rounds: int = 1,
+                             plans: dict[str, Plan] | None = None) -> SpeedupRun:
+    """The naive split on 1 and 2 threads, then a 2-stage pipeline (one thread and one core per stage), round after
+    round; the pipeline runs each job twice and keeps the second, so start-up is not counted (notebook 05)."""
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    if len(cores) < 2:
+        raise RuntimeError("the speedup needs two CPU cores; this process may use only one")
+    naive = place_stages(model_path, plan_split(model_path, "cpu,cpu", dtype=torch.float32), dtype=torch.float32)
+    plans = plans or balanced_plans(naive, prefill_ids, decode_ids, prefill_mb, decode_mb, cores)
+    jobs = {"prefill": make_job(prefill_ids, torch.ones_like(prefill_ids), prefill_mb, max_new_tokens=1, greedy=True),
+            "decode": make_job(decode_ids, torch.ones_like(decode_ids), decode_mb, max_new_tokens=new_tokens,
+                               greedy=True)}
+    run = SpeedupRun(micro_batches={"prefill": prefill_mb, "decode": decode_mb})
+    for threads in (2, 1):  # warm-up, also of the thread pools
+        with pinned(cores[:threads], threads):
+            time_phases(naive, prefill_ids[:2], 2)
+    for _ in range(rounds):
+        for threads in (1, 2):
+            with pinned(cores[:threads], threads):
+                prefill, _, _ = time_phases(naive, prefill_ids, 1)
+                _, decode, naive_out = time_phases(naive, decode_ids, new_tokens)
+            run.seconds.setdefault(f"naive{threads} prefill", []).append(prefill)
+            run.seconds.setdefault(f"naive{threads} decode", []).append(decode)
+        for phase in ("prefill", "decode"):
+            record = run_pipeline_jobs(model_path, None, [jobs[phase], jobs[phase]], plan=plans[phase], threads=1,
+                                       affinity=[[c] for c in cores])[1]
+            run.records[phase] = record
+            run.seconds.setdefault(f"pipeline {phase}", []).append(
+                record.time_to_first_token if phase == "prefill" else record.total_seconds - record.time_to_first_token)
+    run.same_tokens = torch.equal(run.records["decode"].output_ids, naive_out)
+    return run
+
+
+def prefill_bubble(record: RunRecord) -> dict[str, float]:
+    """The prefill's measured bubble beside GPipe's (p-1)/(m+p-1), with p and m read from the run, and the time
+    per slot that is not compute (sends, receives, Python) (notebook 05)."""
+    p, m = len(record.memory), int(record.settings.get("micro_batches", 1))
+    wall = record.time_to_first_token
+    compute = [e.end - e.start for e in record.events if e.step == 0 and e.kind == "compute"]
+    busy = sum(compute)
+    per_slot = statistics.mean(compute)
+    slot = wall / (m + p - 1)  # the formula's time slot, as measured
+    return {"p": p, "m": m, "measured": 1 - busy / (p * wall), "formula": (p - 1) / (m + p - 1),
+            "compute_ms": per_slot * 1e3, "overhead_ms": (slot - per_slot) * 1e3}
