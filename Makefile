@@ -60,9 +60,8 @@ $(WIDGETS7_DIR)/.installed: | $(STAMP)
 	touch $@
 
 notebooks: $(STAMP)  ## re-execute the committed notebooks in place (after changing the helpers), and the README's picture
-	rm -rf $(BUILD)/figures
-	GPTJ_HELPERS_OUT=$(BUILD)/figures $(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --inplace
-	cp $(BUILD)/figures/05_timelines.png assets/readme_timeline.png
+	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --inplace
+	$(PY) -m gptj_helpers notebook-figure notebooks/05_pipeline_parallelism.ipynb 05_timelines assets/readme_timeline.png
 
 rehearse: $(STAMP)  ## every notebook at GPT-J-6B's size (random weights) on the CPU: 20 to 40 minutes, 14 GiB of RAM
 	$(PY) benchmarks/rehearse.py
