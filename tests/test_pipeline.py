@@ -62,6 +62,7 @@ def runs(request, tiny_path, batch):
     return n, records
 
 
+@pytest.mark.floor
 @pytest.mark.timeout(300)
 def test_greedy_equals_unsplit_and_naive_split(runs, tiny, tiny_path, batch, reference):
     n, records = runs
@@ -76,6 +77,7 @@ def test_greedy_equals_unsplit_and_naive_split(runs, tiny, tiny_path, batch, ref
         assert record.texts == continuations(tokenizer, reference, ids.shape[1])
 
 
+@pytest.mark.floor
 @pytest.mark.timeout(300)
 def test_seeded_sampling_equals_generate_per_micro_batch(runs, tiny, batch):
     _n, records = runs
@@ -92,6 +94,7 @@ def test_seeded_sampling_equals_generate_per_micro_batch(runs, tiny, batch):
     assert not torch.equal(records[3].output_ids[:, :other.shape[1]], other)
 
 
+@pytest.mark.floor
 @pytest.mark.timeout(300)
 def test_record_has_schedule_and_memory_per_stage(runs, tiny, batch):
     n, records = runs
@@ -157,6 +160,7 @@ class FakeRelay:
         self.ended = True
 
 
+@pytest.mark.floor
 def test_one_stage_streams_each_token_and_stops_on_request_or_when_every_row_ended(tiny, tiny_path, batch, reference):
     """run_stage alone (one stage, no process group): tokens go to the relay as picked; a stop asked after k
     tokens ends after the token in flight (k + 1, as the relay lags one step); rows that all ended end the run."""
