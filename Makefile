@@ -46,8 +46,9 @@ test-widgets7: $(WIDGETS7_DIR)/.installed  ## the prompt widget's unit tests on 
 	  --deselect tests/test_widget.py::test_widget_in_a_real_browser -p no:cacheprovider \
 	  -W "ignore::DeprecationWarning:ipywidgets.widgets.widget"
 
-test-floors: $(FLOORS_DIR)/.installed  ## placement, generation and pipeline tests on pyproject's lowest transformers and huggingface_hub
-	GPTJ_EXPECT_VERSIONS="$(FLOORS)" PYTHONPATH=$(FLOORS_DIR):$(CURDIR) $(PY) -m pytest $(FLOOR_TESTS) -p no:cacheprovider
+test-floors: $(FLOORS_DIR)/.installed  ## the version-sensitive tests (marked floor) on pyproject's lowest transformers and huggingface_hub
+	GPTJ_EXPECT_VERSIONS="$(FLOORS)" PYTHONPATH=$(FLOORS_DIR):$(CURDIR) $(PY) -m pytest $(FLOOR_TESTS) -m floor \
+	  -p no:cacheprovider
 
 $(FLOORS_DIR)/.installed: | $(STAMP)
 	rm -rf $(FLOORS_PARENT)
@@ -60,9 +61,8 @@ $(WIDGETS7_DIR)/.installed: | $(STAMP)
 	touch $@
 
 notebooks: $(STAMP)  ## re-execute the committed notebooks in place (after changing the helpers), and the README's picture
-	rm -rf $(BUILD)/figures
-	GPTJ_HELPERS_OUT=$(BUILD)/figures $(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --inplace
-	cp $(BUILD)/figures/05_timelines.png assets/readme_timeline.png
+	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --inplace
+	$(PY) -m gptj_helpers notebook-figure notebooks/05_pipeline_parallelism.ipynb 05_timelines assets/readme_timeline.png
 
 rehearse: $(STAMP)  ## every notebook at GPT-J-6B's size (random weights) on the CPU: 20 to 40 minutes, 14 GiB of RAM
 	$(PY) benchmarks/rehearse.py

@@ -19,29 +19,6 @@ from pathlib import Path
 import torch
 
 import gptj_helpers as gh
-from common import save_random_model
-from common import time_generate as common_time_generate
-
-
-def build_mini(out: Path, layers: int, width: int, vocab: int) -> Path:
-    """A random GPT-J large enough that compute dominates, with the tiny tokenizer (random weights: text is noise)."""
-    from transformers import GPTJConfig
-
-    eos = vocab - 1  # an id the random model practically never picks, so every run makes all its tokens
-    config = GPTJConfig(vocab_size=vocab, n_positions=1024, n_embd=width, n_layer=layers, n_head=width // 64,
-                        rotary_dim=16, bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False)
-    return save_random_model(config, out)
-
-
-def pin(cores: list[int], threads: int) -> None:
-    os.sched_setaffinity(0, set(cores))
-    torch.set_num_threads(threads)
-
-
-def time_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
-    """(prefill seconds, decode seconds, tokens) of plain greedy generate (common.time_generate)."""
-    run = common_time_generate(model, ids, new_tokens)
-    return run["prefill"], run["seconds"] - run["prefill"], run["sequences"]
 
 
 def breakdown(record, start: float, end: float) -> list[dict]:
@@ -93,64 +70,29 @@ def main() -> int:
     prefill_ids = torch.randint(1, 1000, (args.prefill_prompts, args.prefill_tokens), generator=gen)
     decode_ids = torch.randint(1, 1000, (args.decode_prompts, args.decode_prompt_tokens), generator=gen)
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
-        path = build_mini(Path(tmp) / "mini", args.layers, args.width, args.vocab)
+        path = gh.mini_gptj_folder(Path(tmp) / "mini", args.layers, args.width, args.vocab)
         config = gh.load_config(str(path))
         print(f"model: {args.layers} blocks x {args.width} wide, vocabulary {args.vocab}, float32, "
               f"{gh.module_sizes(config, torch.float32)['params']:,} parameters; cores {cores}; "
               f"torch {torch.__version__}")
-
         # measured seconds per module, one thread, for one micro-batch of each phase: the planner balances these
-        pin(cores[:1], 1)
         model = gh.load_model(str(path))
-        mb_prefill = args.prefill_prompts // args.prefill_micro_batches
-        mb_decode = args.decode_prompts // args.decode_micro_batches
-        prefill_cost = gh.measure_module_seconds(model, prefill_ids[:mb_prefill], torch.ones_like(
-            prefill_ids[:mb_prefill]), max_new_tokens=2, repeats=2)["prefill"]
-        decode_cost = gh.measure_module_seconds(model, decode_ids[:mb_decode], torch.ones_like(
-            decode_ids[:mb_decode]), max_new_tokens=6, repeats=2)["decode"]
+        plans = gh.balanced_plans(model, prefill_ids, decode_ids, args.prefill_micro_batches,
+                                  args.decode_micro_batches, cores)
         del model
-        print(f"cost per micro-batch, prefill ({mb_prefill}x{args.prefill_tokens} tokens): embedding "
-              f"{prefill_cost[0] * 1e3:.1f} ms, block {statistics.median(prefill_cost[1:-1]) * 1e3:.1f} ms, head "
-              f"{prefill_cost[-1] * 1e3:.1f} ms")
-        print(f"cost per micro-batch, decode step ({mb_decode} rows): embedding {decode_cost[0] * 1e3:.2f} ms, "
-              f"block {statistics.median(decode_cost[1:-1]) * 1e3:.2f} ms, head {decode_cost[-1] * 1e3:.2f} ms")
-        plans = {phase: gh.plan_split(config, "cpu,cpu", dtype=torch.float32, cost=cost)
-                 for phase, cost in (("prefill", prefill_cost), ("decode", decode_cost))}
         for phase, plan in plans.items():
             parts = [f"stage {s}: " + (f"blocks {st.blocks[0]}-{st.blocks[1] - 1}" if st.blocks[1] > st.blocks[0]
                                        else "no blocks") + (" + head" if st.head else "")
                      + f" ({st.cost * 1e3:.1f} ms)" for s, st in enumerate(plan.devices)]
             print(f"balanced plan for {phase}: " + ", ".join(parts))
-
-        naive = gh.place_stages(path, plans["prefill"], dtype=torch.float32)  # one process, stages in turn
-        jobs = {"prefill": gh.make_job(prefill_ids, torch.ones_like(prefill_ids), args.prefill_micro_batches,
-                                       max_new_tokens=1, greedy=True),
-                "decode": gh.make_job(decode_ids, torch.ones_like(decode_ids), args.decode_micro_batches,
-                                      max_new_tokens=args.decode_tokens, greedy=True)}
-        times: dict[str, list[float]] = {k: [] for k in ("naive1 prefill", "naive1 decode", "naive2 prefill",
-                                                         "naive2 decode", "pipe prefill", "pipe decode")}
-        records = {}
-        for threads in (2, 1):  # warm-up, also of the thread pools
-            pin(cores[:threads], threads)
-            time_generate(naive, prefill_ids[:2], 2)
+        # rounds interleave naive 1 thread, naive 2 threads and the pipeline (each job run twice, the second kept)
+        run = gh.measure_pipeline_speedup(path, prefill_ids, decode_ids, args.prefill_micro_batches,
+                                          args.decode_micro_batches, args.decode_tokens, args.reps, plans=plans)
         for r in range(args.reps):
-            for threads in (1, 2):
-                pin(cores[:threads], threads)
-                times[f"naive{threads} prefill"].append(time_generate(naive, prefill_ids, 1)[0])
-                _, decode_s, naive_out = time_generate(naive, decode_ids, args.decode_tokens)
-                times[f"naive{threads} decode"].append(decode_s)
-            pin(cores, 1)
-            for phase in ("prefill", "decode"):  # the job twice: the first run warms the stages up
-                record = gh.run_pipeline_jobs(path, None, [jobs[phase], jobs[phase]], plan=plans[phase], threads=1,
-                                              affinity=[[c] for c in cores])[1]
-                records[phase] = record
-                times[f"pipe {phase}"].append(record.time_to_first_token if phase == "prefill"
-                                              else record.total_seconds - record.time_to_first_token)
-            print(f"round {r + 1}/{args.reps}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()),
-                  flush=True)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        same = torch.equal(records["decode"].output_ids, naive_out)
-        print(f"pipeline tokens equal the naive split's: {same}")
+            print(f"round {r + 1}/{args.reps}: " + ", ".join(f"{k} {v[r]:.3f} s" for k, v in run.seconds.items()))
+        print(f"pipeline tokens equal the naive split's: {run.same_tokens}")
+        med = {k.replace("pipeline", "pipe"): run.median(k) for k in run.seconds}
+        records = run.records
 
     print()
     for phase in ("prefill", "decode"):
@@ -172,10 +114,10 @@ def main() -> int:
     wall = rec.time_to_first_token
     rows = breakdown(rec, 0.0, wall)
     busy = [row["compute"] for row in rows]
-    bubble = 1 - sum(busy) / (p * wall)
-    formula = (p - 1) / (m + p - 1)
-    print(f"prefill bubble: measured {bubble:.3f} | GPipe formula (p-1)/(m+p-1) = {formula:.3f} "
-          f"(p={p}, m={m}) | ratio {bubble / formula:.2f}")
+    bubble = gh.prefill_bubble(rec)
+    print(f"prefill bubble: measured {bubble['measured']:.3f} | GPipe formula (p-1)/(m+p-1) = {bubble['formula']:.3f} "
+          f"(p={p}, m={m}) | ratio {bubble['measured'] / bubble['formula']:.2f} | per slot: compute "
+          f"{bubble['compute_ms']:.1f} ms, the rest {bubble['overhead_ms']:.1f} ms")
     print(f"prefill stage imbalance (slowest / mean compute): {max(busy) / statistics.mean(busy):.2f}")
     expected = [st.cost * m for st in plans["prefill"].devices]
     print("prefill compute vs the same modules alone on one core: "

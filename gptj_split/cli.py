@@ -108,6 +108,31 @@ def cmd_run_notebooks(args: argparse.Namespace) -> None:
         print(f"executed notebooks are in {Path(args.out).resolve()}/, figures in {Path(args.out).resolve()}/figures/")
 
 
+def save_notebook_figure(notebook: str | Path, name: str, out: str | Path) -> Path:
+    """Write the PNG that a notebook's cell showing figure `name` holds, as executed, to `out` (the README's
+    picture is notebook 05's timeline, refreshed by `make notebooks`)."""
+    import base64
+    import json
+
+    cells = json.loads(Path(notebook).read_text())["cells"]
+    for cell in cells:
+        if cell["cell_type"] == "code" and f'"{name}"' in "".join(cell["source"]):
+            pictures = [o["data"]["image/png"] for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+            if not pictures:
+                raise ValueError(f"{notebook}: the cell that shows {name!r} has no picture: execute the notebook first")
+            out = Path(out)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_bytes(base64.b64decode(pictures[0]))
+            os.replace(tmp, out)
+            return out
+    raise ValueError(f"{notebook}: no code cell shows a figure named {name!r}")
+
+
+def cmd_notebook_figure(args: argparse.Namespace) -> None:
+    """notebook-figure NB NAME OUT: save the figure a notebook showed, as executed."""
+    print(save_notebook_figure(args.notebook, args.name, args.out))
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     """plan: print how the model splits over the devices, as a table or as the Plan's JSON."""
     plan = plan_split(args.model, args.devices, dtype=args.dtype, reserve=args.reserve,
@@ -359,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the executed copies and their figures")
     p.add_argument("--inplace", action="store_true", help="write the outputs back into the notebooks")
     p.set_defaults(func=cmd_run_notebooks)
+
+    p = sub.add_parser("notebook-figure", help="save the figure an executed notebook shows (the README's picture)")
+    p.add_argument("notebook")
+    p.add_argument("name", help="the figure's name, as given to show_figure")
+    p.add_argument("out", help="the PNG file to write")
+    p.set_defaults(func=cmd_notebook_figure)
 
     p = sub.add_parser("generate", help="generate text through the model split over devices (sampling like the seed)")
     p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, a hub id, or a model folder")

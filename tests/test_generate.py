@@ -20,6 +20,7 @@ def tokens_of(tokenizer, texts):
     return [tokenizer(t)["input_ids"] for t in texts]
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_split_greedy_equals_unsplit(tiny, split_models, n):
     model, tokenizer = tiny
@@ -46,6 +47,7 @@ def test_batched_equals_alone(tiny, split_models):
     assert len(set(batched)) == len(PROMPTS)  # the prompts really give different texts
 
 
+@pytest.mark.floor
 def test_seeded_sampling_is_reproducible_split_or_not(tiny, split_models):
     model, tokenizer = tiny
     kw = dict(max_new_tokens=16, seed=7)
@@ -106,6 +108,7 @@ def test_greedy_ignores_temperature(tiny):
     assert sampled != cold  # the comparison can fail: sampling at that temperature leaves the greedy path
 
 
+@pytest.mark.floor
 def test_streaming_gives_the_same_text(tiny, split_models, capsys):
     from transformers import TextIteratorStreamer
 
@@ -122,6 +125,7 @@ def test_streaming_gives_the_same_text(tiny, split_models, capsys):
     assert len(pieces) > 1 and "".join(pieces) == plain[0]
 
 
+@pytest.mark.floor
 def test_timing_record(tiny, split_models):
     _, tokenizer = tiny
     split = split_models[4]
@@ -166,6 +170,7 @@ def test_cli_generate(tiny, tiny_path):
     assert bad.returncode == 2 and "top_k=-2" in bad.stderr and bad.stdout == ""
 
 
+@pytest.mark.floor
 def test_record_keeps_the_token_ids_like_the_pipeline(tiny):
     model, tokenizer = tiny
     texts, record = gh.generate_text(model, tokenizer, PROMPTS[:2], max_new_tokens=6, greedy=True)

@@ -184,3 +184,34 @@ def test_gpu_check_cpu_mode():
     assert "tokens/s after it" in text and "busy ms" in text
     assert text.count("KV cache  ") + text.count("KV cache ") >= 3 and "estimate vs measured" in text
     assert all(f"stage {s} parameters" in text for s in range(3))
+
+
+def test_bandwidth_verdicts_follow_the_numbers_of_the_run():
+    """A row near the fastest memory rate waits on memory; one well below it waits on arithmetic."""
+    rows = [dict(dtype="float32", threads=1, ms=12.5, weights_gb_s=21.5, gmacs=5.4, copy_gb_s=22.3),
+            dict(dtype="bfloat16", threads=1, ms=13.7, weights_gb_s=9.8, gmacs=4.9, copy_gb_s=22.3),
+            dict(dtype="bfloat16", threads=2, ms=12.9, weights_gb_s=10.4, gmacs=5.2, copy_gb_s=22.3)]
+    lines = gh.format_bandwidth(rows).splitlines()
+    assert lines[1].endswith("memory bandwidth") and lines[2].endswith("arithmetic")
+    assert "get in each other's way" in lines[3]  # two threads, no faster, still far below the ceiling
+    measured = gh.measure_weight_bandwidth(rows=256, cols=128, dtypes=(torch.float32,), threads=(1,))
+    assert len(measured) == 1 and measured[0]["weights_gb_s"] > 0 and measured[0]["copy_gb_s"] > 0
+
+
+def test_decode_reads_every_weight_but_the_embedding():
+    sizes = gh.module_sizes(gh.gptj_6b_config(), torch.float16)
+    read = gh.decode_read_bytes(gh.gptj_6b_config(), torch.float16)
+    assert read == sizes["total"] - sizes["embedding"] and round(read / 1e9, 1) == 11.7
+
+
+def test_prefill_bubble_reads_stages_and_micro_batches_from_the_run():
+    """3 stages, 2 micro-batches, 10 ms of compute in 12 ms slots: GPipe's formula and the rest per slot."""
+    events = [gh.TimingEvent(s, "prefill", 0, (s + m) * 0.012, (s + m) * 0.012 + 0.010, micro_batch=m)
+              for s in range(3) for m in range(2)]
+    record = gh.RunRecord(texts=[], prompts=[], mode="pipeline", new_tokens=0, time_to_first_token=4 * 0.012,
+                          tokens_per_second=0.0, total_seconds=0.05, events=events, settings={"micro_batches": 2},
+                          memory=[gh.MemoryRow(s, "cpu", 0, 0) for s in range(3)])
+    b = gh.prefill_bubble(record)
+    assert (b["p"], b["m"]) == (3, 2) and b["formula"] == pytest.approx(2 / 4)
+    assert b["measured"] == pytest.approx(1 - 6 * 0.010 / (3 * 0.048))
+    assert b["compute_ms"] == pytest.approx(10) and b["overhead_ms"] == pytest.approx(2)

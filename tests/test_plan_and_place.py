@@ -125,6 +125,7 @@ def greedy(model, tokenizer, texts=("The list", "A function is"), n=16):
     return model.generate(**batch, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("spec", ["cpu,cpu", "cpu,cpu,cpu", "4xcpu", "cpu=3MB,cpu=20MB"])
 def test_split_equals_unsplit(tiny, tiny_path, spec):
     model, tokenizer = tiny
@@ -136,6 +137,7 @@ def test_split_equals_unsplit(tiny, tiny_path, spec):
         assert sizes[0] < sizes[1]
 
 
+@pytest.mark.floor
 def test_every_block_receives_inputs_on_its_stage(tiny_path, tiny):
     _, tokenizer = tiny
     plan = gh.plan_split(tiny_path, "3xcpu", dtype=torch.float32)
@@ -167,6 +169,7 @@ def test_a_missing_boundary_hook_fails(tiny, tiny_path):
         greedy(split, tokenizer, n=2)
 
 
+@pytest.mark.floor
 def test_measure_memory_matches_plan(tiny_path, tiny):
     model, tokenizer = tiny
     plan = gh.plan_split(tiny_path, "cpu,cpu,cpu", dtype=torch.float32)

@@ -40,6 +40,23 @@ def test_readme_lists_every_notebook():
         assert f"(notebooks/{nb.name})" in readme
 
 
+def test_readme_picture_is_the_notebooks_figure_and_make_notebooks_redraws_it():
+    readme = (ROOT / "README.md").read_text()
+    assert "![" in readme and "(assets/readme_timeline.png)" in readme
+    picture = ROOT / "assets" / "readme_timeline.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "notebook-figure notebooks/05_pipeline_parallelism.ipynb 05_timelines assets/readme_timeline.png" in (
+        ROOT / "Makefile").read_text()
+    # the committed picture is the one the committed notebook shows
+    import gptj_split.cli
+
+    shown = ROOT / "build" / "test-readme-picture.png"
+    shown.parent.mkdir(exist_ok=True)
+    gptj_split.cli.save_notebook_figure(ROOT / "notebooks" / "05_pipeline_parallelism.ipynb", "05_timelines", shown)
+    assert shown.read_bytes() == picture.read_bytes(), "run make notebooks: it redraws the README's picture"
+    shown.unlink()
+
+
 def test_repository_address_is_one_placeholder():
     for path in [ROOT / "README.md", *NOTEBOOKS]:
         for slug in re.findall(r"github(?:\.com)?/([\w.-]+/[\w.-]+?)/(?:blob|actions|main)", path.read_text()):
