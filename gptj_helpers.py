@@ -83,7 +83,7 @@ from gptj_split.tp_launch import (TP_VARIANT, TensorParallelJob, tensor_parallel
                                   TensorParallelError, inject_rank_fault, run_rank, prepare_tensor_parallel,
                                   plan_for_jobs, serve_tensor_parallel, merge_rank_results, tensor_parallel_settings,
                                   run_tensor_parallel_jobs, run_tensor_parallel, tensor_parallel_generate,
-                                  PrintRelay)
+                                  PrintRelay, prompt_jobs)
 from gptj_split.tp_compare import (COMM_KINDS, bench_config, write_bench_model, decode_seconds,
                                    decode_seconds_of, comm_per_token, compare_splits, format_comparison)
 from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget)

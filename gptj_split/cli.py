@@ -19,10 +19,9 @@ from .place import place_stages
 from .sampling import SAMPLING_DEFAULTS, Sampling, check_prompts
 from .generate import format_timing, generate_text
 from .pipeline import PIPELINE_TIMEOUT
-from .launch import (PipelineError, is_neighbour_error, launch_settings, leave_process, prompts_job, run_pipeline,
-                     serve_stage)
-from .tp_launch import (PrintRelay, TensorParallelError, run_tensor_parallel, run_tensor_parallel_jobs,
-                        serve_tensor_parallel, tensor_parallel_job, tensor_parallel_settings)
+from .launch import PipelineError, is_neighbour_error, launch_settings, leave_process, run_pipeline, serve_stage
+from .tp_launch import (PrintRelay, TensorParallelError, prompt_jobs, run_tensor_parallel, run_tensor_parallel_jobs,
+                        serve_tensor_parallel, tensor_parallel_settings)
 
 
 def run_notebooks(paths: list[str | Path], out_dir: str | Path | None = None, inplace: bool = False,
@@ -227,47 +226,36 @@ def cmd_tensor_parallel(args: argparse.Namespace) -> None:
     groups = [[p] for p in args.prompt] if args.stream else [args.prompt]  # like generate: one prompt at a time
     options = dict(dtype=as_dtype(args.dtype), timeout=args.timeout, fail=fail)
     if "RANK" not in os.environ:  # plain `python -m gptj_helpers tensor-parallel`: start the ranks from here
-        path = resolve_model(args.model)
-        config = load_config(str(path))
         try:
             if args.stream:  # one start of the ranks per prompt, its text relayed here token by token
                 records = []
                 for prompts in groups:
-                    records.append(run_tensor_parallel(path, prompts, args.devices, args.max_new_tokens, sampling,
-                                                       args.variant, stream=True, **options)[1])
+                    records.append(run_tensor_parallel(args.model, prompts, args.devices, args.max_new_tokens,
+                                                       sampling, args.variant, stream=True, **options)[1])
                     if prompts is not groups[-1]:
                         print(flush=True)
             else:
-                jobs = [tensor_parallel_job(prompts_job(path, config, prompts, 1, args.max_new_tokens,
-                                                        sampling=sampling), args.variant) for prompts in groups]
-                records = run_tensor_parallel_jobs(path, args.devices, jobs, **options)
+                jobs = prompt_jobs(args.model, groups, args.max_new_tokens, sampling, args.variant)
+                records = run_tensor_parallel_jobs(args.model, args.devices, jobs, **options)
         except TensorParallelError as err:
             raise SystemExit(f"error: {err}") from err
     else:  # one rank of a torchrun launch
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        jobs = None
-        if rank == 0:
-            path = resolve_model(args.model)
-            config = load_config(str(path))
-            jobs = [tensor_parallel_job(prompts_job(path, config, prompts, 1, args.max_new_tokens,
-                                                   sampling=sampling), args.variant) for prompts in groups]
+        jobs = prompt_jobs(args.model, groups, args.max_new_tokens, sampling, args.variant) if rank == 0 else None
         relay = PrintRelay(load_tokenizer(args.model), args.prompt) if args.stream and rank == 0 else None
         settings = tensor_parallel_settings(args.model, world, devices=args.devices, jobs=jobs,
                                             variant=args.variant, relay=relay, **options)
         try:
             records = serve_tensor_parallel(rank, settings)
-        except (ValueError, FileNotFoundError, MemoryError):
-            raise
         except Exception as err:
-            if is_neighbour_error(err):
-                raise SystemExit(f"error: tensor-parallel rank {rank} lost another rank (see its error): "
-                                 f"{err}") from err
-            raise SystemExit(f"error: tensor-parallel rank {rank} failed: {type(err).__name__}: {err}") from err
+            if isinstance(err, (ValueError, FileNotFoundError, MemoryError)):
+                raise
+            how = "lost another rank (see its error)" if is_neighbour_error(err) else f"failed: {type(err).__name__}"
+            raise SystemExit(f"error: tensor-parallel rank {rank} {how}: {err}") from err
         if rank != 0:
             leave_process()
-    texts = [t for record in records for t in record.texts]
     if not args.stream:  # streamed: already printed as it came
-        print("\n\n".join(prompt + text for prompt, text in zip(args.prompt, texts)), flush=True)
+        print("\n\n".join(p + t for p, t in zip(args.prompt, [t for r in records for t in r.texts])), flush=True)
     for record in records:
         print(format_timing(record), file=sys.stderr)
     if "RANK" in os.environ:
@@ -362,17 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-mode", choices=["raise", "exit"], default="raise", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("tensor-parallel", help="generate with every block cut over one process per device "
-                       "(torchrun or started from here)")
+    p = sub.add_parser("tensor-parallel", help="generate, every block cut over one process per device (notebook 07)")
     p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, or a model folder")
     p.add_argument("--devices", required=True, help='one rank per device, e.g. "cpu,cpu" or "cuda:0,cuda:1"')
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     add_sampling_arguments(p)
     p.add_argument("--stream", action="store_true", help="prompts one at a time, as generate --stream")
-    p.add_argument("--variant", choices=["block", "torch"], default="block",
-                   help="block: one all-reduce per block (default); torch: parallelize_module, one per layer")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on GPUs, bfloat16 on the CPU for GPT-J-6B; "
-                   "else the saved dtype (float32 for tiny)")
+    p.add_argument("--variant", choices=["block", "torch"], default="block", help="block: one all-reduce per block")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: as generate's (float16 on GPUs, ...)")
     p.add_argument("--timeout", type=float, default=PIPELINE_TIMEOUT, help="seconds a rank waits for the others")
     p.add_argument("--fail-rank", type=int, help=argparse.SUPPRESS)  # tests: inject a fault in this rank
     p.add_argument("--fail-after", type=int, default=0, help=argparse.SUPPRESS)

@@ -315,6 +315,15 @@ def run_tensor_parallel(model, prompts: str | list[str], devices: str | list[Dev
     return record.texts, record
 
 
+def prompt_jobs(model, groups: list[list[str]], max_new_tokens: int, sampling: Sampling,
+                variant: str = TP_VARIANT) -> list[TensorParallelJob]:
+    """One job per group of prompts, tokenized and checked as generate_text does (notebook 07's command line)."""
+    path = resolve_model(str(model))
+    config = load_config(str(path))
+    return [tensor_parallel_job(prompts_job(path, config, prompts, 1, max_new_tokens, sampling=sampling), variant)
+            for prompts in groups]
+
+
 def tensor_parallel_generate(devices: str | list[Device], **options):
     """A function with generate_text's signature that runs tensor parallelism on `devices`, for notebook 06's widget:
     `prompt_widget("tiny", tokenizer, generate=tensor_parallel_generate("cpu,cpu"))` (notebook 07)."""
