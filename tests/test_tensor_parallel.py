@@ -47,6 +47,7 @@ def runs(tiny_path, batch):
     return gh.run_tensor_parallel_jobs(str(tiny_path), "cpu,cpu", jobs, timeout=30)
 
 
+@pytest.mark.floor  # transformers 5.17 reshapes heads with the module's own count, 5.24 with -1
 @pytest.mark.timeout(300)
 def test_greedy_tokens_and_logits_equal_unsplit(runs, tiny, batch):
     model, tokenizer = tiny
@@ -143,6 +144,7 @@ def six_heads(tmp_path_factory):
     return folder
 
 
+@pytest.mark.floor
 @pytest.mark.timeout(300)
 def test_second_config_three_ranks(six_heads, batch):
     ids, mask = batch
