@@ -13,7 +13,7 @@ HUB_FLOOR          := $(shell sed -n 's/^ *"huggingface_hub>=\([0-9.]*\).*/\1/p'
 FLOORS             := transformers==$(TRANSFORMERS_FLOOR) huggingface_hub==$(HUB_FLOOR)
 FLOORS_PARENT      := $(VENV)/floors
 FLOORS_DIR         := $(FLOORS_PARENT)/transformers$(TRANSFORMERS_FLOOR)-hub$(HUB_FLOOR)
-FLOOR_TESTS        := tests/test_plan_and_place.py tests/test_generate.py tests/test_pipeline.py
+FLOOR_TESTS        := tests/test_plan_and_place.py tests/test_generate.py tests/test_pipeline.py tests/test_tensor_parallel.py
 # 2. ipywidgets as Colab ships it (7 needs ipython_genutils; widgetsnbextension 3 is only the classic
 #    notebook's frontend, which the Python side never imports)
 WIDGETS7           := ipywidgets==7.7.1 ipython_genutils==0.2.0
