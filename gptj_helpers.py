@@ -13,6 +13,8 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | 04 memory and timing         | measure.py (estimates vs measurements, scaling), plots.py (every figure)         |
 | 05 pipeline parallelism      | pipeline.py (one stage: GPTJModel, send/recv), launch.py (processes, torchrun)   |
 | 06 prompt widget             | widget.py                                                                        |
+| 08 quantization              | quantize.py (backends, per-block quantize-after-load, from_pretrained),          |
+|                              | quality.py (quality and speed of each weight format)                             |
 | command line, notebook runs  | cli.py (`python -m gptj_helpers --help`)                                         |
 
 Nothing runs at import: transformers and friends are imported inside the functions that need them.
@@ -46,10 +48,12 @@ from gptj_split.convert_bin import (BIN_INDEX, SAFETENSORS_INDEX, MASK_BUFFERS, 
                                     check_disk, convert_in_place, check_conversion, delete_bin, placeable_folder)
 from gptj_split.plan import (StagePlan, Plan, kv_cache_bytes_per_layer, as_config, plan_split, explain_infeasible,
                              format_plan, accelerate_plan, plot_plan, SETUPS, setups_markdown, settings_line,
-                             settings_comment)
+                             settings_comment, map_device, QUANTIZED_FORMATS, check_weights, linear_bytes,
+                             planned_sizes)
 from gptj_split.records import (TimingEvent, MemoryRow, RunRecord)
 from gptj_split.place import (stage_parameter_names, move_to, boundary_hook, WeightReader, place_stages, hook_stages,
-                              plan_of, tensor_bytes, kv_bytes, measure_memory, SplitCheck, check_split)
+                              plan_of, tensor_bytes, stored_bytes, kv_bytes, measure_memory, SplitCheck, check_split,
+                              block_prefix)
 from gptj_split.sampling import (SAMPLING_DEFAULTS, Sampling, as_sampling, check_max_new_tokens, check_sampling,
                                  check_prompts, check_generation, pad_left)
 from gptj_split.generate import (plan_modules, stage_modules, StageRecorder, TokenTimes, generate_text, seeded,
@@ -67,6 +71,9 @@ from gptj_split.launch import (CONFIG_ERRORS, LaunchSettings, launch_settings, p
                                leave_process, PipelineError, is_neighbour_error, free_port, launch_stages,
                                describe_stage_failure, run_pipeline_jobs, prompts_job, run_pipeline)
 from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget)
+from gptj_split.quantize import (BACKENDS, INSTALL_HINT, MissingBackend, quiet_backends, import_backend,
+                                 backend_versions, check_backend, quantize_block, BlockQuantizer, place_quantized,
+                                 has_weight_files, pretrained_config, load_pretrained, quantized_bytes)
 from gptj_split.cli import (run_notebooks, run_notebook, cmd_make_tiny, cmd_download, cmd_convert_jax, cmd_convert_bin,
                             cmd_devices, cmd_run_notebooks, cmd_plan, cmd_generate, cmd_setups, read_prompts,
                             cmd_pipeline, sampling_of, add_sampling_arguments, DELETE_BIN_HELP, build_parser, main)

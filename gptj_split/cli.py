@@ -14,7 +14,7 @@ from .devices import list_devices, parse_devices
 from .hub import download_gptj, load_config, load_tokenizer, resolve_model
 from .convert import convert_jax_checkpoint, make_tiny_gptj
 from .convert_bin import convert_to_safetensors
-from .plan import format_plan, plan_split, setups_markdown
+from .plan import QUANTIZED_FORMATS, format_plan, plan_split, setups_markdown
 from .place import place_stages
 from .sampling import SAMPLING_DEFAULTS, Sampling, check_prompts
 from .generate import format_timing, generate_text
@@ -109,7 +109,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     """plan: print how the model splits over the devices, as a table or as the Plan's JSON."""
     plan = plan_split(args.model, args.devices, dtype=args.dtype, reserve=args.reserve,
                       prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, model_name=args.model)
+                      batch_size=args.batch_size, model_name=args.model, weights=args.weights)
     print(plan.to_json() if args.json else format_plan(plan))
 
 
@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", required=True, help='e.g. "3x5GiB" or "cuda:0=6GiB,cuda:1=10GiB"')
     p.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on GPUs, bfloat16 on the CPU for GPT-J-6B; "
                    "else the saved dtype (float32 for tiny)")
+    p.add_argument("--weights", choices=[*DTYPES, *QUANTIZED_FORMATS], help="the blocks' linear weights: int8 or "
+                   "nf4 (notebook 08); default: unquantized, in the compute dtype")
     p.add_argument("--prompt-tokens", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1)
