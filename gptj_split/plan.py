@@ -104,9 +104,10 @@ def extra_modules() -> tuple[str, ...]:
     table in transformers 5.24, none in 5.17 (it sits in each block there); they go with the first stage."""
     from transformers import GPTJConfig
 
-    model = meta_model(GPTJConfig(vocab_size=8, n_embd=8, n_layer=1, n_head=2, rotary_dim=2, n_positions=8))
+    model = meta_model(GPTJConfig(vocab_size=8, n_embd=8, n_layer=1, n_head=2, rotary_dim=2, n_positions=8,
+                                  bos_token_id=0, eos_token_id=0))
     return tuple(name for name, child in model.transformer.named_children()
-                 if name not in ("wte", "h", "ln_f") and any(True for _ in child.state_dict(keep_vars=True)))
+                 if name not in ("wte", "h", "ln_f") and [*child.parameters(), *child.buffers()])
 
 
 QUANTIZED_FORMATS = {  # weight format -> (bytes per weight, bytes per output row, bytes per layer): scales too

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .models import RANDOM_WEIGHTS, as_dtype
+from .models import RANDOM_WEIGHTS, as_dtype, quiet_progress
 from .hub import resolve_model
 from .plan import QUANTIZED_FORMATS, Plan
 from .place import place_stages
@@ -161,21 +161,22 @@ def pretrained_config(plan: Plan, backend: str | None = None):
     if not plan.quantized:
         return None
     kinds = {torch.device(s.device).type for s in plan.devices}
+    backend = backend or BACKENDS.get(plan.weights, ("",))[0]
+    if backend == "bitsandbytes" and "cpu" in kinds and len(kinds) > 1:  # refused before asking the devices
+        raise ValueError("bitsandbytes through from_pretrained refuses a device_map with some stages on the CPU "
+                         "and others on GPUs unless llm_int8_enable_fp32_cpu_offload=True, which leaves the CPU "
+                         "stages unquantized: put every stage on a GPU, or use gh.place_quantized")
+    if backend == "torchao" and kinds != {"cuda"}:
+        raise ValueError("transformers' torchao path moves \"cpu\" entries of a device_map to CUDA to quantize them: "
+                         "on these devices use gh.place_quantized (this project's placement), or backend=bitsandbytes")
     backend = check_backend(plan.weights, backend, [s.device for s in plan.devices])
     if backend == "bitsandbytes":
-        if "cpu" in kinds and len(kinds) > 1:
-            raise ValueError("bitsandbytes through from_pretrained refuses a device_map with some stages on the CPU "
-                             "and others on GPUs unless llm_int8_enable_fp32_cpu_offload=True, which leaves the CPU "
-                             "stages unquantized: put every stage on a GPU, or use gh.place_quantized")
         from transformers import BitsAndBytesConfig
 
         if plan.weights == "int8":
             return BitsAndBytesConfig(load_in_8bit=True)
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
                                   bnb_4bit_compute_dtype=as_dtype(plan.dtype))
-    if kinds != {"cuda"}:
-        raise ValueError("transformers' torchao path moves \"cpu\" entries of a device_map to CUDA to quantize them: "
-                         "on these devices use gh.place_quantized (this project's placement), or backend=bitsandbytes")
     from torchao.quantization import Int8WeightOnlyConfig
     from transformers import TorchAoConfig
 
@@ -192,7 +193,7 @@ def load_pretrained(model_path, plan: Plan, backend: str | None = None):
                          "a downloaded model; use gh.place_quantized")
     quantization = pretrained_config(plan, backend)
     options = {"quantization_config": quantization} if quantization is not None else {}
-    with quiet_backends():
+    with quiet_backends(), quiet_progress():
         model = GPTJForCausalLM.from_pretrained(str(resolve_model(str(model_path))), device_map=plan.device_map(),
                                                 dtype=as_dtype(plan.dtype), **options)
     return model.eval()
