@@ -91,7 +91,7 @@ def quantize_block(block: torch.nn.Module, weights: str, backend: str, dtype: to
         with quiet_backends():
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-            quantize_(block, Int8WeightOnlyConfig())  # a float32 scale and an int8 zero point per row
+            quantize_(block, Int8WeightOnlyConfig(set_inductor_config=False))  # fp32 scale, int8 zero point per row
         return block
     bnb = import_backend("bitsandbytes")
     for parent in list(block.modules()):
@@ -180,7 +180,7 @@ def pretrained_config(plan: Plan, backend: str | None = None):
     from torchao.quantization import Int8WeightOnlyConfig
     from transformers import TorchAoConfig
 
-    return TorchAoConfig(Int8WeightOnlyConfig())
+    return TorchAoConfig(Int8WeightOnlyConfig(set_inductor_config=False))
 
 
 def load_pretrained(model_path, plan: Plan, backend: str | None = None):
