@@ -74,6 +74,10 @@ from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, promp
 from gptj_split.quantize import (BACKENDS, INSTALL_HINT, MissingBackend, quiet_backends, import_backend,
                                  backend_versions, check_backend, quantize_block, BlockQuantizer, place_quantized,
                                  has_weight_files, pretrained_config, load_pretrained, quantized_bytes)
+from gptj_split.quality import (FORMAT_ROWS, GREEDY_PROMPTS, PUBLISHED_QUALITY, held_out_ids, load_format,
+                                window_logits, greedy_ids, tokens_before_divergence, compare_logits, measure_quality,
+                                format_quality, DecodeTime, KERNELS, time_decode, format_decode, MEMORY_SETUPS,
+                                memory_table)
 from gptj_split.cli import (run_notebooks, run_notebook, cmd_make_tiny, cmd_download, cmd_convert_jax, cmd_convert_bin,
                             cmd_devices, cmd_run_notebooks, cmd_plan, cmd_generate, cmd_setups, read_prompts,
                             cmd_pipeline, sampling_of, add_sampling_arguments, DELETE_BIN_HELP, build_parser, main)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gptj_helpers as gh  # noqa: E402
 from gptj_split import quality  # noqa: E402
 
-FORMATS = [*quality.FORMATS]  # float32, bfloat16, int8 (torchao), int8 (bitsandbytes), nf4 (bitsandbytes)
+FORMATS = [*quality.FORMAT_ROWS]  # float32, bfloat16, int8 (torchao), int8 (bitsandbytes), nf4 (bitsandbytes)
 INT4 = "int4 (torchao prototype)"
 QUANTIZED = {"int8 (torchao)": ("int8", "torchao"), "int8 (bitsandbytes)": ("int8", "bitsandbytes"),
              "nf4 (bitsandbytes)": ("nf4", "bitsandbytes")}

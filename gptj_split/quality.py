@@ -15,7 +15,7 @@ from .quantize import place_quantized, quiet_backends
 
 HELD_OUT = 0.10  # the last 10% of the help topics in sorted order: assets/train_tiny.py's held-out text
 WINDOW = 128  # tokens per teacher-forced window, as train_tiny.py scores the tiny model
-FORMATS = {  # row label -> (compute dtype, weight format, backend)
+FORMAT_ROWS = {  # row label -> (compute dtype, weight format, backend)
     "float32": ("float32", None, None),
     "bfloat16": ("bfloat16", None, None),
     "int8 (torchao)": ("float32", "int8", "torchao"),
@@ -23,7 +23,7 @@ FORMATS = {  # row label -> (compute dtype, weight format, backend)
     "nf4 (bitsandbytes)": ("float32", "nf4", "bitsandbytes"),
 }
 GREEDY_PROMPTS = ("The list", "A dictionary is", "import os", "Hello, world", "The with statement", "class Foo:")
-PUBLISHED = (  # GPT-J-scale quality from the papers: not measured here
+PUBLISHED_QUALITY = (  # GPT-J-scale quality from the papers: not measured here
     "LLM.int8() (Dettmers et al. 2022, arXiv:2208.07339), Table 1: C4 validation perplexity of dense models trained "
     "by the authors; at 6.7B parameters 13.30 in 32-bit float and 13.24 with LLM.int8() (bitsandbytes' int8), "
     "while plain int8 absmax rose to 14.59.",
@@ -46,8 +46,8 @@ def held_out_ids(tokenizer) -> torch.Tensor:
 
 
 def load_format(model_name: str, label: str, devices: str = "cpu"):
-    """The model placed on `devices` in one of FORMATS, its blocks quantized as they load (notebook 08)."""
-    dtype, weights, backend = FORMATS[label]
+    """The model placed on `devices` in one of FORMAT_ROWS, its blocks quantized as they load (notebook 08)."""
+    dtype, weights, backend = FORMAT_ROWS[label]
     plan = plan_split(model_name, devices, dtype=dtype, weights=weights, model_name=model_name)
     return place_quantized(model_name, plan, backend=backend)
 
@@ -92,7 +92,7 @@ def compare_logits(ref: torch.Tensor, test: torch.Tensor, ids: torch.Tensor) -> 
     return {"positions": n * window, "loss": loss, "top1_agreement": agree, "kl": kl}
 
 
-def measure_quality(model_name: str = "tiny", labels=tuple(FORMATS), windows: int | None = None,
+def measure_quality(model_name: str = "tiny", labels=tuple(FORMAT_ROWS), windows: int | None = None,
                     new_tokens: int = 32) -> list[dict]:
     """Each weight format of the model against float32 on the held-out text: loss, top-1 agreement, KL, and greedy
     tokens before the first divergence, summed over GREEDY_PROMPTS (notebook 08)."""
@@ -167,3 +167,33 @@ def format_decode(times: list[DecodeTime]) -> str:
         ratios = [f"{t.ms_per_token / base[k]:.2f}x" if k in base else "n/a" for k in ("float32", "bfloat16")]
         lines.append(f"{t.label:26} {t.ms_per_token:9.1f} {ratios[0]:>10} {ratios[1]:>11}  {t.kernel}")
     return "\n".join(lines)
+
+
+MEMORY_SETUPS = {  # notebook 08's table: name -> devices (budgets as torch reports them, before the reserve)
+    "Colab, 1 x T4 16 GB": "cuda:0=14GiB",
+    "Kaggle, 2 x T4 16 GB": "cuda:0=14GiB,cuda:1=14GiB",
+    "laptop GPU, 8 GB": "cuda:0=7.5GiB",
+    "laptop GPU, 4 GB": "cuda:0=3.7GiB",
+    "4 x 4 GB": "4x3.7GiB",
+}
+
+
+def memory_table(model_name: str = "gpt-j-6b", formats=("float16", "int8", "nf4"), reserve: str = "0.5GiB",
+                 prompt_tokens: int = 512, max_new_tokens: int = 256) -> str:
+    """GPT-J-6B planned in each weight format on each of MEMORY_SETUPS: the fullest device, or "does not fit"
+    (notebook 08)."""
+    rows = [f"| setup | {' | '.join(formats)} |", "|---|" + "---|" * len(formats)]
+    for name, devices in MEMORY_SETUPS.items():
+        cells = []
+        for fmt in formats:
+            try:
+                plan = plan_split(model_name, devices, dtype="float16", weights=fmt, reserve=reserve,
+                                  prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, explain=False)
+            except MemoryError:
+                cells.append("does not fit")
+                continue
+            fullest = max(plan.devices, key=lambda s: s.fill)
+            cells.append(f"{fullest.total_bytes / 2**30:.2f} of {fullest.budget_bytes / 2**30:.1f} GiB "
+                         f"({fullest.fill:.0%})")
+        rows.append(f"| {name} | {' | '.join(cells)} |")
+    return "\n".join(rows)

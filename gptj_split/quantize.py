@@ -50,7 +50,10 @@ def import_backend(backend: str):
         raise ValueError(f"unknown quantization backend {backend!r}: use one of {', '.join(BACKEND_DEVICES)}")
     try:
         with quiet_backends():
-            return importlib.import_module(backend)
+            module = importlib.import_module(backend)
+            if backend == "torchao":  # transformers imports more of torchao with its quantizers: quietly, now
+                importlib.import_module("transformers.quantizers.auto")
+            return module
     except ImportError as err:
         raise MissingBackend(f"{backend} is not installed ({err}): {INSTALL_HINT}") from None
 
