@@ -53,7 +53,7 @@ from gptj_split.plan import (StagePlan, Plan, kv_cache_bytes_per_layer, as_confi
 from gptj_split.records import (TimingEvent, MemoryRow, RunRecord)
 from gptj_split.place import (stage_parameter_names, move_to, boundary_hook, WeightReader, place_stages, hook_stages,
                               plan_of, tensor_bytes, stored_bytes, kv_bytes, measure_memory, SplitCheck, check_split,
-                              block_prefix)
+                              block_prefix, replace_module)
 from gptj_split.sampling import (SAMPLING_DEFAULTS, Sampling, as_sampling, check_max_new_tokens, check_sampling,
                                  check_prompts, check_generation, pad_left)
 from gptj_split.generate import (plan_modules, stage_modules, StageRecorder, TokenTimes, generate_text, seeded,
@@ -72,8 +72,9 @@ from gptj_split.launch import (CONFIG_ERRORS, LaunchSettings, launch_settings, p
                                describe_stage_failure, run_pipeline_jobs, prompts_job, run_pipeline)
 from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget)
 from gptj_split.quantize import (BACKENDS, INSTALL_HINT, MissingBackend, quiet_backends, import_backend,
-                                 backend_versions, check_backend, quantize_block, BlockQuantizer, place_quantized,
-                                 has_weight_files, pretrained_config, load_pretrained, quantized_bytes)
+                                 backend_versions, check_backend, quantize_linear, quantize_block, BlockQuantizer,
+                                 place_quantized, has_weight_files, pretrained_config, load_pretrained,
+                                 quantized_bytes)
 from gptj_split.quality import (FORMAT_ROWS, GREEDY_PROMPTS, PUBLISHED_QUALITY, held_out_ids, load_format,
                                 window_logits, greedy_ids, tokens_before_divergence, compare_logits, measure_quality,
                                 format_quality, DecodeTime, KERNELS, time_decode, format_decode, MEMORY_SETUPS,

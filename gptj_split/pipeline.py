@@ -16,7 +16,7 @@ import torch
 
 from .plan import Plan
 from .records import MemoryRow, RunRecord, TimingEvent
-from .place import WeightReader, block_prefix, kv_bytes, tensor_bytes
+from .place import WeightReader, block_prefix, kv_bytes, replace_module, tensor_bytes
 from .sampling import Sampling, as_sampling, check_max_new_tokens
 
 PIPELINE_TIMEOUT = 60.0  # seconds a stage waits for a neighbour before the run fails
@@ -102,8 +102,8 @@ def stage_tensor_name(local: str, first_block: int) -> str:
 def load_stage(model_path, plan: Plan, rank: int, dtype: torch.dtype, comm_device: str = "cpu",
                transform=None) -> PipelineStage:
     """Build stage `rank` alone: a GPTJModel of its block count on the meta device, then only its own tensors
-    loaded (or made from seeds) onto its device, one at a time; `transform(name, block)` as in `place_stages`, on
-    each block once loaded (notebooks 05, 08)."""
+    loaded (or made from seeds) onto its device, one at a time; `transform(name, module)` as in `place_stages`, on
+    each module inside the blocks once loaded (notebooks 05, 08)."""
     import copy
 
     from accelerate import init_empty_weights
@@ -127,9 +127,10 @@ def load_stage(model_path, plan: Plan, rank: int, dtype: torch.dtype, comm_devic
     for i, ((module, local, param), name) in enumerate(zip(owned, names)):
         set_module_tensor_to_device(module, local, device, value=weights.read(name, param.shape, dtype, device),
                                     dtype=dtype)
-        block = block_prefix(name)
-        if transform is not None and block and (i + 1 == len(names) or block_prefix(names[i + 1]) != block):
-            transform(block, model.get_submodule(block_prefix(local)))  # quantize a block before reading the next
+        owner = local.rpartition(".")[0]
+        if transform is not None and block_prefix(name) and (i + 1 == len(names) or
+                                                                 owned[i + 1][1].rpartition(".")[0] != owner):
+            replace_module(model, owner, transform(name.rpartition(".")[0], model.get_submodule(owner)))
     for name, _ in list(model.named_buffers()):  # rotary sin/cos: one table (transformers 5.24) or one per block (5.17)
         set_module_tensor_to_device(model, name, device)
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]

@@ -90,9 +90,9 @@ def place_stages(model_path, plan: Plan, dtype: torch.dtype | list[torch.dtype] 
                  stages: list[int] | None = None, seed: int = 0, blocks: int | None = None, transform=None):
     """Load each stage's tensors from safetensors onto its device and hook the boundaries; a config instead of a
     folder gives seeded random weights; `dtype` is one or one per stage; `stages`: load only those; `blocks`: only
-    the model's first blocks (with embedding and head), a slice planned as such; `transform(name, block)` is called
-    on each block as soon as its tensors are loaded, before the next one is read (notebook 08 quantizes there)
-    (notebook 02)."""
+    the model's first blocks (with embedding and head), a slice planned as such; `transform(name, module)` is called
+    on each module inside the blocks as soon as its tensors are loaded, before the next tensor is read, and what it
+    returns takes the module's place (notebook 08 quantizes there) (notebook 02)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import GPTJForCausalLM
@@ -116,9 +116,10 @@ def place_stages(model_path, plan: Plan, dtype: torch.dtype | list[torch.dtype] 
         device = torch.device(plan.devices[s].device)
         set_module_tensor_to_device(model, name, device, value=weights.read(name, param.shape, dtypes[s], device),
                                     dtype=dtypes[s])
-        block = block_prefix(name)
-        if transform is not None and block and (i + 1 == len(params) or block_prefix(params[i + 1][0]) != block):
-            transform(block, model.get_submodule(block))  # the block's last tensor is in: transform it now
+        owner = name.rpartition(".")[0]
+        if transform is not None and block_prefix(name) and (i + 1 == len(params) or
+                                                                  params[i + 1][0].rpartition(".")[0] != owner):
+            replace_module(model, owner, transform(owner, model.get_submodule(owner)))  # its last tensor is in
     for name, _ in list(model.named_buffers()):  # the rotary sin/cos tables, computed on the CPU
         set_module_tensor_to_device(model, name, torch.device(plan.devices[tensor_stage(plan, name)].device))
     return hook_stages(model, plan, dtypes).eval()
@@ -130,6 +131,14 @@ def block_prefix(name: str) -> str | None:
     if parts[0] == "transformer" and len(parts) > 2 and parts[1] == "h":
         return ".".join(parts[:3])
     return ".".join(parts[:2]) if parts[0] == "h" and len(parts) > 1 else None
+
+
+def replace_module(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Put `module` at `name` inside `root` (notebook 08's quantized layers replace the float ones)."""
+    parent, _, child = name.rpartition(".")
+    holder = root.get_submodule(parent) if parent else root
+    if getattr(holder, child) is not module:
+        setattr(holder, child, module)
 
 
 def tensor_stage(plan: Plan, name: str) -> int:

@@ -87,20 +87,28 @@ def check_backend(weights: str, backend: str | None = None, devices=("cpu",)) ->
     return backend
 
 
-def quantize_block(block: torch.nn.Module, weights: str, backend: str, dtype: torch.dtype) -> torch.nn.Module:
-    """Quantize a block's linear layers in place, on the device where they are; biases and layer norms stay in
-    `dtype` (notebook 08)."""
+def quantize_linear(linear: torch.nn.Module, weights: str, backend: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A linear layer with its weight quantized on the device where it is: the same module (torchao) or a
+    bitsandbytes layer to put in its place; other modules come back unchanged (notebook 08)."""
+    if type(linear) is not torch.nn.Linear:
+        return linear
     if backend == "torchao":
         with quiet_backends():
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-            quantize_(block, Int8WeightOnlyConfig(set_inductor_config=False))  # fp32 scale, int8 zero point per row
-        return block
-    bnb = import_backend("bitsandbytes")
-    for parent in list(block.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear:
-                setattr(parent, name, bnb_linear(bnb, child, weights, dtype))
+            quantize_(linear, Int8WeightOnlyConfig(set_inductor_config=False))  # fp32 scale, int8 zero point per row
+        return linear
+    return bnb_linear(import_backend("bitsandbytes"), linear, weights, dtype)
+
+
+def quantize_block(block: torch.nn.Module, weights: str, backend: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Quantize a loaded block's linear layers in place, one at a time, on their devices; biases and layer norms stay
+    in `dtype` (notebook 08)."""
+    from .place import replace_module
+
+    names = [name for name, module in block.named_modules() if type(module) is torch.nn.Linear]  # names: no refs
+    for name in names:
+        replace_module(block, name, quantize_linear(block.get_submodule(name), weights, backend, dtype))
     return block
 
 
@@ -131,20 +139,22 @@ def bnb_linear(bnb, linear: torch.nn.Linear, weights: str, dtype: torch.dtype) -
 
 @dataclass
 class BlockQuantizer:
-    """The `transform` that `place_stages` and `load_stage` call on each block once loaded: quantize it there, so a
-    stage never holds more than one block in full precision; picklable for stage processes (notebook 08)."""
+    """The `transform` that `place_stages` and `load_stage` call on each module of the blocks once loaded: a linear
+    layer is quantized there, before the next tensor is read, so a stage never holds more than one linear layer
+    (let alone a block) in full precision; picklable for stage processes (notebook 08)."""
 
     weights: str
     backend: str
     dtype: str
 
-    def __call__(self, name: str, block: torch.nn.Module) -> torch.nn.Module:
-        return quantize_block(block, self.weights, self.backend, as_dtype(self.dtype))
+    def __call__(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        return quantize_linear(module, self.weights, self.backend, as_dtype(self.dtype))
 
 
 def place_quantized(model_path, plan: Plan, backend: str | None = None, **options):
-    """`place_stages` with the plan's weight format: every block quantized on its device right after loading, by
-    torchao or bitsandbytes, checked before anything loads; `options` as place_stages' (notebook 08)."""
+    """`place_stages` with the plan's weight format: every linear layer of the blocks quantized on its device right
+    after loading, by torchao or bitsandbytes, checked before anything loads; `options` as place_stages' (notebook
+    08)."""
     if not plan.quantized:
         return place_stages(model_path, plan, **options)
     backend = check_backend(plan.weights, backend, [s.device for s in plan.devices])
