@@ -29,7 +29,7 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: a dependency must never pull a CUDA build here
 	$(PY) -m pip install -q torch==$$(sed -n 's/^torch==//p' constraints.txt)
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,quant]'
 	touch $(STAMP)
 
 demo: $(STAMP)  ## the main job: run every notebook on the tiny default, results under build/

@@ -17,6 +17,8 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | 06 prompt widget             | widget.py                                                                        |
 | 07 tensor parallelism        | tensor_parallel.py (cut blocks by heads, planner), tp_launch.py (ranks, torchrun)|
 |                              | tp_compare.py (naive split, pipeline and tensor parallel, measured side by side) |
+| 08 quantization              | quantize.py (backends, per-block quantize-after-load, from_pretrained),          |
+|                              | quality.py (quality and speed of each weight format)                             |
 | command line, notebook runs  | cli.py (`python -m gptj_helpers --help`)                                         |
 
 Nothing runs at import: transformers and friends are imported inside the functions that need them.
@@ -30,10 +32,11 @@ import sys
 
 from gptj_split.models import (GPTJ_6B_REPO, GPTJ_6B_REVISION, TINY_SEED, TINY_VERSION, EOS_TOKEN, REPO_DIR,
                                TINY_TRAINED, DTYPES, GPTJ_6B_RANDOM, gptj_6b_config, tiny_config, training_text,
-                               train_tiny_tokenizer, quiet_progress, random_tiny_model, write_tiny_model, cache_dir,
-                               build_atomically, build_lock, tiny_folder, tiny_model_path, meta_model, module_sizes,
-                               count_parameters, mini_config, sliced_config, reference_blocks, is_gptj_6b,
-                               default_dtype, as_dtype, dtype_name, RANDOM_WEIGHTS, write_random_model, seeded_tensor)
+                               train_tiny_tokenizer, quiet_progress, NOISY_LOGGERS, quiet_imports, gptj_modeling,
+                               random_tiny_model, write_tiny_model, cache_dir, build_atomically, build_lock,
+                               tiny_folder, tiny_model_path, meta_model, module_sizes, count_parameters, mini_config,
+                               sliced_config, reference_blocks, is_gptj_6b, default_dtype, as_dtype, dtype_name,
+                               RANDOM_WEIGHTS, write_random_model, seeded_tensor)
 from gptj_split.devices import (UNITS, parse_size, format_size, Device, available_memory, list_devices,
                                 check_device_name, parse_devices, check_card, release_memory, describe_environment,
                                 reset_peak_rss, peak_rss)
@@ -50,31 +53,32 @@ from gptj_split.convert_bin import (BIN_INDEX, SAFETENSORS_INDEX, MASK_BUFFERS, 
                                     check_disk, convert_in_place, check_conversion, delete_bin, placeable_folder)
 from gptj_split.plan import (StagePlan, Plan, kv_cache_bytes_per_layer, as_config, plan_split, explain_infeasible,
                              format_plan, accelerate_plan, plot_plan, SETUPS, setups_markdown, settings_line,
-                             settings_comment)
+                             settings_comment, map_device, QUANTIZED_FORMATS, check_weights, linear_bytes,
+                             planned_sizes)
 from gptj_split.records import (TimingEvent, MemoryRow, RunRecord)
 from gptj_split.place import (stage_parameter_names, move_to, boundary_hook, WeightReader, place_stages, hook_stages,
-                              plan_of, tensor_bytes, kv_bytes, measure_memory, SplitCheck, check_split)
+                              plan_of, tensor_bytes, stored_bytes, kv_bytes, measure_memory, SplitCheck, check_split,
+                              block_prefix, replace_module)
 from gptj_split.sampling import (SAMPLING_DEFAULTS, Sampling, as_sampling, check_max_new_tokens, check_sampling,
                                  check_prompts, check_generation, pad_left)
-from gptj_split.generate import (plan_modules, stage_modules, StageRecorder, TokenTimes, make_streamer,
-                                 generate_text, seeded, format_timing)
+from gptj_split.generate import (plan_modules, stage_modules, StageRecorder, TokenTimes, make_streamer, generate_text,
+                                 seeded, format_timing)
 from gptj_split.measure import (utilisation, prompt_of_length, measure_scaling, copy_seconds, compare_estimates,
                                 format_estimates, decode_read_bytes, measure_weight_bandwidth, format_bandwidth)
 from gptj_split.plots import (size_unit, MEMORY_COLORS, plot_memory, TIMELINE_COLORS, timeline_events, shared_span_ms,
                               draw_timeline, plot_timeline, plot_timelines, plot_utilisation, plot_scaling, output_dir,
-                              show_figure)
+                              show_figure, save_notebook_figure)
 from gptj_split.pipeline import (PIPELINE_TIMEOUT, PipelineJob, make_job, check_stage_count, check_pipeline_plan,
                                  PipelineStage, stage_tensor_name, load_stage, new_stage_cache, cache_keyword,
                                  forward_stage, make_warpers, pick_tokens, Inbox, Outbox, inject_fault, run_stage,
-                                 merge_stage_results, measure_module_seconds)
+                                 merge_stage_results)
 from gptj_split.relay import (RelayEnd, TokenRelay)
 from gptj_split.launch import (CONFIG_ERRORS, LaunchSettings, launch_settings, pick_backend, configure_worker,
                                serve_stage, prepare_pipeline, plan_pipeline, model_folder, pipeline_worker,
                                leave_process, PipelineError, is_neighbour_error, free_port, launch_stages,
-                               describe_stage_failure, run_pipeline_jobs, prompts_job, run_pipeline,
-                               pipeline_generate)
-from gptj_split.compare import (mini_gptj_folder, pinned, time_phases, balanced_plans, SpeedupRun,
-                                measure_pipeline_speedup, prefill_bubble)
+                               describe_stage_failure, run_pipeline_jobs, prompts_job, run_pipeline, pipeline_generate)
+from gptj_split.compare import (mini_gptj_folder, pinned, time_phases, measure_module_seconds, balanced_plans,
+                                SpeedupRun, measure_pipeline_speedup, prefill_bubble)
 from gptj_split.tensor_parallel import (VARIANTS, COLUMNS, ROWS, shard_dim, shard_of, rank_counts, check_head_split,
                                         rank_parameter_bytes, plan_tensor_parallel, RankModel, CommClock,
                                         tensor_parallel_plan, time_collective, one_reduce_per_block, gather_vocabulary,
@@ -82,11 +86,18 @@ from gptj_split.tensor_parallel import (VARIANTS, COLUMNS, ROWS, shard_dim, shar
 from gptj_split.tp_launch import (TP_VARIANT, TensorParallelJob, tensor_parallel_job, TensorParallelSettings,
                                   TensorParallelError, inject_rank_fault, run_rank, prepare_tensor_parallel,
                                   plan_for_jobs, serve_tensor_parallel, merge_rank_results, tensor_parallel_settings,
-                                  run_tensor_parallel_jobs, run_tensor_parallel, tensor_parallel_generate,
-                                  PrintRelay, prompt_jobs)
-from gptj_split.tp_compare import (COMM_KINDS, bench_config, write_bench_model, decode_seconds,
-                                   decode_seconds_of, comm_per_token, compare_splits, format_comparison)
+                                  run_tensor_parallel_jobs, run_tensor_parallel, tensor_parallel_generate, PrintRelay,
+                                  prompt_jobs)
+from gptj_split.tp_compare import (COMM_KINDS, bench_config, write_bench_model, decode_seconds, decode_seconds_of,
+                                   comm_per_token, compare_splits, format_comparison)
 from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget)
+from gptj_split.quantize import (BACKENDS, INSTALL_HINT, MissingBackend, quiet_backends, import_backend,
+                                 backend_versions, check_backend, quantize_linear, quantize_block, BlockQuantizer,
+                                 place_quantized, has_weight_files, pretrained_config, load_pretrained, quantized_bytes)
+from gptj_split.quality import (FORMAT_ROWS, GREEDY_PROMPTS, PUBLISHED_QUALITY, held_out_ids, load_format,
+                                window_logits, greedy_ids, tokens_before_divergence, compare_logits, measure_quality,
+                                format_quality, DecodeTime, KERNELS, time_decode, format_decode, MEMORY_SETUPS,
+                                memory_table)
 from gptj_split.cli import (run_notebooks, run_notebook, cmd_make_tiny, cmd_download, cmd_convert_jax, cmd_convert_bin,
                             cmd_devices, cmd_run_notebooks, cmd_plan, cmd_generate, cmd_setups, read_prompts,
                             cmd_pipeline, sampling_of, add_sampling_arguments, DELETE_BIN_HELP, build_parser, main,

@@ -16,7 +16,10 @@ never cross a device boundary, so it also splits the tiny model across cuda:0 an
 sampled and beam-search output against the unsplit model, and runs the pipeline with 2 processes on that GPU (over
 gloo), and tensor parallelism with 2 ranks on that GPU (over gloo; notebook 07). With 2 or more GPUs it also runs the
 pipeline and tensor parallelism over NCCL, one GPU per process (written, labelled untested until it has run on such a
-machine). A case whose backend is missing says so and is skipped.
+machine). Notebook 08's cases: GPT-J-6B with int8 and nf4 weights on the GPU (memory against the plan, peak while
+quantizing, decode tokens/s against float16), and the tiny model through stock
+`from_pretrained(device_map=plan.device_map())` against this project's placement. A case whose backend is missing
+(torchao, bitsandbytes) says so and is skipped.
 
 usage: python benchmarks/gpu_check.py [--devices 3x10GiB] [--tokens 64] [--mini] [--full-size]
 """
@@ -142,6 +145,7 @@ def full_size_naive(tokens: int, device: str = "cuda:0", dtype: torch.dtype = to
         peak = torch.cuda.max_memory_allocated(device)
         print(f"{device} max_memory_allocated {gh.format_size(peak)} vs planned (all slices) "
               f"{gh.format_size(planned)}: ratio {peak / planned:.2f}")
+    FLOAT16_TOKENS_PER_SECOND.append(record.tokens_per_second)  # the quantized cases compare with it
     weights = sum(st.param_bytes for st in plan.devices) - plan.module_bytes["embedding"]  # one row of wte is read
     seconds = 1 / record.tokens_per_second
     rate = weights / seconds
@@ -152,6 +156,88 @@ def full_size_naive(tokens: int, device: str = "cuda:0", dtype: torch.dtype = to
         print(f"host peak RSS over this case's start: {gh.format_size(rss - base_rss)} (Colab has 12.7 GB in all)")
     del model
     gh.release_memory()
+
+
+FLOAT16_TOKENS_PER_SECOND: list[float] = []  # set by the float16 case, read by the quantized ones
+
+
+def backend_missing(weights: str, backend: str | None = None) -> str | None:
+    """Why a quantized case cannot run here (its backend is not installed, or not for this device), else None."""
+    try:
+        gh.check_backend(weights, backend, ["cuda:0"])
+    except (gh.MissingBackend, ValueError) as err:
+        return str(err)
+    return None
+
+
+def quantized_full_size(tokens: int, weights: str) -> bool | None:
+    """Notebook 08 at full size, or None (skipped, said why) where its backend is missing."""
+    why = backend_missing(weights)
+    if why:
+        print(f"\n=== GPT-J-6B (random weights) with {weights} weights: skipped ({why})")
+        return None
+    return quantized_case(tokens, weights)
+
+
+@case("GPT-J-6B (random weights), quantized weights on one GPU: memory against the plan, speed against float16")
+def quantized_case(tokens: int, weights: str, device: str = "cuda:0") -> None:
+    tokenizer = gh.load_tokenizer("gpt-j-6b-random")
+    prompt = "Thanks very much to Paul for his awesome notebook"
+    plan = gh.plan_split("gpt-j-6b-random", f"{device}=14GiB", dtype=torch.float16, weights=weights,
+                         prompt_tokens=len(tokenizer(prompt)["input_ids"]), max_new_tokens=tokens)
+    print(gh.format_plan(plan))
+    torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    model = gh.place_quantized("gpt-j-6b-random", plan)
+    loading_peak = torch.cuda.max_memory_allocated(device)
+    block16 = gh.module_sizes(gh.load_config("gpt-j-6b-random"), torch.float16)["block"]
+    print(f"placed and quantized block by block in {time.perf_counter() - start:.1f} s; peak while quantizing "
+          f"{gh.format_size(loading_peak)} vs plan + 1.5 x one float16 block "
+          f"{gh.format_size(plan.devices[0].param_bytes + 1.5 * block16)}: "
+          f"within {loading_peak <= plan.devices[0].param_bytes + 1.5 * block16}")
+    with gh.quiet_backends():
+        gh.generate_text(model, tokenizer, prompt, max_new_tokens=4, greedy=True)  # warm-up
+        _, record = gh.generate_text(model, tokenizer, prompt, max_new_tokens=tokens, greedy=True)
+    row, st = record.memory[0], plan.devices[0]
+    print(f"params: planned {gh.format_size(st.param_bytes)} | measured {gh.format_size(row.param_bytes)} | ratio "
+          f"{row.param_bytes / st.param_bytes:.4f}")
+    f16 = FLOAT16_TOKENS_PER_SECOND[-1] if FLOAT16_TOKENS_PER_SECOND else float("nan")
+    print(f"decode {record.tokens_per_second:.1f} tokens/s vs float16 {f16:.1f} tokens/s (3 slices, same GPU): "
+          f"ratio {record.tokens_per_second / f16:.2f}")
+    del model
+    gh.release_memory()
+
+
+def device_map_equality() -> bool:
+    """Stock `from_pretrained(device_map=plan.device_map())` against this project's placement, on the tiny model."""
+    return device_map_case()
+
+
+@case("tiny: stock from_pretrained(device_map=plan.device_map()) equals place_stages / place_quantized")
+def device_map_case(device: str = "cuda:0") -> None:
+    tokenizer = gh.load_tokenizer("tiny")
+    ids = tokenizer("The list", return_tensors="pt")["input_ids"]
+
+    def greedy(model):
+        with torch.inference_mode(), gh.quiet_backends():
+            return model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), do_sample=False,
+                                  max_new_tokens=16, pad_token_id=0).cpu()
+
+    plan = gh.plan_split("tiny", f"{device}=1GiB,cpu=1GiB", dtype=torch.float32)  # accelerate attaches hooks here
+    print(f"float32, {device} + cpu: device_map split == place_stages split: "
+          f"{torch.equal(greedy(gh.load_pretrained('tiny', plan)), greedy(gh.place_stages('tiny', plan)))}")
+    for weights in ("int8", "nf4"):
+        why = backend_missing(weights, "bitsandbytes")
+        if why:
+            print(f"{weights}: skipped ({why})")
+            continue
+        split = gh.plan_split("tiny", f"{device}=1GiB,{device}=1GiB", dtype=torch.float16, weights=weights)
+        whole = gh.plan_split("tiny", f"{device}=2GiB", dtype=torch.float16, weights=weights)
+        stock = greedy(gh.load_pretrained("tiny", split, backend="bitsandbytes"))
+        ours = greedy(gh.place_quantized("tiny", split, backend="bitsandbytes"))
+        unsplit = greedy(gh.place_quantized("tiny", whole, backend="bitsandbytes"))
+        print(f"{weights} (bitsandbytes): stock device_map == place_quantized: {torch.equal(stock, ours)}; "
+              f"quantized split == quantized unsplit: {torch.equal(ours, unsplit)}")
 
 
 @case("tiny split across cuda:0 and the CPU: greedy, sampled and beam search equal the unsplit model")
@@ -239,6 +325,8 @@ def full_size_check(tokens: int) -> int:
           f"{torch.cuda.get_device_name(0)}", flush=True)
     results = [full_size_naive(tokens), tiny_across_a_real_boundary(), pipeline_on_one_gpu(),
                tensor_parallel_on_one_gpu()]
+    results += [r for r in (quantized_full_size(tokens, "int8"), quantized_full_size(tokens, "nf4"),
+                            device_map_equality()) if r is not None]
     if torch.cuda.device_count() >= 2:
         results += [pipeline_over_nccl(), tensor_parallel_over_nccl()]
     else:

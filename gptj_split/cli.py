@@ -14,10 +14,11 @@ from .devices import list_devices, parse_devices
 from .hub import download_gptj, load_config, load_tokenizer, resolve_model
 from .convert import convert_jax_checkpoint, make_tiny_gptj
 from .convert_bin import convert_to_safetensors
-from .plan import format_plan, plan_split, setups_markdown
+from .plan import QUANTIZED_FORMATS, format_plan, plan_split, setups_markdown
 from .place import place_stages
 from .sampling import SAMPLING_DEFAULTS, Sampling, check_prompts
 from .generate import format_timing, generate_text
+from .plots import save_notebook_figure
 from .pipeline import PIPELINE_TIMEOUT
 from .launch import PipelineError, is_neighbour_error, launch_settings, leave_process, run_pipeline, serve_stage
 from .tp_launch import (PrintRelay, TensorParallelError, prompt_jobs, run_tensor_parallel, run_tensor_parallel_jobs,
@@ -107,26 +108,6 @@ def cmd_run_notebooks(args: argparse.Namespace) -> None:
         print(f"executed notebooks are in {Path(args.out).resolve()}/, figures in {Path(args.out).resolve()}/figures/")
 
 
-def save_notebook_figure(notebook: str | Path, name: str, out: str | Path) -> Path:
-    """Write the PNG that a notebook's cell showing figure `name` holds, as executed, to `out` (the README's
-    picture is notebook 05's timeline, refreshed by `make notebooks`)."""
-    import base64
-    import json
-
-    cells = json.loads(Path(notebook).read_text())["cells"]
-    for cell in cells:
-        if cell["cell_type"] == "code" and f'"{name}"' in "".join(cell["source"]):
-            pictures = [o["data"]["image/png"] for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
-            if not pictures:
-                raise ValueError(f"{notebook}: the cell that shows {name!r} has no picture: execute the notebook first")
-            out = Path(out)
-            tmp = out.with_suffix(".tmp")
-            tmp.write_bytes(base64.b64decode(pictures[0]))
-            os.replace(tmp, out)
-            return out
-    raise ValueError(f"{notebook}: no code cell shows a figure named {name!r}")
-
-
 def cmd_notebook_figure(args: argparse.Namespace) -> None:
     """notebook-figure NB NAME OUT: save the figure a notebook showed, as executed."""
     print(save_notebook_figure(args.notebook, args.name, args.out))
@@ -136,7 +117,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     """plan: print how the model splits over the devices, as a table or as the Plan's JSON."""
     plan = plan_split(args.model, args.devices, dtype=args.dtype, reserve=args.reserve,
                       prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, model_name=args.model)
+                      batch_size=args.batch_size, model_name=args.model, weights=args.weights)
     print(plan.to_json() if args.json else format_plan(plan))
 
 
@@ -327,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", required=True, help='e.g. "3x5GiB" or "cuda:0=6GiB,cuda:1=10GiB"')
     p.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on GPUs, bfloat16 on the CPU for GPT-J-6B; "
                    "else the saved dtype (float32 for tiny)")
+    p.add_argument("--weights", choices=[*DTYPES, *QUANTIZED_FORMATS], help="the blocks' linear weights: int8 or "
+                   "nf4 (notebook 08); default: unquantized, in the compute dtype")
     p.add_argument("--prompt-tokens", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1)

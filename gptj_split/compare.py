@@ -18,7 +18,7 @@ from .models import write_random_model
 from .place import place_stages
 from .plan import Plan, plan_split
 from .records import RunRecord
-from .pipeline import make_job, measure_module_seconds
+from .pipeline import make_job
 from .launch import run_pipeline_jobs
 
 
@@ -63,6 +63,40 @@ def time_phases(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float
                              min_new_tokens=new_tokens, pad_token_id=model.config.eos_token_id,
                              logits_processor=LogitsProcessorList([Mark()]))
     return marks[0] - start, time.perf_counter() - marks[0], out
+
+
+def measure_module_seconds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           max_new_tokens: int = 4, repeats: int = 1) -> dict[str, list[float]]:
+    """Seconds of each module (embedding, every block, head) for one prefill and one decode step, timed inside
+    `generate` with hooks (the fastest of `repeats`): the `cost` to balance a pipeline's stages by (notebook 05)."""
+    import time
+
+    if repeats > 1:
+        runs = [measure_module_seconds(model, input_ids, attention_mask, max_new_tokens) for _ in range(repeats)]
+        return {phase: [min(r[phase][i] for r in runs) for i in range(len(runs[0][phase]))] for phase in runs[0]}
+    t = model.transformer
+    parts = [(t.wte, t.wte), *((b, b) for b in t.h), (t.ln_f, model.lm_head)]  # (first module, last module)
+    seconds = {"prefill": [0.0] * len(parts), "decode": [0.0] * len(parts)}
+    started: dict[int, tuple[float, str]] = {}
+    handles = []
+    for i, (head_module, tail_module) in enumerate(parts):
+        def pre(module, args, i=i):
+            started[i] = (time.perf_counter(), "prefill" if args[0].shape[1] > 1 else "decode")
+
+        def post(module, args, out, i=i):
+            start, phase = started.pop(i)
+            seconds[phase][i] += time.perf_counter() - start
+
+        handles += [head_module.register_forward_pre_hook(pre), tail_module.register_forward_hook(post)]
+    try:
+        with torch.inference_mode():
+            model.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=max_new_tokens,
+                           min_new_tokens=max_new_tokens, pad_token_id=model.config.eos_token_id)
+    finally:
+        for h in handles:
+            h.remove()
+    seconds["decode"] = [s / max(1, max_new_tokens - 1) for s in seconds["decode"]]
+    return seconds
 
 
 def balanced_plans(model, prefill_ids: torch.Tensor, decode_ids: torch.Tensor, prefill_mb: int, decode_mb: int,

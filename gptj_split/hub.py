@@ -14,7 +14,7 @@ import torch
 
 from .models import (GPTJ_6B_RANDOM, GPTJ_6B_REPO, GPTJ_6B_REVISION, RANDOM_WEIGHTS, TINY_SEED, as_dtype,
                      build_atomically, cache_dir, default_dtype, gptj_6b_config, module_sizes, quiet_progress,
-                     seeded_tensor, sliced_config, tiny_folder, write_random_model)
+                     seeded_tensor, sliced_config, tiny_folder, write_random_model, gptj_modeling)
 from .devices import available_memory, format_size
 from .convert_bin import BIN_INDEX, SAFETENSORS_INDEX, files_complete, placeable_folder
 
@@ -88,7 +88,9 @@ def load_tokenizer(name: str = "tiny"):
 def load_model(name: str = "tiny", dtype: torch.dtype | None = None, device: str = "cpu", blocks: int | None = None):
     """Load a whole model straight onto one device, in eval mode; `blocks`: only the first blocks, with the embedding
     and head, a slice for checks at full size (notebook 00; notebook 02 splits it instead)."""
-    from transformers import AutoConfig, GPTJForCausalLM
+    from transformers import AutoConfig
+
+    GPTJForCausalLM = gptj_modeling().GPTJForCausalLM
 
     path = resolve_model(name)
     config = AutoConfig.from_pretrained(str(path))
@@ -121,7 +123,7 @@ def build_seeded_model(path: Path, config, dtype: torch.dtype | None, device: st
     that the device has room for it (notebook 00)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import GPTJForCausalLM
+    GPTJForCausalLM = gptj_modeling().GPTJForCausalLM
 
     dtype = dtype or default_dtype(config, [device])
     check_room(module_sizes(config, dtype)["total"], device, f"{path.name} in {str(dtype).removeprefix('torch.')}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .models import as_dtype, default_dtype, dtype_name
+from .models import as_dtype, default_dtype, dtype_name, gptj_modeling
 from .devices import Device, parse_devices, peak_rss, reset_peak_rss
 from .hub import load_config, load_tokenizer, resolve_model
 from .plan import Plan, plan_split
@@ -132,7 +132,9 @@ def serve_stage(rank: int, settings: LaunchSettings) -> list[RunRecord] | None:
         import accelerate.utils  # noqa: F401  (libraries belong to the baseline, not to the stage)
         import safetensors  # noqa: F401
         import transformers.masking_utils  # noqa: F401
-        from transformers import DynamicCache, GPTJModel  # noqa: F401
+        from transformers import DynamicCache  # noqa: F401
+
+        gptj_modeling()
 
         baseline = reset_peak_rss()
         start = time.perf_counter()

@@ -28,6 +28,35 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 GPTJ_6B_RANDOM = "gpt-j-6b-random"  # GPT-J-6B's shapes with seeded random weights: rehearse a setup before downloading
 
 
+NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")  # import notes on CPU-only torch; bnb per matmul
+
+
+@contextlib.contextmanager
+def quiet_imports():
+    """Silence the log lines optional libraries write while being imported or run (torchao's notes about CUDA kernels
+    a CPU-only torch cannot load, torch's deprecation notes about them, bitsandbytes' "MatMul8bitLt: inputs will be
+    cast..." on every CPU matmul), then restore the levels found (notebooks 00, 08)."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
+    old = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, old):
+            logger.setLevel(level)
+
+
+def gptj_modeling():
+    """transformers' GPT-J modeling module (GPTJForCausalLM, GPTJModel). Its first import also imports torchao where
+    that is installed, which logs lines about kernels this torch cannot load: they are silenced (notebook 00)."""
+    with quiet_imports():
+        import transformers.models.gptj.modeling_gptj as modeling
+    return modeling
+
+
 def gptj_6b_config():
     """The real GPT-J-6B configuration, known offline (notebook 00)."""
     from transformers import GPTJConfig
@@ -99,7 +128,7 @@ def quiet_progress():
 
 def random_tiny_model(seed: int = TINY_SEED):
     """The tiny GPT-J with weights drawn from `seed`, leaving the caller's random generator as it was (notebook 00)."""
-    from transformers import GPTJForCausalLM
+    GPTJForCausalLM = gptj_modeling().GPTJForCausalLM
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -175,7 +204,7 @@ def tiny_model_path(seed: int = TINY_SEED) -> Path:
 def meta_model(config):
     """Instantiate a model on the meta device: shapes and counts without memory (notebook 00)."""
     from accelerate import init_empty_weights
-    from transformers import GPTJForCausalLM
+    GPTJForCausalLM = gptj_modeling().GPTJForCausalLM
 
     with init_empty_weights():
         return GPTJForCausalLM(config)

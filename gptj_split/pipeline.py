@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .models import gptj_modeling
 from .plan import Plan
 from .records import MemoryRow, RunRecord, TimingEvent
-from .place import WeightReader, kv_bytes, tensor_bytes
+from .place import WeightReader, block_prefix, kv_bytes, replace_module, tensor_bytes
 from .sampling import Sampling, as_sampling, check_max_new_tokens
 
 PIPELINE_TIMEOUT = 60.0  # seconds a stage waits for a neighbour before the run fails
@@ -103,14 +104,16 @@ def stage_tensor_name(local: str, first_block: int) -> str:
     return local if local.startswith("lm_head.") else f"transformer.{local}"
 
 
-def load_stage(model_path, plan: Plan, rank: int, dtype: torch.dtype, comm_device: str = "cpu") -> PipelineStage:
+def load_stage(model_path, plan: Plan, rank: int, dtype: torch.dtype, comm_device: str = "cpu",
+               transform=None) -> PipelineStage:
     """Build stage `rank` alone: a GPTJModel of its block count on the meta device, then only its own tensors
-    loaded (or made from seeds) onto its device, one at a time (notebook 05)."""
+    loaded (or made from seeds) onto its device, one at a time; `transform(name, module)` as in `place_stages`, on
+    each module inside the blocks once loaded (notebooks 05, 08)."""
     import copy
 
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import GPTJModel
+    GPTJModel = gptj_modeling().GPTJModel
 
     weights = WeightReader(model_path)
     st, device = plan.devices[rank], torch.device(plan.devices[rank].device)
@@ -126,9 +129,13 @@ def load_stage(model_path, plan: Plan, rank: int, dtype: torch.dtype, comm_devic
     owned += [(lm_head, name, p) for name, p in (lm_head.named_parameters() if lm_head is not None else [])]
     names = [stage_tensor_name(n if module is model else f"lm_head.{n}", a) for module, n, _ in owned]
     weights.check(names)
-    for (module, local, param), name in zip(owned, names):
+    for i, ((module, local, param), name) in enumerate(zip(owned, names)):
         set_module_tensor_to_device(module, local, device, value=weights.read(name, param.shape, dtype, device),
                                     dtype=dtype)
+        owner = local.rpartition(".")[0]
+        if transform is not None and block_prefix(name) and (i + 1 == len(names) or
+                                                                 owned[i + 1][1].rpartition(".")[0] != owner):
+            replace_module(model, owner, transform(name.rpartition(".")[0], model.get_submodule(owner)))
     for name, _ in list(model.named_buffers()):  # rotary sin/cos: one table (transformers 5.24) or one per block (5.17)
         set_module_tensor_to_device(model, name, device)
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
@@ -148,7 +155,7 @@ def new_stage_cache(stage: PipelineStage):
 @functools.cache  # asked on every forward step: inspect the signature once
 def cache_keyword() -> str:
     """What GPTJModel.forward calls its KV cache: `cache` in transformers 5.24, `past_key_values` before."""
-    from transformers import GPTJModel
+    GPTJModel = gptj_modeling().GPTJModel
 
     return "cache" if "cache" in inspect.signature(GPTJModel.forward).parameters else "past_key_values"
 
@@ -361,37 +368,3 @@ def merge_stage_results(results: list[dict], job: PipelineJob, tokenizer, plan: 
                      settings={"max_new_tokens": job.max_new_tokens, **job.sampling.settings(),
                                "batch_size": len(counts), "micro_batches": job.micro_batches},
                      output_ids=output)
-
-
-def measure_module_seconds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           max_new_tokens: int = 4, repeats: int = 1) -> dict[str, list[float]]:
-    """Seconds of each module (embedding, every block, head) for one prefill and one decode step, timed inside
-    `generate` with hooks (the fastest of `repeats`): the `cost` to balance a pipeline's stages by (notebook 05)."""
-    import time
-
-    if repeats > 1:
-        runs = [measure_module_seconds(model, input_ids, attention_mask, max_new_tokens) for _ in range(repeats)]
-        return {phase: [min(r[phase][i] for r in runs) for i in range(len(runs[0][phase]))] for phase in runs[0]}
-    t = model.transformer
-    parts = [(t.wte, t.wte), *((b, b) for b in t.h), (t.ln_f, model.lm_head)]  # (first module, last module)
-    seconds = {"prefill": [0.0] * len(parts), "decode": [0.0] * len(parts)}
-    started: dict[int, tuple[float, str]] = {}
-    handles = []
-    for i, (head_module, tail_module) in enumerate(parts):
-        def pre(module, args, i=i):
-            started[i] = (time.perf_counter(), "prefill" if args[0].shape[1] > 1 else "decode")
-
-        def post(module, args, out, i=i):
-            start, phase = started.pop(i)
-            seconds[phase][i] += time.perf_counter() - start
-
-        handles += [head_module.register_forward_pre_hook(pre), tail_module.register_forward_hook(post)]
-    try:
-        with torch.inference_mode():
-            model.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=max_new_tokens,
-                           min_new_tokens=max_new_tokens, pad_token_id=model.config.eos_token_id)
-    finally:
-        for h in handles:
-            h.remove()
-    seconds["decode"] = [s / max(1, max_new_tokens - 1) for s in seconds["decode"]]
-    return seconds

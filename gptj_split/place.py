@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .models import RANDOM_WEIGHTS, reference_blocks, seeded_tensor, sliced_config
+from .models import RANDOM_WEIGHTS, reference_blocks, seeded_tensor, sliced_config, gptj_modeling
 from .hub import resolve_model
 from .devices import Device, parse_devices
 from .plan import Plan
@@ -87,13 +87,15 @@ class WeightReader:
 
 
 def place_stages(model_path, plan: Plan, dtype: torch.dtype | list[torch.dtype] | None = None,
-                 stages: list[int] | None = None, seed: int = 0, blocks: int | None = None):
+                 stages: list[int] | None = None, seed: int = 0, blocks: int | None = None, transform=None):
     """Load each stage's tensors from safetensors onto its device and hook the boundaries; a config instead of a
     folder gives seeded random weights; `dtype` is one or one per stage; `stages`: load only those; `blocks`: only
-    the model's first blocks (with embedding and head), a slice planned as such (notebook 02)."""
+    the model's first blocks (with embedding and head), a slice planned as such; `transform(name, module)` is called
+    on each module inside the blocks as soon as its tensors are loaded, before the next tensor is read, and what it
+    returns takes the module's place (notebook 08 quantizes there) (notebook 02)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from transformers import GPTJForCausalLM
+    GPTJForCausalLM = gptj_modeling().GPTJForCausalLM
 
     weights = WeightReader(model_path, seed)
     if blocks is not None:
@@ -106,16 +108,37 @@ def place_stages(model_path, plan: Plan, dtype: torch.dtype | list[torch.dtype] 
     with init_empty_weights():  # parameters on the meta device; buffers (rotary sin/cos) computed for real
         model = GPTJForCausalLM(config)
     weights.check(name for name, _ in model.named_parameters())
-    for name, param in list(model.named_parameters()):  # in file order: one tensor in flight at a time
+    params = list(model.named_parameters())
+    for i, (name, param) in enumerate(params):  # in file order: one tensor in flight at a time
         s = plan.stage_of_module(name)
         if stages is not None and s not in stages:
             continue
         device = torch.device(plan.devices[s].device)
         set_module_tensor_to_device(model, name, device, value=weights.read(name, param.shape, dtypes[s], device),
                                     dtype=dtypes[s])
+        owner = name.rpartition(".")[0]
+        if transform is not None and block_prefix(name) and (i + 1 == len(params) or
+                                                                  params[i + 1][0].rpartition(".")[0] != owner):
+            replace_module(model, owner, transform(owner, model.get_submodule(owner)))  # its last tensor is in
     for name, _ in list(model.named_buffers()):  # the rotary sin/cos tables, computed on the CPU
         set_module_tensor_to_device(model, name, torch.device(plan.devices[tensor_stage(plan, name)].device))
     return hook_stages(model, plan, dtypes).eval()
+
+
+def block_prefix(name: str) -> str | None:
+    """`transformer.h.3` for any tensor of block 3 (`h.3` for a stage model's local name); None outside the blocks."""
+    parts = name.split(".")
+    if parts[0] == "transformer" and len(parts) > 2 and parts[1] == "h":
+        return ".".join(parts[:3])
+    return ".".join(parts[:2]) if parts[0] == "h" and len(parts) > 1 else None
+
+
+def replace_module(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Put `module` at `name` inside `root` (notebook 08's quantized layers replace the float ones)."""
+    parent, _, child = name.rpartition(".")
+    holder = root.get_submodule(parent) if parent else root
+    if getattr(holder, child) is not module:
+        setattr(holder, child, module)
 
 
 def tensor_stage(plan: Plan, name: str) -> int:
@@ -147,14 +170,30 @@ def plan_of(model) -> Plan | None:
 
 
 def tensor_bytes(value) -> int:
-    """Bytes of all tensors in a value (tuples, lists, dicts and model outputs are searched)."""
+    """Bytes of all tensors in a value (tuples, lists, dicts and model outputs are searched); a quantized tensor
+    counts what it stores (`stored_bytes`)."""
     if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
+        return stored_bytes(value)
     if isinstance(value, dict) or hasattr(value, "to_tuple"):
         return sum(tensor_bytes(v) for v in value.values())
     if isinstance(value, (tuple, list)):
         return sum(tensor_bytes(v) for v in value)
     return 0
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor really holds: a tensor subclass's parts (`__tensor_flatten__`: torchao's int8 data, scales
+    and zero points), plus bitsandbytes' row scales (`SCB`) and quant state (absmax, code), where present; for a
+    plain tensor, numel x element size (notebooks 02, 08)."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, n)) for n in names if getattr(tensor, n) is not None)
+    parts, state = [getattr(tensor, "SCB", None)], getattr(tensor, "quant_state", None)
+    while state is not None and not isinstance(state, (dict, list)):
+        parts += [getattr(state, k, None) for k in ("absmax", "code", "offset")]
+        state = getattr(state, "state2", None)
+    extra = sum(stored_bytes(p) for p in parts if isinstance(p, torch.Tensor))
+    return tensor.numel() * tensor.element_size() + extra
 
 
 def kv_bytes(layer) -> int:

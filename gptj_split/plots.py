@@ -226,3 +226,23 @@ def show_figure(fig, name: str) -> Path | None:
     except ImportError:  # plain Python: saving is all we can do
         pass
     return path
+
+
+def save_notebook_figure(notebook: str | Path, name: str, out: str | Path) -> Path:
+    """Write the PNG that a notebook's cell showing figure `name` holds, as executed, to `out` (the README's
+    picture is notebook 05's timeline, refreshed by `make notebooks`)."""
+    import base64
+    import json
+
+    cells = json.loads(Path(notebook).read_text())["cells"]
+    for cell in cells:
+        if cell["cell_type"] == "code" and f'"{name}"' in "".join(cell["source"]):
+            pictures = [o["data"]["image/png"] for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+            if not pictures:
+                raise ValueError(f"{notebook}: the cell that shows {name!r} has no picture: execute the notebook first")
+            out = Path(out)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_bytes(base64.b64decode(pictures[0]))
+            os.replace(tmp, out)
+            return out
+    raise ValueError(f"{notebook}: no code cell shows a figure named {name!r}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import as_dtype, default_dtype, dtype_name, meta_model
+from .models import as_dtype, default_dtype, dtype_name, meta_model, gptj_modeling
 from .devices import Device, format_size, parse_devices
 from .plan import Plan, StagePlan, as_config, kv_cache_bytes_per_layer
 from .records import TimingEvent
@@ -222,7 +222,7 @@ def build_rank_model(model_path, rank: int, ranks: int, dtype: torch.dtype, devi
     """Build GPT-J on the meta device, cut it for this rank, allocate only the shards (`to_empty`), fill them from
     safetensors or seeds, and put back the rotary tables that `to_empty` leaves as garbage (notebook 07)."""
     from accelerate import init_empty_weights
-    from transformers import GPTJForCausalLM
+    GPTJForCausalLM = gptj_modeling().GPTJForCausalLM
 
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: use one of {VARIANTS}")

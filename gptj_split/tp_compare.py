@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .models import seeded_tensor
+from .models import seeded_tensor, gptj_modeling
 from .devices import format_size
 from .hub import load_config, save_tokenizer
 from .plan import plan_split
@@ -39,7 +39,7 @@ def write_bench_model(folder: str | Path, config, dtype: torch.dtype = torch.bfl
     """Random weights saved as safetensors, one file per block: each tensor cut from one seeded pool of normal values
     (fast to make; every row different), norms 1, biases 0 (notebook 07)."""
     from safetensors.torch import save_file
-    from transformers import GPTJForCausalLM
+    GPTJForCausalLM = gptj_modeling().GPTJForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import as_dtype, dtype_name
+from .models import as_dtype, dtype_name, gptj_modeling
 from .devices import Device, parse_devices, peak_rss, reset_peak_rss
 from .hub import load_config, load_tokenizer, resolve_model
 from .plan import Plan
@@ -192,7 +192,9 @@ def serve_tensor_parallel(rank: int, settings: TensorParallelSettings) -> list[R
         import safetensors  # noqa: F401
         from torch.distributed.tensor import parallel  # noqa: F401
         import transformers.masking_utils  # noqa: F401
-        from transformers import DynamicCache, GPTJForCausalLM  # noqa: F401
+        from transformers import DynamicCache  # noqa: F401
+
+        gptj_modeling()
 
         records, rm = [], None
         for job in jobs:

@@ -48,11 +48,11 @@ def test_readme_picture_is_the_notebooks_figure_and_make_notebooks_redraws_it():
     assert "notebook-figure notebooks/05_pipeline_parallelism.ipynb 05_timelines assets/readme_timeline.png" in (
         ROOT / "Makefile").read_text()
     # the committed picture is the one the committed notebook shows
-    import gptj_split.cli
+    import gptj_split.plots
 
     shown = ROOT / "build" / "test-readme-picture.png"
     shown.parent.mkdir(exist_ok=True)
-    gptj_split.cli.save_notebook_figure(ROOT / "notebooks" / "05_pipeline_parallelism.ipynb", "05_timelines", shown)
+    gptj_split.plots.save_notebook_figure(ROOT / "notebooks" / "05_pipeline_parallelism.ipynb", "05_timelines", shown)
     assert shown.read_bytes() == picture.read_bytes(), "run make notebooks: it redraws the README's picture"
     shown.unlink()
 

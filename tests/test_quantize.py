@@ -1,0 +1,226 @@
+"""Notebook 08: weight formats in the planner, honest byte counts, per-block quantization in this project's placement
+and pipeline stages, the plan as a stock `device_map`, and quality on the tiny model, for torchao and bitsandbytes."""
+import importlib.util
+import json
+import logging
+import sys
+
+import pytest
+import torch
+
+import gptj_helpers as gh
+import gptj_split.place
+import gptj_split.quantize
+from gptj_split import quality
+from conftest import ROOT, run_cli
+
+GB = 10**9
+BACKEND_CASES = [("int8", "torchao"), ("int8", "bitsandbytes"), ("nf4", "bitsandbytes")]
+
+
+def needs(backend):
+    return pytest.mark.skipif(importlib.util.find_spec(backend) is None, reason=f"{backend} is not installed")
+
+
+def test_bytes_per_weight_include_scales_and_zero_points():
+    assert gh.linear_bytes(4096, 4096, "int8", torch.bfloat16) == 4096 * 4096 + 4096 * 5  # int8 + fp32 scale + zp
+    assert gh.linear_bytes(4096, 4096, "nf4", torch.bfloat16) == 4096 * 4096 * 0.5625 + 64  # absmax per 64, code
+    assert gh.linear_bytes(8, 4, "float16", torch.float16) == 64
+    sizes = {w: gh.planned_sizes(gh.gptj_6b_config(), torch.float16, w)["total"] / GB for w in (None, "int8", "nf4")}
+    assert sizes[None] == pytest.approx(12.10, abs=0.01)
+    assert sizes["int8"] == pytest.approx(6.47, abs=0.01) and sizes["nf4"] == pytest.approx(4.00, abs=0.01)
+
+
+def test_the_planner_fits_int8_where_float16_is_refused_and_suggests_smaller_weights():
+    with pytest.raises(MemoryError, match=r"weights=int8"):
+        gh.plan_split("gpt-j-6b", "1x7GiB", dtype=torch.float16)
+    with pytest.raises(MemoryError, match=r"weights=nf4"):
+        gh.plan_split("gpt-j-6b", "1x5GiB", dtype=torch.float16)
+    with pytest.raises(MemoryError) as err:  # already in 4 bits: nothing smaller to suggest
+        gh.plan_split("gpt-j-6b", "1x3GiB", dtype=torch.float16, weights="nf4")
+    assert "blocks in nf4" in str(err.value) and "weights=" not in str(err.value)
+    plan = gh.plan_split("gpt-j-6b", "1x7GiB", dtype=torch.float16, weights="int8")
+    assert plan.weights == "int8" and plan.quantized and plan.devices[0].fill < 1
+    result = run_cli("plan", "--model", "gpt-j-6b", "--devices", "1x7GiB", "--weights", "int8", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["weights"], data["dtype"]) == ("int8", "bfloat16")
+
+
+def test_unknown_or_mismatched_formats_are_refused_listing_the_known_ones():
+    with pytest.raises(ValueError, match="unknown weight format 'int4': use one of float16, bfloat16, float32, int8"):
+        gh.plan_split("tiny", "cpu", weights="int4")
+    with pytest.raises(ValueError, match="compute dtype"):
+        gh.plan_split("tiny", "cpu", dtype=torch.float32, weights="float16")
+    assert gh.plan_split("tiny", "cpu", weights="bfloat16").dtype == "bfloat16"  # a float format names the dtype
+    with pytest.raises(ValueError, match="unknown quantized weight format 'fp4': use one of int8, nf4"):
+        gh.check_backend("fp4")
+
+
+def test_plans_round_trip_and_plans_saved_before_weight_formats_still_load(tiny_path):
+    plan = gh.plan_split(tiny_path, "2xcpu", dtype=torch.float32, weights="nf4")
+    assert gh.Plan.from_json(plan.to_json()) == plan
+    old = gh.Plan.from_json((ROOT / "tests" / "data" / "plan_before_weight_formats.json").read_text())
+    assert "weights" not in json.loads((ROOT / "tests" / "data" / "plan_before_weight_formats.json").read_text())
+    assert old.weights == old.dtype == "float32" and not old.quantized
+    model = gh.place_stages(tiny_path, old)
+    assert gh.plan_of(model).weights == "float32"
+
+
+def test_device_map_covers_every_tensor_once_and_agrees_with_the_plan():
+    config = gh.tiny_config()
+    plan = gh.plan_split(config, "cpu=3MiB,cuda:1=3MiB,cuda:0=3MiB", dtype=torch.float32)
+    device_map = plan.device_map()
+    model = gh.meta_model(config)
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    for name in names:
+        owners = [k for k in device_map if name == k or name.startswith(k + ".")]
+        assert len(owners) == 1, (name, owners)
+        assert device_map[owners[0]] == gh.map_device(plan.devices[gptj_split.place.tensor_stage(plan, name)].device)
+    assert set(device_map.values()) == {"cpu", 1, 0} and device_map["lm_head"] == 0
+    assert gh.map_device("cuda") == 0 and gh.map_device("cpu") == "cpu"
+
+
+@needs("bitsandbytes")
+def test_from_pretrained_takes_the_device_map_with_and_without_bitsandbytes(tiny_path):
+    plan = gh.plan_split(tiny_path, "2xcpu", dtype=torch.float32)
+    plain = gh.load_pretrained(tiny_path, plan)
+    assert all(p.device.type == "cpu" for p in plain.parameters())  # all-"cpu": accepted, no hooks to attach
+    assert type(plain.transformer.h[0].mlp.fc_in) is torch.nn.Linear
+    int8 = gh.load_pretrained(tiny_path, gh.plan_split(tiny_path, "2xcpu", dtype=torch.float32, weights="int8"),
+                              backend="bitsandbytes")
+    assert type(int8.transformer.h[0].mlp.fc_in).__name__ == "Linear8bitLt"
+    assert type(int8.lm_head) is torch.nn.Linear  # the head stays in the compute dtype
+
+
+def test_stock_loading_is_refused_where_transformers_cannot_place_it(tiny_path):
+    mixed = gh.plan_split(gh.tiny_config(), "cpu=1GiB,cuda:0=1GiB", dtype=torch.float32, weights="nf4")
+    with pytest.raises(ValueError, match="llm_int8_enable_fp32_cpu_offload"):
+        gh.pretrained_config(mixed)
+    with pytest.raises(ValueError, match="moves \"cpu\" entries .* to CUDA"):
+        gh.pretrained_config(gh.plan_split(tiny_path, "cpu", weights="int8"), backend="torchao")
+    random = gh.plan_split(gh.gptj_6b_config(), "1x7GiB", weights="int8")
+    with pytest.raises(ValueError, match="no weight files"):
+        gh.load_pretrained("gpt-j-6b-random", random)
+
+
+@needs("torchao")
+@needs("bitsandbytes")
+def test_a_backend_that_cannot_run_on_the_device_is_refused_before_loading(monkeypatch):
+    with pytest.raises(ValueError, match=r"torchao 0\.\d+.* cannot run int8 weights on mps"):
+        gh.check_backend("int8", "torchao", ["cpu", "mps"])
+    with pytest.raises(ValueError, match="bitsandbytes .* cannot run nf4 weights on cuda:0"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        gh.check_backend("nf4", None, ["cuda:0"])
+    with pytest.raises(ValueError, match="use bitsandbytes"):
+        gh.check_backend("nf4", "torchao")
+
+
+def test_a_missing_backend_says_how_to_install_it(monkeypatch, tiny_path):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    with pytest.raises(gh.MissingBackend, match=r'pip install "gptj-helpers\[quant\]"'):
+        gh.place_quantized(tiny_path, gh.plan_split(tiny_path, "cpu", weights="nf4"))
+    assert "bitsandbytes missing" in gh.backend_versions()
+
+
+def test_quiet_backends_restores_the_log_levels():
+    logger = logging.getLogger("bitsandbytes")
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with gh.quiet_backends():
+            assert logger.level == logging.ERROR
+        assert logger.level == logging.INFO
+    finally:
+        logger.setLevel(old)
+
+
+@pytest.mark.parametrize("weights,backend", BACKEND_CASES)
+def test_measured_block_bytes_equal_the_plan_and_blocks_quantize_one_at_a_time(tiny_path, weights, backend,
+                                                                                 monkeypatch):
+    pytest.importorskip(backend)
+    plan = gh.plan_split(tiny_path, "2xcpu", dtype=torch.float32, weights=weights)
+    events, quantizer, read = [], gh.BlockQuantizer(weights, backend, "float32"), gptj_split.place.WeightReader.read
+
+    def logged_read(self, name, *args):
+        events.append(("read", name.rpartition(".")[0]))
+        return read(self, name, *args)
+
+    def logged_quantize(name, module):
+        if type(module) is torch.nn.Linear:
+            assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in module.parameters())
+            events.append(("quantize", name))
+        return quantizer(name, module)
+
+    monkeypatch.setattr(gptj_split.place.WeightReader, "read", logged_read)
+    model = gptj_split.place.place_stages(tiny_path, plan, transform=logged_quantize)
+    quantized = [i for i, e in enumerate(events) if e[0] == "quantize"]
+    assert len(quantized) == 6 * 8  # q, k, v, out, fc_in, fc_out of 8 blocks
+    for i in quantized:  # each linear right after its own tensors, before any other tensor is read: so at most one
+        assert events[i - 1] == ("read", events[i][1])  # full-precision linear layer is ever held
+        assert ("read", events[i][1]) not in events[i + 1:]
+    assert all(type(b.mlp.fc_in) is not torch.nn.Linear or backend == "torchao" for b in model.transformer.h)
+    counted = gptj_split.quantize.quantized_bytes(model)
+    assert counted["blocks"] == pytest.approx(plan.module_bytes["block"] * 8, rel=0.01)
+    rows, buffers = gh.measure_memory(model), sum(gh.stored_bytes(b) for b in model.buffers())  # rotary tables
+    assert rows[-1].param_bytes == pytest.approx(plan.devices[-1].param_bytes, rel=0.01)
+    assert sum(r.param_bytes for r in rows) - buffers == pytest.approx(sum(s.param_bytes for s in plan.devices),
+                                                                       rel=0.01)
+    naive = sum(t.numel() * t.element_size() for _, t in model.transformer.h.named_parameters())
+    ratio = {"torchao": 3.84, "bitsandbytes": 0.98 if weights == "int8" else 0.89}[backend]  # numel x element_size
+    assert naive / counted["blocks"] == pytest.approx(ratio, abs=0.02)  # says 4x for torchao, misses scales for bnb
+
+
+@needs("torchao")
+def test_a_quantized_split_makes_the_quantized_unsplit_models_tokens(tiny):
+    _, tokenizer = tiny
+    ids = torch.tensor([tokenizer("The list of")["input_ids"]])
+    out = {}
+    for spec in ("cpu", "3xcpu"):
+        model = gh.place_quantized("tiny", gh.plan_split("tiny", spec, weights="int8"))
+        out[spec] = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                                   pad_token_id=0)
+    assert torch.equal(out["cpu"], out["3xcpu"])
+
+
+@needs("bitsandbytes")
+def test_pipeline_stages_quantize_their_blocks_as_they_load(tiny_path):
+    plan = gh.plan_split(tiny_path, "2xcpu", dtype=torch.float32, weights="nf4")
+    quantizer = gh.BlockQuantizer("nf4", "bitsandbytes", "float32")
+    stages = [gh.load_stage(tiny_path, plan, rank, torch.float32, transform=quantizer) for rank in range(2)]
+    for stage, st in zip(stages, plan.devices):
+        assert all(type(b.mlp.fc_in).__name__ == "Linear4bit" for b in stage.model.h)
+        assert stage.param_bytes == pytest.approx(st.param_bytes, rel=0.01)
+    whole = gh.place_quantized(tiny_path, plan)
+    ids = torch.tensor([[5, 17, 300, 42]])
+    mask = torch.ones_like(ids)
+    with torch.inference_mode(), gh.quiet_backends():
+        hidden = gh.forward_stage(stages[0], ids, mask, gh.new_stage_cache(stages[0]))
+        logits = gh.forward_stage(stages[1], hidden, mask, gh.new_stage_cache(stages[1]))
+        expected = whole(ids).logits[:, -1].float()
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_held_out_text_is_the_one_the_tiny_model_is_scored_on(tiny):
+    _, tokenizer = tiny
+    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "assets" / "train_tiny.py")
+    train_tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_tiny)
+    expected = train_tiny.encode_topics(tokenizer, train_tiny.split_topics()[1])
+    ids = quality.held_out_ids(tokenizer)
+    assert torch.equal(ids, expected) and (len(ids) - 1) // quality.WINDOW * quality.WINDOW == 12160
+
+
+@needs("torchao")
+@needs("bitsandbytes")
+def test_quality_rows_measure_each_format_against_float32():
+    rows = quality.measure_quality("tiny", windows=2, new_tokens=6)
+    by = {r["format"]: r for r in rows}
+    assert list(by) == list(quality.FORMAT_ROWS)
+    assert by["float32"]["kl"] == 0 and by["float32"]["top1_agreement"] == 1
+    assert by["float32"]["greedy_same"] == by["float32"]["greedy_total"] == 6 * len(quality.GREEDY_PROMPTS)
+    for label in list(by)[1:]:
+        assert 0 < by[label]["kl"] < 0.05 and 0.8 < by[label]["top1_agreement"] <= 1
+        assert by[label]["positions"] == 2 * quality.WINDOW
+    assert by["nf4 (bitsandbytes)"]["kl"] > by["int8 (torchao)"]["kl"]  # 4 bits lose more than 8
+    assert "nf4 (bitsandbytes)" in quality.format_quality(rows)
