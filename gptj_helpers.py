@@ -73,7 +73,7 @@ from gptj_split.pipeline import (PIPELINE_TIMEOUT, PipelineJob, make_job, check_
                                  forward_stage, make_warpers, pick_tokens, Inbox, Outbox, inject_fault, run_stage,
                                  merge_stage_results)
 from gptj_split.relay import (RelayEnd, TokenRelay)
-from gptj_split.launch import (CONFIG_ERRORS, LaunchSettings, launch_settings, pick_backend, configure_worker,
+from gptj_split.launch import (CONFIG_ERRORS, LaunchSettings, launch_settings, pick_backend, configure_worker, join_run,
                                serve_stage, prepare_pipeline, plan_pipeline, model_folder, pipeline_worker,
                                leave_process, PipelineError, is_neighbour_error, free_port, launch_stages,
                                describe_stage_failure, run_pipeline_jobs, prompts_job, run_pipeline, pipeline_generate)

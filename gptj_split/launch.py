@@ -97,10 +97,10 @@ def configure_worker(threads: int | None, cpus: list[int] | None) -> None:
             torch.set_num_interop_threads(threads)
 
 
-def serve_stage(rank: int, settings: LaunchSettings) -> list[RunRecord] | None:
-    """One stage process under run_pipeline or torchrun: rank 0 plans and broadcasts, all load and run (notebook 05)."""
+def join_run(rank: int, settings, prepare) -> tuple[str, tuple]:
+    """Every rank's start (stage or tensor-parallel rank): threads, cores, rank 0's `prepare(settings)` (its
+    configuration error reaches all), the process group; returns (backend, prepared) (notebooks 05, 07)."""
     import datetime
-    import time
 
     import torch.distributed as dist
 
@@ -112,7 +112,7 @@ def serve_stage(rank: int, settings: LaunchSettings) -> list[RunRecord] | None:
     setup: list = [None]
     if rank == 0:
         try:
-            setup[0] = prepare_pipeline(settings)
+            setup[0] = prepare(settings)
         except CONFIG_ERRORS as err:
             setup[0] = err
     if world_size == 1 and isinstance(setup[0], Exception):
@@ -126,7 +126,22 @@ def serve_stage(rank: int, settings: LaunchSettings) -> list[RunRecord] | None:
         dist.broadcast_object_list(setup, src=0)
         if isinstance(setup[0], Exception):
             raise setup[0]
-        plan, jobs, model_path = setup[0]
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    return backend, setup[0]
+
+
+def serve_stage(rank: int, settings: LaunchSettings) -> list[RunRecord] | None:
+    """One stage process under run_pipeline or torchrun: rank 0 plans and broadcasts, all load and run (notebook 05)."""
+    import time
+
+    import torch.distributed as dist
+
+    world_size = settings.world_size
+    backend, setup = join_run(rank, settings, prepare_pipeline)
+    try:
+        plan, jobs, model_path = setup
         dtype = as_dtype(settings.dtype or plan.dtype)
         tokenizer = load_tokenizer(str(model_path)) if rank == 0 else None
         import accelerate.utils  # noqa: F401  (libraries belong to the baseline, not to the stage)

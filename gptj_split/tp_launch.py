@@ -22,8 +22,7 @@ from .sampling import Sampling, as_sampling
 from .generate import make_streamer
 from .relay import TokenRelay
 from .pipeline import PIPELINE_TIMEOUT, PipelineJob, merge_stage_results
-from .launch import (CONFIG_ERRORS, LaunchSettings, PipelineError, configure_worker, launch_stages, model_folder,
-                     pick_backend, prompts_job)
+from .launch import LaunchSettings, PipelineError, join_run, launch_stages, model_folder, prompts_job
 from .tensor_parallel import VARIANTS, RankModel, build_rank_model, forward_rank, plan_tensor_parallel
 
 TP_VARIANT = "block"  # the default: one all-reduce per block (notebook 07 measures both)
@@ -153,35 +152,15 @@ def plan_for_jobs(config, devices, jobs: list[PipelineJob], dtype, model_name: s
 def serve_tensor_parallel(rank: int, settings: TensorParallelSettings) -> list[RunRecord] | None:
     """One rank under run_tensor_parallel or torchrun: rank 0 plans and broadcasts, every rank builds its shards and
     runs every job; rank 0 returns the records (notebook 07)."""
-    import datetime
     import gc
     import time
 
     import torch.distributed as dist
 
     world = settings.world_size
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    cpus = settings.affinity[rank] if settings.affinity else None
-    configure_worker(settings.threads or (max(1, (os.cpu_count() or 1) // local_world)
-                                          if settings.launched_here else None), cpus)
-    setup: list = [None]
-    if rank == 0:
-        try:
-            setup[0] = prepare_tensor_parallel(settings)
-        except CONFIG_ERRORS as err:
-            setup[0] = err
-    if world == 1 and isinstance(setup[0], Exception):
-        raise setup[0]
-    backend = pick_backend(settings.stage_devices, local_world)
-    if backend == "nccl":
-        torch.cuda.set_device(torch.device(settings.stage_devices[rank]))
-    dist.init_process_group(backend, init_method=settings.init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=settings.timeout))
+    backend, setup = join_run(rank, settings, prepare_tensor_parallel)
     try:
-        dist.broadcast_object_list(setup, src=0)
-        if isinstance(setup[0], Exception):
-            raise setup[0]
-        plan, jobs, model_path = setup[0]
+        plan, jobs, model_path = setup
         dtype = as_dtype(settings.dtype or plan.dtype)
         tokenizer = load_tokenizer(str(model_path)) if rank == 0 else None
         device = plan.devices[rank].device
