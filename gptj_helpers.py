@@ -76,7 +76,7 @@ from gptj_split.relay import (RelayEnd, TokenRelay)
 from gptj_split.launch import (CONFIG_ERRORS, LaunchSettings, launch_settings, pick_backend, configure_worker, join_run,
                                serve_stage, prepare_pipeline, plan_pipeline, model_folder, pipeline_worker,
                                leave_process, PipelineError, is_neighbour_error, free_port, launch_stages,
-                               describe_stage_failure, run_pipeline_jobs, prompts_job, run_pipeline, pipeline_generate)
+                               describe_stage_failure, run_pipeline_jobs, prompts_job, run_pipeline)
 from gptj_split.compare import (mini_gptj_folder, pinned, time_phases, measure_module_seconds, balanced_plans,
                                 SpeedupRun, measure_pipeline_speedup, prefill_bubble)
 from gptj_split.tensor_parallel import (VARIANTS, COLUMNS, ROWS, shard_dim, shard_of, rank_counts, check_head_split,
@@ -90,10 +90,11 @@ from gptj_split.tp_launch import (TP_VARIANT, TensorParallelJob, tensor_parallel
                                   prompt_jobs)
 from gptj_split.tp_compare import (COMM_KINDS, bench_config, write_bench_model, decode_seconds, decode_seconds_of,
                                    comm_per_token, compare_splits, format_comparison)
-from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget)
+from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget, pipeline_generate)
 from gptj_split.quantize import (BACKENDS, INSTALL_HINT, MissingBackend, quiet_backends, import_backend,
                                  backend_versions, check_backend, quantize_linear, quantize_block, BlockQuantizer,
-                                 place_quantized, has_weight_files, pretrained_config, load_pretrained, quantized_bytes)
+                                 quantizer_for, place_quantized, has_weight_files, pretrained_config, load_pretrained,
+                                 quantized_bytes)
 from gptj_split.quality import (FORMAT_ROWS, GREEDY_PROMPTS, PUBLISHED_QUALITY, held_out_ids, load_format,
                                 window_logits, greedy_ids, tokens_before_divergence, compare_logits, measure_quality,
                                 format_quality, DecodeTime, KERNELS, time_decode, format_decode, MEMORY_SETUPS,

@@ -111,7 +111,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=8, help="new tokens per run")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--small", action="store_true", help="also the 8 x 512 model (no goal: latency-bound)")
-    parser.add_argument("--full-size", action="store_true", help="GPT-J-6B, random weights (needs about 30 GB)")
+    parser.add_argument("--full-size", action="store_true",
+                        help="GPT-J-6B, random weights: the three one after another, about 13 GiB of RAM at most")
     parser.add_argument("--quick", action="store_true", help="a 2 x 512 model, one round: checks that it runs")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))[:2]

@@ -53,6 +53,7 @@ class LaunchSettings:
     error_dir: str | None = None
     launched_here: bool = False
     relay: RelayEnd | None = None  # the last stage streams its tokens here and reads the caller's Stop
+    transform: object = None  # load_stage's: called on each block module as it loads (notebook 08 quantizes there)
 
 
 def launch_settings(model, world_size: int, devices: str | list[Device] | None = None, plan: Plan | None = None,
@@ -153,7 +154,8 @@ def serve_stage(rank: int, settings: LaunchSettings) -> list[RunRecord] | None:
 
         baseline = reset_peak_rss()
         start = time.perf_counter()
-        stage = load_stage(model_path, plan, rank, dtype, plan.devices[rank].device if backend == "nccl" else "cpu")
+        stage = load_stage(model_path, plan, rank, dtype, plan.devices[rank].device if backend == "nccl" else "cpu",
+                           transform=settings.transform)
         load_seconds = time.perf_counter() - start
         records = []
         for job in jobs:
@@ -328,9 +330,9 @@ def describe_stage_failure(error_dir: str, failed: dict[int, float], procs) -> E
 def run_pipeline_jobs(model, devices: str | list[Device] | None, jobs: list[PipelineJob], plan: Plan | None = None,
                       dtype: torch.dtype | None = None, timeout: float = PIPELINE_TIMEOUT, threads: int | None = None,
                       affinity: list[list[int]] | None = None, fail: tuple | None = None,
-                      relay: RelayEnd | None = None) -> list[RunRecord]:
+                      relay: RelayEnd | None = None, transform=None) -> list[RunRecord]:
     """Several generations in one start of the stage processes (benchmarks and tests reuse the loaded stages);
-    everything is planned and checked here, before any process starts."""
+    everything is planned and checked here, before any process starts; `transform` as load_stage's."""
     model_path = model_folder(model)
     config = load_config(str(model_path))
     if plan is None:
@@ -338,9 +340,12 @@ def run_pipeline_jobs(model, devices: str | list[Device] | None, jobs: list[Pipe
             raise ValueError("give devices (like 'cpu,cpu') or a plan")
         plan = plan_pipeline(config, devices, jobs, as_dtype(dtype), str(model))
     check_pipeline_plan(plan, config.n_layer)
+    if plan.quantized and transform is None:
+        raise ValueError(f"the plan stores the blocks in {plan.weights}: pass transform=gh.quantizer_for(plan), "
+                         "which quantizes each block as its stage loads it (notebook 08)")
     settings = launch_settings(model_path, len(plan.devices), plan=plan, jobs=jobs, dtype=dtype, timeout=timeout,
                                threads=threads, affinity=affinity, fail=fail)
-    return launch_stages(dataclasses.replace(settings, relay=relay))
+    return launch_stages(dataclasses.replace(settings, relay=relay, transform=transform))
 
 
 def prompts_job(model_path: Path, config, prompts: list[str], micro_batches: int = 1, max_new_tokens: int = 50,
@@ -357,7 +362,7 @@ def run_pipeline(model, prompts: str | list[str], devices: str | list[Device] | 
                  micro_batches: int = 1, plan: Plan | None = None, dtype: torch.dtype | None = None,
                  timeout: float = PIPELINE_TIMEOUT, threads: int | None = None,
                  affinity: list[list[int]] | None = None, fail: tuple | None = None, max_new_tokens: int = 50,
-                 sampling: Sampling | None = None, stream=False, stopping_criteria=None,
+                 sampling: Sampling | None = None, stream=False, stopping_criteria=None, transform=None,
                  **knobs) -> tuple[list[str], RunRecord]:
     """Generate with one process per stage, micro-batches flowing through them at once (notebook 05).
 
@@ -369,6 +374,7 @@ def run_pipeline(model, prompts: str | list[str], devices: str | list[Device] | 
     `stopping_criteria` work as in generate_text (notebook 06's widget uses both), with one prompt per
     micro-batch: the last stage sends each token to this process as it is picked, the criteria run here on what
     has arrived, and a stop ends every stage after the same token, usually one token later than in generate.
+    A plan with int8 or nf4 weights needs `transform=gh.quantizer_for(plan)` (notebook 08).
     """
     import multiprocessing
 
@@ -379,22 +385,13 @@ def run_pipeline(model, prompts: str | list[str], devices: str | list[Device] | 
                       sampling=as_sampling(sampling, **knobs), stoppable=stoppable)
     if not stoppable:
         record = run_pipeline_jobs(model_path, devices, [job], plan=plan, dtype=dtype, timeout=timeout,
-                                   threads=threads, affinity=affinity, fail=fail)[0]
+                                   threads=threads, affinity=affinity, fail=fail, transform=transform)[0]
     else:
         streamer = make_streamer(load_tokenizer(str(model_path)), prompts, stream)
         relay = TokenRelay(multiprocessing.get_context("spawn"), job.input_ids, streamer, stopping_criteria)
         with relay:
             record = run_pipeline_jobs(model_path, devices, [job], plan=plan, dtype=dtype, timeout=timeout,
-                                       threads=threads, affinity=affinity, fail=fail, relay=relay.worker_end())[0]
+                                       threads=threads, affinity=affinity, fail=fail, relay=relay.worker_end(),
+                                       transform=transform)[0]
     record.prompts = prompts
     return record.texts, record
-
-
-def pipeline_generate(devices: str | list[Device], **options):
-    """A function with generate_text's signature that runs the pipeline on `devices`, for notebook 06's widget:
-    `prompt_widget("tiny", tokenizer, generate=pipeline_generate("cpu,cpu"))`; `options` go to run_pipeline."""
-
-    def generate(model, tokenizer, prompts, **kwargs) -> tuple[list[str], RunRecord]:
-        return run_pipeline(model, prompts, devices, **options, **kwargs)
-
-    return generate

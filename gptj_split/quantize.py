@@ -96,12 +96,44 @@ def quantize_block(block: torch.nn.Module, weights: str, backend: str, dtype: to
     return block
 
 
+CHUNK_ELEMENTS = 1 << 22  # weights quantized per slice of rows: bitsandbytes' temporaries are float32 copies
+
+
+def row_chunks(weight: torch.Tensor):
+    """Slices of whole rows of `weight`, each of about CHUNK_ELEMENTS elements (notebook 08)."""
+    rows = max(1, CHUNK_ELEMENTS // weight.shape[1])
+    for start in range(0, weight.shape[0], rows):
+        yield weight[start:start + rows]
+
+
+def bnb_quantize(bnb, weight: torch.Tensor, weights: str):
+    """bitsandbytes' own quantizer, run on slices of rows and joined: int8 scales are per row and nf4 blocks of 64
+    never cross a row (GPT-J's widths are multiples of 64), so the result equals quantizing the whole weight at once,
+    with float32 temporaries of one slice instead of four of the whole weight (notebook 08)."""
+    functional = bnb.functional
+    if weights == "int8":  # as Int8Params: float16 rows scaled to [-127, 127] by their absmax
+        parts = [functional.int8_vectorwise_quant(rows.to(torch.float16))[:2] for rows in row_chunks(weight)]
+        codes, scales = torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
+        return bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
+    if weight.shape[1] % 64:  # a block would cross rows: quantize the weight whole
+        chunks = [weight]
+    else:
+        chunks = list(row_chunks(weight))
+    parts = [functional.quantize_4bit(rows.contiguous(), blocksize=64, compress_statistics=False, quant_type="nf4",
+                                      quant_storage=torch.uint8) for rows in chunks]
+    state = parts[0][1]
+    state.absmax, state.shape = torch.cat([q.absmax for _, q in parts]), weight.shape
+    return bnb.nn.Params4bit(torch.cat([packed for packed, _ in parts]), requires_grad=False, quant_state=state,
+                             blocksize=64, compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8,
+                             bnb_quantized=True)
+
+
 def bnb_linear(bnb, linear: torch.nn.Linear, weights: str, dtype: torch.dtype) -> torch.nn.Module:
     """A bitsandbytes layer holding `linear`'s weights in int8 (a float32 scale per row) or nf4 (blocks of 64, no
-    double quantization), quantized on the weights' device (notebook 08)."""
+    double quantization), quantized on the weights' device, a slice of rows at a time (notebook 08)."""
     from accelerate import init_empty_weights
 
-    device, bias = linear.weight.device, linear.bias is not None
+    bias = linear.bias is not None
     with init_empty_weights():  # no second full-precision copy
         if weights == "int8":
             layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
@@ -109,13 +141,11 @@ def bnb_linear(bnb, linear: torch.nn.Linear, weights: str, dtype: torch.dtype) -
         else:
             layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=dtype,
                                       quant_type="nf4", compress_statistics=False)
-    with quiet_backends():
-        if weights == "int8":
-            layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
-        else:
-            layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=False, blocksize=64)
-        layer.weight = layer.weight.to(device)  # bitsandbytes quantizes when the weight moves to its device
+    with quiet_backends(), torch.no_grad():
+        layer.weight = bnb_quantize(bnb, linear.weight.data, weights)
+    if weights == "nf4":
+        layer.weight.module = layer
+        layer.quant_state = layer.weight.quant_state
     if bias:
         layer.bias = linear.bias
     return layer
@@ -139,10 +169,17 @@ def place_quantized(model_path, plan: Plan, backend: str | None = None, **option
     """`place_stages` with the plan's weight format: every linear layer of the blocks quantized on its device right
     after loading, by torchao or bitsandbytes, checked before anything loads; `options` as place_stages' (notebook
     08)."""
+    return place_stages(model_path, plan, transform=quantizer_for(plan, backend), **options)
+
+
+def quantizer_for(plan: Plan, backend: str | None = None) -> BlockQuantizer | None:
+    """The `transform` that quantizes a plan's blocks as they load, its backend checked against the plan's devices
+    before anything loads (None for unquantized weights): for place_stages, and for `run_pipeline(...,
+    transform=...)`, whose stage processes each quantize their own blocks (notebook 08)."""
     if not plan.quantized:
-        return place_stages(model_path, plan, **options)
+        return None
     backend = check_backend(plan.weights, backend, [s.device for s in plan.devices])
-    return place_stages(model_path, plan, transform=BlockQuantizer(plan.weights, backend, plan.dtype), **options)
+    return BlockQuantizer(plan.weights, backend, plan.dtype)
 
 
 def has_weight_files(model_path) -> bool:

@@ -94,7 +94,7 @@ def test_cuda_without_gpu_is_explained():
 
 def test_environment_yml_matches_pyproject():
     """Binder installs pyproject's ranges: the same pip requirements, except torch (conda-forge's CPU build, same
-    range) and ipywidgets (8 only: Binder runs JupyterLab 4, which has no extension for 7)."""
+    range) and ipywidgets (8 only: Binder runs JupyterLab 4, which has no extension for 7), plus the `quant` extra."""
     import yaml
     from packaging.requirements import Requirement
     from packaging.version import Version
@@ -115,6 +115,9 @@ def test_environment_yml_matches_pyproject():
     assert Version("7.7.1") not in lab and Version("8.1.9") in lab
     assert set(deps) <= set(pip), f"in pyproject but not environment.yml: {set(deps) - set(pip)}"
     extra = set(pip) - set(deps)
+    quant = by_name(project["optional-dependencies"]["quant"])  # notebook 08 runs on Binder too
+    assert set(quant) <= extra and {name: str(pip[name]) for name in quant} == {n: str(s) for n, s in quant.items()}
+    extra -= set(quant)
     assert extra <= {"jupyterlab", "nbval"}, f"in environment.yml but not pyproject: {extra}"
     assert extra <= set(by_name(project["optional-dependencies"]["dev"]))
     assert {name: str(pip[name]) for name in deps} == {name: str(spec) for name, spec in deps.items()}

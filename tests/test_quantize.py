@@ -171,6 +171,24 @@ def test_measured_block_bytes_equal_the_plan_and_blocks_quantize_one_at_a_time(t
     assert naive / counted["blocks"] == pytest.approx(ratio, abs=0.02)  # says 4x for torchao, misses scales for bnb
 
 
+@needs("bitsandbytes")
+@pytest.mark.parametrize("shape", [(512, 128), (128, 512), (100, 48)])  # 48 wide: nf4 blocks cross rows
+def test_quantizing_slices_of_rows_equals_bitsandbytes_quantizing_the_whole_weight(shape, monkeypatch):
+    bnb = gh.import_backend("bitsandbytes")
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    monkeypatch.setattr(gptj_split.quantize, "CHUNK_ELEMENTS", 4096)  # several slices
+    assert len(list(gptj_split.quantize.row_chunks(weight))) > 1
+    with gh.quiet_backends():
+        int8 = gptj_split.quantize.bnb_quantize(bnb, weight, "int8")
+        nf4 = gptj_split.quantize.bnb_quantize(bnb, weight, "nf4")
+        own8 = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+        own4 = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4", compress_statistics=False,
+                                 blocksize=64).to("cpu")
+    assert torch.equal(int8.CB, own8.CB) and torch.equal(int8.SCB, own8.SCB)
+    assert torch.equal(nf4.data, own4.data) and torch.equal(nf4.quant_state.absmax, own4.quant_state.absmax)
+    assert nf4.quant_state.shape == own4.quant_state.shape
+
+
 @needs("torchao")
 def test_a_quantized_split_makes_the_quantized_unsplit_models_tokens(tiny):
     _, tokenizer = tiny
@@ -199,6 +217,22 @@ def test_pipeline_stages_quantize_their_blocks_as_they_load(tiny_path):
         logits = gh.forward_stage(stages[1], hidden, mask, gh.new_stage_cache(stages[1]))
         expected = whole(ids).logits[:, -1].float()
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs("bitsandbytes")
+def test_run_pipeline_stage_processes_quantize_their_own_blocks(tiny_path, tiny):
+    _, tokenizer = tiny
+    plan = gh.plan_split(tiny_path, "2xcpu", dtype=torch.float32, weights="nf4")
+    with pytest.raises(ValueError, match=r"nf4: pass transform=gh.quantizer_for\(plan\)"):
+        gh.run_pipeline(tiny_path, "The list of", plan=plan, max_new_tokens=2)
+    assert gh.quantizer_for(gh.plan_split(tiny_path, "2xcpu")) is None
+    texts, record = gh.run_pipeline(tiny_path, ["The list of"], plan=plan, transform=gh.quantizer_for(plan),
+                                    greedy=True, max_new_tokens=10, timeout=60)
+    expected, _ = gh.generate_text(gh.place_quantized(tiny_path, plan), tokenizer, ["The list of"], greedy=True,
+                                   max_new_tokens=10)
+    assert texts == expected
+    for row, stage in zip(record.memory, plan.devices):  # each process holds its blocks in nf4, as planned
+        assert row.param_bytes == pytest.approx(stage.param_bytes, rel=0.01)
 
 
 def test_held_out_text_is_the_one_the_tiny_model_is_scored_on(tiny):
