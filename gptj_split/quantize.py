@@ -100,32 +100,35 @@ CHUNK_ELEMENTS = 1 << 22  # weights quantized per slice of rows: bitsandbytes' t
 
 
 def row_chunks(weight: torch.Tensor):
-    """Slices of whole rows of `weight`, each of about CHUNK_ELEMENTS elements (notebook 08)."""
+    """(first row, slice of whole rows) of `weight`, each slice about CHUNK_ELEMENTS elements (notebook 08)."""
     rows = max(1, CHUNK_ELEMENTS // weight.shape[1])
     for start in range(0, weight.shape[0], rows):
-        yield weight[start:start + rows]
+        yield start, weight[start:start + rows]
 
 
 def bnb_quantize(bnb, weight: torch.Tensor, weights: str):
-    """bitsandbytes' own quantizer, run on slices of rows and joined: int8 scales are per row and nf4 blocks of 64
-    never cross a row (GPT-J's widths are multiples of 64), so the result equals quantizing the whole weight at once,
-    with float32 temporaries of one slice instead of four of the whole weight (notebook 08)."""
-    functional = bnb.functional
+    """bitsandbytes' own quantizer, run on slices of rows written into the whole result: int8 scales are per row and
+    nf4 blocks of 64 never cross a row (GPT-J's widths are multiples of 64), so it equals quantizing the whole
+    weight at once, with float32 temporaries of one slice instead of several of the whole weight (notebook 08)."""
+    functional, (n, m) = bnb.functional, weight.shape
     if weights == "int8":  # as Int8Params: float16 rows scaled to [-127, 127] by their absmax
-        parts = [functional.int8_vectorwise_quant(rows.to(torch.float16))[:2] for rows in row_chunks(weight)]
-        codes, scales = torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
+        codes = torch.empty((n, m), dtype=torch.int8, device=weight.device)
+        scales = torch.empty(n, dtype=torch.float32, device=weight.device)
+        for start, rows in row_chunks(weight):
+            codes[start:start + len(rows)], scales[start:start + len(rows)] = \
+                functional.int8_vectorwise_quant(rows.to(torch.float16))[:2]
         return bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
-    if weight.shape[1] % 64:  # a block would cross rows: quantize the weight whole
-        chunks = [weight]
-    else:
-        chunks = list(row_chunks(weight))
-    parts = [functional.quantize_4bit(rows.contiguous(), blocksize=64, compress_statistics=False, quant_type="nf4",
-                                      quant_storage=torch.uint8) for rows in chunks]
-    state = parts[0][1]
-    state.absmax, state.shape = torch.cat([q.absmax for _, q in parts]), weight.shape
-    return bnb.nn.Params4bit(torch.cat([packed for packed, _ in parts]), requires_grad=False, quant_state=state,
-                             blocksize=64, compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8,
-                             bnb_quantized=True)
+    chunks = list(row_chunks(weight)) if m % 64 == 0 else [(0, weight)]  # else a block would cross rows
+    packed = torch.empty((n * m + 1) // 2, 1, dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty(-(-n * m // 64), dtype=torch.float32, device=weight.device)
+    for start, rows in chunks:
+        part, state = functional.quantize_4bit(rows.contiguous(), blocksize=64, compress_statistics=False,
+                                               quant_type="nf4", quant_storage=torch.uint8)
+        packed[start * m // 2:start * m // 2 + len(part)] = part
+        absmax[start * m // 64:start * m // 64 + len(state.absmax)] = state.absmax
+    state.absmax, state.shape = absmax, weight.shape
+    return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=64, compress_statistics=False,
+                             quant_type="nf4", quant_storage=torch.uint8, bnb_quantized=True)
 
 
 def bnb_linear(bnb, linear: torch.nn.Linear, weights: str, dtype: torch.dtype) -> torch.nn.Module:

@@ -61,3 +61,16 @@ def test_tensor_parallel_quick_mode_runs_and_matches_tokens():
     for line in ("two-core scaling (one-prompt decode):", "one-prompt decode speedup:", "all-reduce per token (block)",
                  "all-reduce per token (torch)"):
         assert line in out.stdout  # no speed is asserted: only that every figure is measured and printed
+
+
+@pytest.mark.timeout(300)
+def test_quantization_quick_mode_times_every_format_and_measures_bytes_against_the_plan():
+    out = subprocess.run([sys.executable, "benchmarks/quantization.py", "--quick"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=280, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split("  ")[0]: line for line in out.stdout.splitlines()}
+    for label in ("float32", "bfloat16", "int8 (torchao)", "int8 (bitsandbytes)", "nf4 (bitsandbytes)"):
+        assert "matmul" in rows[label]  # each row times its format and names its kernel
+    assert "faster than bfloat16 here:" in out.stdout
+    peak = next(line for line in out.stdout.splitlines() if line.startswith("2 blocks: nf4 (bitsandbytes)"))
+    assert float(peak.split("ratio ")[1].split()[0]) == pytest.approx(1.0, abs=0.01)  # measured bytes = the plan

@@ -172,11 +172,11 @@ def test_measured_block_bytes_equal_the_plan_and_blocks_quantize_one_at_a_time(t
 
 
 @needs("bitsandbytes")
-@pytest.mark.parametrize("shape", [(512, 128), (128, 512), (100, 48)])  # 48 wide: nf4 blocks cross rows
+@pytest.mark.parametrize("shape", [(512, 128), (128, 512), (100, 48), (7, 64)])  # 48 wide: nf4 blocks cross rows
 def test_quantizing_slices_of_rows_equals_bitsandbytes_quantizing_the_whole_weight(shape, monkeypatch):
     bnb = gh.import_backend("bitsandbytes")
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    monkeypatch.setattr(gptj_split.quantize, "CHUNK_ELEMENTS", 4096)  # several slices
+    monkeypatch.setattr(gptj_split.quantize, "CHUNK_ELEMENTS", 192)  # several slices, the last one short
     assert len(list(gptj_split.quantize.row_chunks(weight))) > 1
     with gh.quiet_backends():
         int8 = gptj_split.quantize.bnb_quantize(bnb, weight, "int8")
