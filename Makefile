@@ -35,11 +35,14 @@ $(STAMP): constraints.txt pyproject.toml
 demo: $(STAMP)  ## the main job: run every notebook on the tiny default, results under build/
 	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --out $(BUILD)
 
-test: $(STAMP)  ## lint, unit tests (again on ipywidgets 7 and on the version floors), then every committed notebook checked by nbval
+# test files and notebooks run on 2 workers, a whole file (a notebook's cells in order) on one
+XDIST  := -n 2 --dist loadfile
+
+test: $(STAMP)  ## lint; every committed notebook checked by nbval, with the unit tests; again on ipywidgets 7 and on the version floors
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest tests
+	$(PY) -m pytest --nbval notebooks tests --nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout=600 \
+	  -p no:cacheprovider $(XDIST)
 	$(MAKE) --no-print-directory test-widgets7 test-floors
-	$(PY) -m pytest --nbval notebooks --nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout=600 -p no:cacheprovider
 
 test-widgets7: $(WIDGETS7_DIR)/.installed  ## the prompt widget's unit tests on ipywidgets 7.7.1 (Colab's); the browser test needs 8
 	GPTJ_EXPECT_VERSIONS="$(WIDGETS7)" PYTHONPATH=$(WIDGETS7_DIR):$(CURDIR) $(PY) -m pytest tests/test_widget.py \
@@ -48,7 +51,7 @@ test-widgets7: $(WIDGETS7_DIR)/.installed  ## the prompt widget's unit tests on 
 
 test-floors: $(FLOORS_DIR)/.installed  ## the version-sensitive tests (marked floor) on pyproject's lowest transformers and huggingface_hub
 	GPTJ_EXPECT_VERSIONS="$(FLOORS)" PYTHONPATH=$(FLOORS_DIR):$(CURDIR) $(PY) -m pytest $(FLOOR_TESTS) -m floor \
-	  -p no:cacheprovider
+	  -p no:cacheprovider $(XDIST)
 
 $(FLOORS_DIR)/.installed: | $(STAMP)
 	rm -rf $(FLOORS_PARENT)

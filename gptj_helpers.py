@@ -38,8 +38,8 @@ from gptj_split.models import (GPTJ_6B_REPO, GPTJ_6B_REVISION, TINY_SEED, TINY_V
                                sliced_config, reference_blocks, is_gptj_6b, default_dtype, as_dtype, dtype_name,
                                RANDOM_WEIGHTS, write_random_model, seeded_tensor)
 from gptj_split.devices import (UNITS, parse_size, format_size, Device, available_memory, list_devices,
-                                check_device_name, parse_devices, check_card, release_memory, describe_environment,
-                                reset_peak_rss, peak_rss)
+                                check_device_name, parse_devices, check_card, release_memory, trim_host_heap,
+                                describe_environment, reset_peak_rss, peak_rss)
 from gptj_split.hub import (WEIGHT_PATTERNS, hub_id, resolve_model, random_gptj_folder, save_tokenizer, load_config,
                             load_tokenizer, load_model, quiet_warnings, build_seeded_model, check_room, download_gptj,
                             download_model, transport_errors, model_files_complete, check_online)

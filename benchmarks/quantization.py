@@ -8,7 +8,7 @@ Three measurements, each in its own subprocess so one format's memory never coun
 - peak: RSS over the process baseline while `gh.place_quantized` builds the same 4 blocks, against the planned
   quantized bytes + 1.5 x one block in the compute dtype (at most one full-precision block is ever held).
 - full size (`--full-size`, about 7 GiB of RAM and several minutes: run under `flock /tmp/fullsize.lock`): GPT-J-6B
-  with random weights (`gpt-j-6b-random`) in int8 and nf4: measured bytes against the plan, and the peak.
+  with random weights (`gpt-j-6b-random`) in both int8s and nf4: measured bytes against the plan, and the peak.
 
     python benchmarks/quantization.py [--quick] [--int4] [--full-size] [--threads 2]
 """
@@ -136,7 +136,7 @@ def main() -> None:
     if args.quick:
         return print("--quick: 2 small blocks, whose weights the process baseline swamps: no peak goal")
     if args.full_size:
-        for label in ("int8 (torchao)", "nf4 (bitsandbytes)"):
+        for label in QUANTIZED:
             ok &= report_peak(label, run_child("peak", gh.GPTJ_6B_RANDOM, "0", "0", label, args.dtype)[0],
                               "GPT-J-6B (random):")
     print(f"every peak within plan + 1.5 x one block: {ok}")

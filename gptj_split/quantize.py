@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import trim_host_heap
 from .models import RANDOM_WEIGHTS, as_dtype, quiet_imports, quiet_progress, gptj_modeling
 from .hub import resolve_model
 from .plan import QUANTIZED_FORMATS, Plan
@@ -165,7 +166,10 @@ class BlockQuantizer:
     dtype: str
 
     def __call__(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
-        return quantize_linear(module, self.weights, self.backend, as_dtype(self.dtype))
+        quantized = quantize_linear(module, self.weights, self.backend, as_dtype(self.dtype))
+        if type(module) is torch.nn.Linear:
+            trim_host_heap()  # the full-precision weight and the temporaries, freed between kept tensors
+        return quantized
 
 
 def place_quantized(model_path, plan: Plan, backend: str | None = None, **options):

@@ -39,6 +39,19 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def isolated_tmp(tmp_path_factory):
+    """Processes the tests start (torchrun's torchelastic_* logs, stage processes, notebook kernels) leave their
+    temporary files in this session's folder, which pytest removes with its old sessions, not in /tmp."""
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
+    yield
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Every test session builds its models in its own cache folder (worker processes inherit it)."""
     old = os.environ.get("GPTJ_HELPERS_CACHE")
