@@ -250,10 +250,12 @@ class PipelineError(RuntimeError):
 
 
 def is_neighbour_error(err: BaseException) -> bool:
-    """Did this error come from the transport (a neighbour vanished or timed out), not from this stage itself?"""
+    """Did this error come from the transport (a neighbour vanished or timed out), not from this stage itself? gloo
+    reports a vanished peer as a plain RuntimeError from its transport."""
     import torch.distributed as dist
 
-    return isinstance(err, (dist.DistError, ConnectionError, TimeoutError))
+    return isinstance(err, (dist.DistError, ConnectionError, TimeoutError)) or (
+        isinstance(err, RuntimeError) and any(m in str(err) for m in ("gloo/transport", "by peer")))
 
 
 def free_port() -> int:

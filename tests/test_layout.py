@@ -175,6 +175,9 @@ def test_neighbour_errors_are_recognised_by_class():
     assert gh.is_neighbour_error(dist.DistNetworkError("peer went away"))
     assert gh.is_neighbour_error(ConnectionResetError())
     assert not gh.is_neighbour_error(RuntimeError("connection to gloo timed out"))  # words alone are not a class
+    # but gloo raises a vanished peer as a RuntimeError from its transport (seen when a rank exits mid all-reduce)
+    assert gh.is_neighbour_error(RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] "
+                                              "Read error [127.0.0.1]:3488: Connection reset by peer."))
 
 
 def test_dropped_downloads_are_caught_for_both_http_clients():
