@@ -41,7 +41,7 @@ XDIST  := -n 2 --dist loadfile
 test: $(STAMP)  ## lint; every committed notebook checked by nbval, with the unit tests; again on ipywidgets 7 and on the version floors
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest --nbval notebooks tests --nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout=600 \
-	  -p no:cacheprovider $(XDIST)
+	  -p no:cacheprovider --durations=15 $(XDIST)
 	$(MAKE) --no-print-directory test-widgets7 test-floors
 
 test-widgets7: $(WIDGETS7_DIR)/.installed  ## the prompt widget's unit tests on ipywidgets 7.7.1 (Colab's); the browser test needs 8
