@@ -162,3 +162,9 @@ def test_settings_cell_is_one_line_to_switch_with_the_setups_table(path):
 def test_readme_suggests_only_lines_of_the_setups_table():
     lines = set(re.findall(r'`(MODEL = "gpt-j-6b[^`]*)`', (ROOT / "README.md").read_text()))
     assert lines and lines <= {gh.settings_line(name) for name in gh.SETUPS}
+
+
+def test_readme_names_every_file_of_the_package():
+    readme = (ROOT / "README.md").read_text()
+    files = sorted(p.name for p in (ROOT / "gptj_split").glob("*.py") if p.name != "__init__.py")
+    assert [f for f in files if f"`{f}`" not in readme] == [], "add the file to README's table of chapters"
