@@ -14,6 +14,7 @@ stay within 3 x the largest tensor over their baseline; all of it within 40 minu
     PYTHONPATH=. .venv/bin/python benchmarks/rehearse.py --quick    # the machinery on the tiny default, a minute
 """
 import argparse
+import atexit
 import datetime
 import os
 import re
@@ -89,12 +90,15 @@ def run_notebook(path: Path, line: str, max_new_tokens: int, limit: int, timeout
     cell.source = rehearsal_source(cell.source, line, max_new_tokens)
     start = time.perf_counter()
     error = None
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
     with Watchdog(limit) as dog:
         try:
-            NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                           resources={"metadata": {"path": str(path.parent)}}).execute()
+            client.execute()
         except Exception as err:  # reported in the table: a rehearsal goes on with the next notebook
             error = "ended by the watchdog (memory)" if dog.fired else f"{type(err).__name__}: {str(err)[-300:]}"
+            # a kernel killed mid-cell leaves nbclient's exit hook registered, which would fail at exit
+            atexit.unregister(client._cleanup_kernel)
     return {"name": path.name, "ok": error is None, "seconds": time.perf_counter() - start, "peak": dog.peak,
             "processes": max(1, len(dog.pids)), "error": error}
 
