@@ -1,6 +1,6 @@
-"""Notebook 05, part 2: starting the stages. One process per stage, started from a notebook (spawn) or by torchrun
-(also across machines); rank 0 plans and tokenizes, every rank loads its own stage, and a stage that fails ends
-the whole run within seconds, naming the stage and its original error.
+"""Notebook 05, part 2: starting the stages. One process per stage, started from a notebook (forked from a server
+that imported torch once) or by torchrun (also across machines); rank 0 plans and tokenizes, every rank loads its
+own stage, and a stage that fails ends the whole run within seconds, naming the stage and its original error.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .devices import Device, parse_devices, peak_rss, reset_peak_rss
 from .hub import load_config, load_tokenizer, resolve_model
 from .plan import Plan, plan_split
 from .records import RunRecord
-from .relay import RelayEnd, TokenRelay  # noqa: F401  (TokenRelay: re-exported for chapter 7)
+from .relay import RelayEnd, TokenRelay, adopt_environment, process_context
 from .sampling import Sampling, as_sampling, check_prompts, pad_left
 from .generate import make_streamer
 from .pipeline import (PIPELINE_TIMEOUT, PipelineJob, check_pipeline_plan, check_stage_count, load_stage, make_job,
@@ -208,7 +208,7 @@ def model_folder(model) -> Path:
     return resolve_model(str(getattr(getattr(model, "config", None), "_name_or_path", None) or model))
 
 
-def pipeline_worker(rank: int, settings: LaunchSettings, serve=None) -> None:
+def pipeline_worker(rank: int, settings: LaunchSettings, serve=None, environ: dict | None = None) -> None:
     """Entry point of a stage process started by run_pipeline; results go to files, errors too (notebook 05).
     `serve`: what the process runs instead of `serve_stage` (notebook 07's tensor-parallel ranks)."""
     import pickle
@@ -216,6 +216,7 @@ def pipeline_worker(rank: int, settings: LaunchSettings, serve=None) -> None:
     import traceback
 
     try:
+        adopt_environment(environ)
         records = (serve or serve_stage)(rank, settings)
         if rank == 0:
             tmp = Path(settings.result_path + ".tmp")
@@ -268,20 +269,19 @@ def free_port() -> int:
 
 
 def launch_stages(settings: LaunchSettings, serve=None) -> list[RunRecord]:
-    """Start one process per stage (spawn) and return rank 0's records; a failure stops all and names the stage
+    """Start one process per stage and return rank 0's records; a failure stops all and names the stage
     (notebook 05). `serve(rank, settings)`, a module-level function, replaces `serve_stage` (notebook 07)."""
-    import multiprocessing
     import multiprocessing.connection
     import pickle
     import time
 
-    ctx = multiprocessing.get_context("spawn")
+    ctx = process_context()
     world_size = settings.world_size
     with tempfile.TemporaryDirectory(prefix="gptj-pipeline-") as tmp:
         settings = dataclasses.replace(settings, result_path=str(Path(tmp, "result.pkl")), error_dir=tmp,
                                        init_method=f"tcp://127.0.0.1:{free_port()}", launched_here=True)
-        procs = [ctx.Process(target=pipeline_worker, args=(r, settings, serve), daemon=True, name=f"pipeline-stage-{r}")
-                 for r in range(world_size)]
+        procs = [ctx.Process(target=pipeline_worker, args=(r, settings, serve, dict(os.environ)), daemon=True,
+                             name=f"pipeline-stage-{r}") for r in range(world_size)]
         exits: dict[int, float] = {}
         try:
             for p in procs:
@@ -378,8 +378,6 @@ def run_pipeline(model, prompts: str | list[str], devices: str | list[Device] | 
     has arrived, and a stop ends every stage after the same token, usually one token later than in generate.
     A plan with int8 or nf4 weights needs `transform=gh.quantizer_for(plan)` (notebook 08).
     """
-    import multiprocessing
-
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     model_path = model_folder(model)
     stoppable = stream is not False or stopping_criteria is not None
@@ -390,7 +388,7 @@ def run_pipeline(model, prompts: str | list[str], devices: str | list[Device] | 
                                    threads=threads, affinity=affinity, fail=fail, transform=transform)[0]
     else:
         streamer = make_streamer(load_tokenizer(str(model_path)), prompts, stream)
-        relay = TokenRelay(multiprocessing.get_context("spawn"), job.input_ids, streamer, stopping_criteria)
+        relay = TokenRelay(process_context(), job.input_ids, streamer, stopping_criteria)
         with relay:
             record = run_pipeline_jobs(model_path, devices, [job], plan=plan, dtype=dtype, timeout=timeout,
                                        threads=threads, affinity=affinity, fail=fail, relay=relay.worker_end(),

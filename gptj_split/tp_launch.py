@@ -20,7 +20,7 @@ from .records import MemoryRow, RunRecord, TimingEvent
 from .place import kv_bytes
 from .sampling import Sampling, as_sampling
 from .generate import make_streamer
-from .relay import TokenRelay
+from .relay import TokenRelay, process_context
 from .pipeline import PIPELINE_TIMEOUT, PipelineJob, merge_stage_results
 from .launch import LaunchSettings, PipelineError, join_run, launch_stages, model_folder, prompts_job
 from .tensor_parallel import VARIANTS, RankModel, build_rank_model, forward_rank, plan_tensor_parallel
@@ -278,7 +278,6 @@ def run_tensor_parallel(model, prompts: str | list[str], devices: str | list[Dev
     travels with the next token's broadcast, so every rank ends after the same token (usually one token later than
     in generate).
     """
-    import multiprocessing
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     model_path = model_folder(model)
@@ -289,7 +288,7 @@ def run_tensor_parallel(model, prompts: str | list[str], devices: str | list[Dev
         record = run_tensor_parallel_jobs(model_path, devices, [job], **options)[0]
     else:
         streamer = make_streamer(load_tokenizer(str(model_path)), prompts, stream)
-        relay = TokenRelay(multiprocessing.get_context("spawn"), job.input_ids, streamer, stopping_criteria)
+        relay = TokenRelay(process_context(), job.input_ids, streamer, stopping_criteria)
         with relay:
             record = run_tensor_parallel_jobs(model_path, devices, [job], relay=relay.worker_end(), **options)[0]
     record.prompts = prompts

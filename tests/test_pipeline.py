@@ -302,9 +302,35 @@ def test_stage_that_raises_ends_run_naming_it(tiny_path):
                         greedy=True, timeout=20, fail=(1, 3, "raise"))
     assert info.value.stage == 1
     assert time.time() - info.value.failed_at < 30
-    new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
-           and "resource_tracker" not in " ".join(p.cmdline())]
-    assert new == []
+    assert stage_processes_left(before) == []
+
+
+def stage_processes_left(before: set[int]) -> list:
+    """This process's descendants that were not there before, but multiprocessing's own servers, which stay."""
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
+            and not any(server in " ".join(p.cmdline()) for server in ("resource_tracker", "forkserver"))]
+
+
+def report_environment(rank: int, settings) -> list:
+    """A stage's work in the test below: what it sees of its environment, and who started it."""
+    import tempfile
+
+    return [os.environ.get("GPTJ_TEST_MARK"), tempfile.gettempdir(), os.getppid()]
+
+
+@pytest.mark.timeout(120)
+def test_stages_fork_from_one_server_and_see_the_callers_environment_of_now(tmp_path, monkeypatch):
+    """The stage processes fork from one server (relay.process_context), yet each run sees the environment as the
+    caller has it when the run starts, as a spawned process would."""
+    settings = gptj_split.launch.LaunchSettings(model="tiny", world_size=2, stage_devices=["cpu", "cpu"])
+    monkeypatch.setenv("GPTJ_TEST_MARK", "first")
+    first = gptj_split.launch.launch_stages(settings, serve=report_environment)
+    monkeypatch.setenv("GPTJ_TEST_MARK", "second")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    second = gptj_split.launch.launch_stages(settings, serve=report_environment)
+    assert first[0] == "first" and second[:2] == ["second", str(tmp_path)]
+    assert first[2] == second[2] != os.getpid()  # the same server, still running, forked both
+    assert "forkserver" in " ".join(psutil.Process(second[2]).cmdline())
 
 
 @pytest.mark.timeout(180)

@@ -166,7 +166,7 @@ def test_rotary_table_is_recomputed_after_to_empty(tiny_path):
 
 def children_left(before: set[int]) -> list:
     return [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
-            and "resource_tracker" not in " ".join(p.cmdline())]
+            and not any(server in " ".join(p.cmdline()) for server in ("resource_tracker", "forkserver"))]
 
 
 def generate_stdout(tiny_path, *flags) -> str:
