@@ -6,6 +6,13 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")  # tests draw figures without a display
+# Under pytest-xdist each worker, and every process it starts (kernels, stages, ranks), gets its share of the cores:
+# two workers of two threads each on two cores spend their time waiting on each other's threads (a teacher-forced
+# pass on the tiny model took 2.4x longer beside a 2-thread load, 1.0x on one thread). Tests and cells that
+# measure threads set their own.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
+                                                  // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS_SHOWN = ("torch", "transformers", "huggingface_hub", "ipywidgets")
