@@ -49,9 +49,9 @@ test-widgets7: $(WIDGETS7_DIR)/.installed  ## the prompt widget's unit tests on 
 	  --deselect tests/test_widget.py::test_widget_in_a_real_browser -p no:cacheprovider \
 	  -W "ignore::DeprecationWarning:ipywidgets.widgets.widget"
 
-test-floors: $(FLOORS_DIR)/.installed  ## the version-sensitive tests (marked floor; 2 stages and 2 ranks: more run the same paths) on pyproject's lowest transformers and huggingface_hub
+test-floors: $(FLOORS_DIR)/.installed  ## the version-sensitive tests (marked floor; 2 stages and 2 ranks: more run the same paths) on pyproject's lowest transformers and huggingface_hub, in one process (faster than two workers importing torch)
 	GPTJ_EXPECT_VERSIONS="$(FLOORS)" PYTHONPATH=$(FLOORS_DIR):$(CURDIR) $(PY) -m pytest $(FLOOR_TESTS) -m floor \
-	  -k "not 3stages and not three_ranks" -p no:cacheprovider $(XDIST)
+	  -k "not 3stages and not three_ranks" -p no:cacheprovider
 
 $(FLOORS_DIR)/.installed: | $(STAMP)
 	rm -rf $(FLOORS_PARENT)

@@ -92,3 +92,24 @@ def run_cli(*args, timeout=120, env=None, **kw):
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "gptj_helpers", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=ROOT, **kw)
+
+
+def call_cli(*args):
+    """`python -m gptj_helpers ARGS` as `gh.main` in this process, with what it prints captured: the same parser and
+    commands as run_cli without a new process's seconds of imports (run_cli keeps the entry point itself tested).
+    Returns a CompletedProcess."""
+    import contextlib
+    import io
+    import subprocess
+
+    import gptj_helpers as gh
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = gh.main([str(a) for a in args])
+        except SystemExit as exit:  # argparse's usage errors (2); a message exits with 1, as Python does
+            code = exit.code if isinstance(exit.code, int) else 1
+            if isinstance(exit.code, str):
+                print(exit.code, file=sys.stderr)
+    return subprocess.CompletedProcess(["gptj_helpers", *args], code, out.getvalue(), err.getvalue())

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save
 
 import gptj_helpers as gh
-from conftest import run_cli
+from conftest import call_cli
 
 # ---------------------------------------------------------------- a small hub on 127.0.0.1
 
@@ -211,13 +211,13 @@ def test_offline_fails_fast_with_advice(tmp_path, monkeypatch):
         port = s.getsockname()[1]  # nothing listens here once the socket closes
     with pytest.raises(ConnectionError, match="cannot reach 127.0.0.1.*model='tiny'"):
         gh.download_gptj(REPO, endpoint=f"http://127.0.0.1:{port}", cache_dir=tmp_path / "hub")
+    r = call_cli("download", REPO, "--endpoint", f"http://127.0.0.1:{port}", "--local-dir", str(tmp_path / "x"))
+    assert r.returncode == 2 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConnectionError, match="HF_HUB_OFFLINE is set"):
         gh.download_gptj(REPO, endpoint="http://127.0.0.1:1", cache_dir=tmp_path / "hub")
-    r = run_cli("download", REPO, "--endpoint", f"http://127.0.0.1:{port}", "--local-dir", str(tmp_path / "x"))
-    assert r.returncode == 2 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
 
 
 # ---------------------------------------------------------------- every hub layout ends placeable
@@ -315,7 +315,7 @@ def test_generate_command_converts_a_local_bin_folder_once(tmp_path, tiny_path, 
     folder = bin_folder(tmp_path, tiny_path)
     model, tokenizer = tiny
     want, _ = gh.generate_text(model, tokenizer, ["The list"], 4, greedy=True)
-    r = run_cli("generate", "--model", str(folder), "--devices", "cpu,cpu", "--prompt", "The list",
+    r = call_cli("generate", "--model", str(folder), "--devices", "cpu,cpu", "--prompt", "The list",
                 "--max-new-tokens", "4", "--greedy")
     assert r.returncode == 0, r.stderr
     assert r.stdout == "The list" + want[0] + "\n"
@@ -556,12 +556,12 @@ def test_converted_folder_layout(small_slim, tmp_path):
 
 
 def test_tiny_in_jax_layout_converts_back_to_tiny_rounded(tmp_path):
-    r = run_cli("make-tiny", str(tmp_path / "slim"), "--format", "jax-slim")
+    r = call_cli("make-tiny", str(tmp_path / "slim"), "--format", "jax-slim")
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "slim").glob("shard_*/*.npz"))) == 8 * 16
     with np.load(tmp_path / "slim" / "shard_0" / "0.npz") as npz:
         assert npz["arr_0"].dtype == np.dtype("V2") and len(npz.files) == 6  # 87 leaves: 7 pieces of 6, 9 of 5
-    r = run_cli("convert-jax", str(tmp_path / "slim"), str(tmp_path / "hf"), "--config",
+    r = call_cli("convert-jax", str(tmp_path / "slim"), str(tmp_path / "hf"), "--config",
                 str(tmp_path / "slim" / "jax_config.json"), "--dtype", "float32")
     assert r.returncode == 0, r.stderr
     assert "converting slim" in r.stderr and "86/86" in r.stderr  # the progress bar counts tensors
@@ -620,7 +620,7 @@ def test_bad_slim_checkpoint_is_refused_by_name(small_slim, tmp_path, case, mess
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         gh.convert_jax_checkpoint(slim, tmp_path / "out" / "hf", config=cfg, progress=False)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing left behind
-    r = run_cli("convert-jax", str(slim), str(tmp_path / "out" / "hf"), "--config", str(tmp_path / "cfg.json"))
+    r = call_cli("convert-jax", str(slim), str(tmp_path / "out" / "hf"), "--config", str(tmp_path / "cfg.json"))
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out" / "hf").exists()
 
@@ -639,7 +639,7 @@ def test_pickle_converts_to_safetensors_without_mask_buffers(tmp_path, tiny_path
     torch.save(state, src / "pytorch_model.bin")
     for name in ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
         (src / name).write_bytes((tiny_path / name).read_bytes())
-    r = run_cli("convert-bin", str(src), str(tmp_path / "st"), "--dtype", "float16")
+    r = call_cli("convert-bin", str(src), str(tmp_path / "st"), "--dtype", "float16")
     assert r.returncode == 0, r.stderr
     with gh.quiet_progress():
         model = GPTJForCausalLM.from_pretrained(str(tmp_path / "st"))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gptj_helpers as gh
-from conftest import run_cli
+from conftest import call_cli
 
 PROMPTS = ["The list", "A function is called when the", "x"]  # three different lengths: left padding matters
 
@@ -156,17 +156,17 @@ def test_cli_generate(tiny, tiny_path):
     _, tokenizer = tiny
     model = gh.load_model(str(tiny_path))
     want, _ = gh.generate_text(model, tokenizer, PROMPTS[:2], max_new_tokens=8, greedy=True)
-    out = run_cli("generate", "--model", str(tiny_path), "--devices", "3xcpu", "--prompt", PROMPTS[0],
+    out = call_cli("generate", "--model", str(tiny_path), "--devices", "3xcpu", "--prompt", PROMPTS[0],
                   "--prompt", PROMPTS[1], "--greedy", "--max-new-tokens", "8")
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"{PROMPTS[0]}{want[0]}\n\n{PROMPTS[1]}{want[1]}\n"
     assert "tokens/s" in out.stderr and "time to first token" in out.stderr
     sampled, _ = gh.generate_text(model, tokenizer, PROMPTS[0], max_new_tokens=8, seed=11)
-    out = run_cli("generate", "--model", str(tiny_path), "--devices", "2xcpu", "--prompt", PROMPTS[0],
+    out = call_cli("generate", "--model", str(tiny_path), "--devices", "2xcpu", "--prompt", PROMPTS[0],
                   "--seed", "11", "--max-new-tokens", "8", "--stream")
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"{PROMPTS[0]}{sampled[0]}\n"
-    bad = run_cli("generate", "--model", str(tiny_path), "--devices", "2xcpu", "--prompt", "x", "--top-k", "-2")
+    bad = call_cli("generate", "--model", str(tiny_path), "--devices", "2xcpu", "--prompt", "x", "--top-k", "-2")
     assert bad.returncode == 2 and "top_k=-2" in bad.stderr and bad.stdout == ""
 
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import gptj_helpers as gh
-from conftest import ROOT, run_cli
+from conftest import ROOT, call_cli, run_cli
 
 
 def greedy(model, tokenizer, text="The list", n=12):
@@ -137,14 +137,14 @@ def test_cli_help_lists_subcommands():
 
 def test_cli_make_tiny(tmp_path):
     out = tmp_path / "tiny"
-    result = run_cli("make-tiny", str(out), timeout=120)
+    result = call_cli("make-tiny", str(out))
     assert result.returncode == 0, result.stderr
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
-    assert run_cli("make-tiny", str(out), timeout=60).returncode != 0  # refuses to overwrite
+    assert call_cli("make-tiny", str(out)).returncode != 0  # refuses to overwrite
 
 
 def test_cli_bad_device_spec_is_one_clear_line():
-    result = run_cli("devices", "3xfoo", timeout=60)
+    result = call_cli("devices", "3xfoo")
     assert result.returncode == 2 and result.stderr.startswith("error:") and "foo" in result.stderr
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gptj_helpers as gh
-from conftest import run_cli
+from conftest import call_cli
 
 GB = 10**9
 
@@ -108,13 +108,13 @@ def test_infeasible_plan_says_what_to_do():
 def test_plan_json_round_trip_and_cli(tiny_path):
     plan = gh.plan_split("gpt-j-6b", "cuda:0=6GiB,cuda:1=10GiB", model_name="gpt-j-6b")
     assert gh.Plan.from_json(plan.to_json()) == plan
-    out = run_cli("plan", "--model", "gpt-j-6b", "--devices", "cuda:0=6GiB,cuda:1=10GiB", "--json")
+    out = call_cli("plan", "--model", "gpt-j-6b", "--devices", "cuda:0=6GiB,cuda:1=10GiB", "--json")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data == json.loads(plan.to_json())
     assert set(data["devices"][0]) >= {"device", "embedding", "blocks", "head", "param_bytes", "kv_cache_bytes",
                                        "reserve_bytes", "total_bytes", "budget_bytes"}
-    bad = run_cli("plan", "--model", "gpt-j-6b", "--devices", "2x5GiB")
+    bad = call_cli("plan", "--model", "gpt-j-6b", "--devices", "2x5GiB")
     assert bad.returncode == 2 and "does not fit" in bad.stderr
 
 

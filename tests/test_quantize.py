@@ -12,7 +12,7 @@ import gptj_helpers as gh
 import gptj_split.place
 import gptj_split.quantize
 from gptj_split import quality
-from conftest import ROOT, run_cli
+from conftest import ROOT, call_cli
 
 GB = 10**9
 BACKEND_CASES = [("int8", "torchao"), ("int8", "bitsandbytes"), ("nf4", "bitsandbytes")]
@@ -41,7 +41,7 @@ def test_the_planner_fits_int8_where_float16_is_refused_and_suggests_smaller_wei
     assert "blocks in nf4" in str(err.value) and "weights=" not in str(err.value)
     plan = gh.plan_split("gpt-j-6b", "1x7GiB", dtype=torch.float16, weights="int8")
     assert plan.weights == "int8" and plan.quantized and plan.devices[0].fill < 1
-    result = run_cli("plan", "--model", "gpt-j-6b", "--devices", "1x7GiB", "--weights", "int8", "--json")
+    result = call_cli("plan", "--model", "gpt-j-6b", "--devices", "1x7GiB", "--weights", "int8", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert (data["weights"], data["dtype"]) == ("int8", "bfloat16")
