@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import gptj_helpers as gh
+import gptj_split.cli
 import gptj_split.launch
-from conftest import ROOT
+from conftest import ROOT, call_cli
 
 PROMPTS = ["The list", "A dictionary is a mapping of", "Hello", "def f(x): return x +", "import os"]
 NEW = 8
@@ -376,16 +377,13 @@ def test_bad_job_options_refused(tiny_path, monkeypatch):
         gh.check_pipeline_plan(plan, 8, world_size=3)
 
 
-@pytest.mark.timeout(120)
-def test_torchrun_world_size_must_match_stages(tiny_path, tmp_path):
+def test_torchrun_world_size_must_match_stages(tiny_path, tmp_path, monkeypatch):
+    """A stage under torchrun (RANK and WORLD_SIZE set, as torchrun sets them) refuses a world of 1 process for 2
+    devices before any rendezvous (the launches above run torchrun itself)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello\n")
-    proc = run_torchrun(["--standalone", "--nproc-per-node", "1", "--max-restarts", "0", "-m", "gptj_helpers",
-                         "pipeline", "--model", str(tiny_path), "--devices", "cpu,cpu", "--prompts-file",
-                         str(prompts)])
-    try:
-        _out, err = proc.communicate(timeout=100)
-    finally:
-        proc.kill()
-    assert proc.returncode != 0
-    assert "1 process(es) for the 2 device(s)" in err
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(gptj_split.cli, "serve_stage", lambda *a: pytest.fail("the stage started"))
+    r = call_cli("pipeline", "--model", tiny_path, "--devices", "cpu,cpu", "--prompts-file", prompts)
+    assert r.returncode == 2 and "1 process(es) for the 2 device(s)" in r.stderr
