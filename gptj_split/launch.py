@@ -275,7 +275,7 @@ def launch_stages(settings: LaunchSettings, serve=None) -> list[RunRecord]:
     import pickle
     import time
 
-    ctx = process_context()
+    ctx = process_context(settings.stage_devices)
     world_size = settings.world_size
     with tempfile.TemporaryDirectory(prefix="gptj-pipeline-") as tmp:
         settings = dataclasses.replace(settings, result_path=str(Path(tmp, "result.pkl")), error_dir=tmp,
@@ -378,6 +378,8 @@ def run_pipeline(model, prompts: str | list[str], devices: str | list[Device] | 
     has arrived, and a stop ends every stage after the same token, usually one token later than in generate.
     A plan with int8 or nf4 weights needs `transform=gh.quantizer_for(plan)` (notebook 08).
     """
+    import multiprocessing
+
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     model_path = model_folder(model)
     stoppable = stream is not False or stopping_criteria is not None
@@ -388,7 +390,7 @@ def run_pipeline(model, prompts: str | list[str], devices: str | list[Device] | 
                                    threads=threads, affinity=affinity, fail=fail, transform=transform)[0]
     else:
         streamer = make_streamer(load_tokenizer(str(model_path)), prompts, stream)
-        relay = TokenRelay(process_context(), job.input_ids, streamer, stopping_criteria)
+        relay = TokenRelay(multiprocessing.get_context("spawn"), job.input_ids, streamer, stopping_criteria)
         with relay:
             record = run_pipeline_jobs(model_path, devices, [job], plan=plan, dtype=dtype, timeout=timeout,
                                        threads=threads, affinity=affinity, fail=fail, relay=relay.worker_end(),

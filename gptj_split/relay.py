@@ -1,5 +1,5 @@
-"""Notebooks 05 to 07: starting processes from a notebook, and streaming across them. Stage processes fork from
-a server that has imported torch and transformers once. The process that picks tokens puts each step's tokens on
+"""Notebooks 05 to 07: starting processes from a notebook, and streaming across them. CPU stage processes fork
+from a server that has imported torch and transformers once. The process that picks tokens puts each step's tokens on
 a queue; a thread in the caller's process hands them to a transformers streamer and runs the caller's stopping
 criteria, and a Stop travels back as a shared flag that the picking process reads once per step.
 """
@@ -19,12 +19,16 @@ STAGE_IMPORTS = ["__main__", "gptj_split.launch", "gptj_split.tp_launch", "trans
                  "transformers.models.gptj.modeling_gptj", "accelerate.utils", "safetensors.torch"]
 
 
-def process_context():
-    """How notebooks 05 to 07 start processes: a fork server, started at the first run, that imports STAGE_IMPORTS
-    once; each stage then forks from it within a fraction of a second instead of spending seconds of CPU importing
-    torch and transformers again (Python 3.14 makes forkserver the default on Linux). Spawn where there is no fork.
-    The server lives as long as this process; a stage takes the caller's environment with `adopt_environment`."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows
+def process_context(devices: list[str]):
+    """How notebooks 05 to 07 start the processes of stages on `devices`: CPU stages fork from a server, started at
+    the first run, that imports STAGE_IMPORTS once, so each starts within a fraction of a second instead of spending
+    seconds of CPU importing torch and transformers again (forkserver: Python 3.14's default on Linux). GPU stages
+    are spawned: CUDA cannot start in a process forked from one that may have touched it, and loading their weights
+    takes far longer than the imports. The server lives as long as this process (`adopt_environment`)."""
+    import torch
+
+    if "forkserver" not in multiprocessing.get_all_start_methods() or any(torch.device(d).type != "cpu"
+                                                                        for d in devices):
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(STAGE_IMPORTS)  # takes effect when the server starts; a running one keeps its own

@@ -20,7 +20,7 @@ from .records import MemoryRow, RunRecord, TimingEvent
 from .place import kv_bytes
 from .sampling import Sampling, as_sampling
 from .generate import make_streamer
-from .relay import TokenRelay, process_context
+from .relay import TokenRelay
 from .pipeline import PIPELINE_TIMEOUT, PipelineJob, merge_stage_results
 from .launch import LaunchSettings, PipelineError, join_run, launch_stages, model_folder, prompts_job
 from .tensor_parallel import VARIANTS, RankModel, build_rank_model, forward_rank, plan_tensor_parallel
@@ -279,6 +279,8 @@ def run_tensor_parallel(model, prompts: str | list[str], devices: str | list[Dev
     in generate).
     """
 
+    import multiprocessing
+
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     model_path = model_folder(model)
     job = tensor_parallel_job(prompts_job(model_path, load_config(str(model_path)), prompts, 1, max_new_tokens,
@@ -288,7 +290,7 @@ def run_tensor_parallel(model, prompts: str | list[str], devices: str | list[Dev
         record = run_tensor_parallel_jobs(model_path, devices, [job], **options)[0]
     else:
         streamer = make_streamer(load_tokenizer(str(model_path)), prompts, stream)
-        relay = TokenRelay(process_context(), job.input_ids, streamer, stopping_criteria)
+        relay = TokenRelay(multiprocessing.get_context("spawn"), job.input_ids, streamer, stopping_criteria)
         with relay:
             record = run_tensor_parallel_jobs(model_path, devices, [job], relay=relay.worker_end(), **options)[0]
     record.prompts = prompts

@@ -15,6 +15,7 @@ import torch
 import gptj_helpers as gh
 import gptj_split.cli
 import gptj_split.launch
+import gptj_split.relay
 from conftest import ROOT, call_cli
 
 PROMPTS = ["The list", "A dictionary is a mapping of", "Hello", "def f(x): return x +", "import os"]
@@ -332,6 +333,7 @@ def test_stages_fork_from_one_server_and_see_the_callers_environment_of_now(tmp_
     assert first[0] == "first" and second[:2] == ["second", str(tmp_path)]
     assert first[2] == second[2] != os.getpid()  # the same server, still running, forked both
     assert "forkserver" in " ".join(psutil.Process(second[2]).cmdline())
+    assert gptj_split.relay.process_context(["cuda:0", "cuda:1"]).get_start_method() == "spawn"  # CUDA: fresh
 
 
 @pytest.mark.timeout(180)
