@@ -13,6 +13,7 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | 04 memory and timing         | measure.py (estimates vs measurements, scaling), plots.py (every figure)         |
 | 05 pipeline parallelism      | pipeline.py (one stage: GPTJModel, send/recv), launch.py (processes, torchrun)   |
 | 05 to 07 (shared)            | relay.py (tokens streamed to this process, Stop sent back)                       |
+|                              | preload.py (what the CPU stages' fork server imports once, before forking)       |
 | 05 speedup, measured live    | compare.py (naive split on 1 and 2 threads vs the pipeline, the bubble)          |
 | 06 prompt widget             | widget.py                                                                        |
 | 07 tensor parallelism        | tensor_parallel.py (cut blocks by heads, planner), tp_launch.py (ranks, torchrun)|
@@ -21,7 +22,8 @@ one file per chapter, each readable in one sitting; a file imports only files of
 |                              | quality.py (quality and speed of each weight format)                             |
 | command line, notebook runs  | cli.py (`python -m gptj_helpers --help`)                                         |
 
-Nothing runs at import: transformers and friends are imported inside the functions that need them.
+Nothing runs at import: transformers and friends are imported inside the functions that need them
+(preload.py, imported only by that fork server, is the exception: importing it is its work).
 Patch a name in the file that defines it (`gptj_split.launch.launch_stages`), not here: this module only
 re-exports, so a patch on `gh.NAME` changes nothing the package itself calls.
 """

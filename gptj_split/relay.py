@@ -15,8 +15,7 @@ import torch
 
 
 # what every stage or rank process imports: the fork server imports it once, before it forks any of them
-STAGE_IMPORTS = ["__main__", "gptj_split.launch", "gptj_split.tp_launch", "transformers.masking_utils",
-                 "transformers.models.gptj.modeling_gptj", "accelerate.utils", "safetensors.torch"]
+STAGE_IMPORTS = ["__main__", "gptj_split.preload"]
 
 
 def process_context(devices: list[str]):

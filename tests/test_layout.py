@@ -19,7 +19,7 @@ PACKAGE = ROOT / "gptj_split"
 # chapter of each file: a file may import files of its own or an earlier chapter only
 CHAPTERS = {"models": 0, "devices": 0, "hub": 1, "convert": 1, "convert_bin": 1, "plan": 2, "records": 2, "place": 2,
             "sampling": 3, "generate": 3, "measure": 4, "plots": 4, "pipeline": 5, "launch": 5,
-            "relay": 5, "compare": 5, "widget": 6, "tensor_parallel": 7, "tp_launch": 7, "tp_compare": 7,
+            "relay": 5, "compare": 5, "widget": 6, "tensor_parallel": 7, "tp_launch": 7, "tp_compare": 7, "preload": 7,
             "quantize": 8, "quality": 8, "cli": 9}
 
 
