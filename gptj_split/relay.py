@@ -19,15 +19,17 @@ STAGE_IMPORTS = ["__main__", "gptj_split.preload"]
 
 
 def process_context(devices: list[str]):
-    """How notebooks 05 to 07 start the processes of stages on `devices`: CPU stages fork from a server, started at
-    the first run, that imports STAGE_IMPORTS once, so each starts within a fraction of a second instead of spending
-    seconds of CPU importing torch and transformers again (forkserver: Python 3.14's default on Linux). GPU stages
-    are spawned: CUDA cannot start in a process forked from one that may have touched it, and loading their weights
-    takes far longer than the imports. The server lives as long as this process (`adopt_environment`)."""
+    """How notebooks 05 to 07 start the processes of stages on `devices`. On Linux, CPU stages fork from a server,
+    started at the first run, that imports STAGE_IMPORTS once, so each starts within a fraction of a second instead
+    of spending seconds of CPU importing torch and transformers again (forkserver: Python 3.14's default on Linux).
+    GPU stages are spawned: CUDA cannot start in a process forked from one that may have touched it, and loading
+    their weights takes far longer than the imports. Elsewhere too (macOS's system libraries are not fork-safe,
+    Windows has no fork). The server lives as long as this process (`adopt_environment`)."""
+    import sys
+
     import torch
 
-    if "forkserver" not in multiprocessing.get_all_start_methods() or any(torch.device(d).type != "cpu"
-                                                                        for d in devices):
+    if not sys.platform.startswith("linux") or any(torch.device(d).type != "cpu" for d in devices):
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(STAGE_IMPORTS)  # takes effect when the server starts; a running one keeps its own
