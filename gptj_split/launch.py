@@ -275,7 +275,7 @@ def launch_stages(settings: LaunchSettings, serve=None) -> list[RunRecord]:
     import pickle
     import time
 
-    ctx = process_context(settings.stage_devices)
+    ctx = process_context(settings.stage_devices, settings.model)
     world_size = settings.world_size
     with tempfile.TemporaryDirectory(prefix="gptj-pipeline-") as tmp:
         settings = dataclasses.replace(settings, result_path=str(Path(tmp, "result.pkl")), error_dir=tmp,

@@ -18,18 +18,24 @@ import torch
 STAGE_IMPORTS = ["__main__", "gptj_split.preload"]
 
 
-def process_context(devices: list[str]):
+def process_context(devices: list[str], model=None):
     """How notebooks 05 to 07 start the processes of stages on `devices`. On Linux, CPU stages fork from a server,
     started at the first run, that imports STAGE_IMPORTS once, so each starts within a fraction of a second instead
     of spending seconds of CPU importing torch and transformers again (forkserver: Python 3.14's default on Linux).
     GPU stages are spawned: CUDA cannot start in a process forked from one that may have touched it, and loading
-    their weights takes far longer than the imports. Elsewhere too (macOS's system libraries are not fork-safe,
-    Windows has no fork). The server lives as long as this process (`adopt_environment`)."""
+    their weights takes far longer than the imports. So are GPT-J-6B's full-size stages (`model`): forked, they raised
+    notebook 07's rehearsal peak from 14.73 to 16.87 GiB, and at that size the imports are a small part of the
+    start. Elsewhere too (macOS's system libraries are not fork-safe, Windows has no fork). The server lives as long
+    as this process (`adopt_environment`)."""
     import sys
 
     import torch
 
-    if not sys.platform.startswith("linux") or any(torch.device(d).type != "cpu" for d in devices):
+    from .hub import load_config
+    from .models import is_gptj_6b
+
+    if not sys.platform.startswith("linux") or any(torch.device(d).type != "cpu" for d in devices) or (
+            model is not None and is_gptj_6b(load_config(str(model)))):
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(STAGE_IMPORTS)  # takes effect when the server starts; a running one keeps its own

@@ -334,6 +334,8 @@ def test_stages_fork_from_one_server_and_see_the_callers_environment_of_now(tmp_
     assert first[2] == second[2] != os.getpid()  # the same server, still running, forked both
     assert "forkserver" in " ".join(psutil.Process(second[2]).cmdline())
     assert gptj_split.relay.process_context(["cuda:0", "cuda:1"]).get_start_method() == "spawn"  # CUDA: fresh
+    assert gptj_split.relay.process_context(["cpu", "cpu"], "gpt-j-6b-random").get_start_method() == "spawn"
+    assert gptj_split.relay.process_context(["cpu", "cpu"], "tiny").get_start_method() == "forkserver"
     monkeypatch.setattr(sys, "platform", "darwin")  # macOS: its system libraries are not fork-safe
     assert gptj_split.relay.process_context(["cpu", "cpu"]).get_start_method() == "spawn"
 
