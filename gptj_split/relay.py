@@ -29,8 +29,6 @@ def process_context(devices: list[str], model=None):
     as this process (`adopt_environment`)."""
     import sys
 
-    import torch
-
     from .hub import load_config
     from .models import is_gptj_6b
 

@@ -278,7 +278,6 @@ def run_tensor_parallel(model, prompts: str | list[str], devices: str | list[Dev
     travels with the next token's broadcast, so every rank ends after the same token (usually one token later than
     in generate).
     """
-
     import multiprocessing
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)

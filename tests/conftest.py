@@ -10,9 +10,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")  # tests draw figures without a displ
 # two workers of two threads each on two cores spend their time waiting on each other's threads (a teacher-forced
 # pass on the tiny model took 2.4x longer beside a 2-thread load, 1.0x on one thread). Tests and cells that
 # measure threads set their own.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
-                                                  // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // WORKERS)))
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS_SHOWN = ("torch", "transformers", "huggingface_hub", "ipywidgets")

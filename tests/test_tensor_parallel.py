@@ -15,7 +15,7 @@ import torch
 
 import gptj_helpers as gh
 import gptj_split.tp_launch
-from conftest import ROOT
+from conftest import ROOT, call_cli
 
 PROMPTS = ["The list", "A dictionary is a mapping of", "Hello"]
 NEW = 8
@@ -171,13 +171,9 @@ def children_left(before: set[int]) -> list:
 
 def generate_stdout(tiny_path, *flags) -> str:
     """What `python -m gptj_helpers generate` prints, run in this process (the reference output)."""
-    import contextlib
-    import io
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        assert gh.main(["generate", "--model", str(tiny_path), "--devices", "cpu", *flags]) == 0
-    return out.getvalue()
+    out = call_cli("generate", "--model", tiny_path, "--devices", "cpu", *flags)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 @pytest.mark.timeout(120)
