@@ -7,16 +7,20 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | 00 start here                | models.py (configs, the tiny default, sizes, dtypes), devices.py (budgets, RSS)  |
 | 00, 01 download and convert  | hub.py (names to folders, hub download, load_*), convert.py (JAX slim),          |
 |                              | convert_bin.py (pytorch_model*.bin to safetensors, once, beside them)            |
+|                              | random_models.py (seeded random GPT-Js: gpt-j-6b-random, tiny, bench models)     |
 | 02 layer splitting           | plan.py (Plan, min-max planner, refusals), place.py (load per stage, hooks)      |
+|                              | setups.py (the README's setups table, every notebook's settings comment)         |
 | 03 generation                | sampling.py (Sampling, prompt checks), generate.py (generate_text, stage timing) |
 | 03 to 05 (shared)            | records.py (RunRecord, MemoryRow, TimingEvent)                                   |
 | 04 memory and timing         | measure.py (estimates vs measurements, scaling), plots.py (every figure)         |
-| 05 pipeline parallelism      | pipeline.py (one stage: GPTJModel, send/recv), launch.py (processes, torchrun)   |
-| 05 to 07 (shared)            | relay.py (tokens streamed to this process, Stop sent back)                       |
-|                              | preload.py (what the CPU stages' fork server imports once, before forking)       |
+| 05 pipeline parallelism      | ranks.py (one runtime for n ranks: start or join, devices, backend, typed errors)|
+|                              | jobs.py (prompts to jobs, picking tokens, reports to a RunRecord)                |
+|                              | stage.py (one stage: GPTJModel, send/recv), pipeline.py (the pipeline client)    |
+| 05 to 07 (shared)            | relay.py (tokens streamed to this process, Stop sent back; printed by torchrun)  |
+|                              | preload.py (what the CPU ranks' fork server imports once, before forking)        |
 | 05 speedup, measured live    | compare.py (naive split on 1 and 2 threads vs the pipeline, the bubble)          |
 | 06 prompt widget             | widget.py                                                                        |
-| 07 tensor parallelism        | tensor_parallel.py (cut blocks by heads, planner), tp_launch.py (ranks, torchrun)|
+| 07 tensor parallelism        | shards.py (cut blocks by heads, planner), tensor_parallel.py (the client: ranks) |
 |                              | tp_compare.py (naive split, pipeline and tensor parallel, measured side by side) |
 | 08 quantization              | quantize.py (backends, per-block quantize-after-load, from_pretrained),          |
 |                              | quality.py (quality and speed of each weight format)                             |
@@ -24,7 +28,7 @@ one file per chapter, each readable in one sitting; a file imports only files of
 
 Nothing runs at import: transformers and friends are imported inside the functions that need them
 (preload.py, imported only by that fork server, is the exception: importing it is its work).
-Patch a name in the file that defines it (`gptj_split.launch.launch_stages`), not here: this module only
+Patch a name in the file that defines it (`gptj_split.ranks.start_ranks`), not here: this module only
 re-exports, so a patch on `gh.NAME` changes nothing the package itself calls.
 """
 
@@ -37,62 +41,68 @@ from gptj_split.models import (GPTJ_6B_REPO, GPTJ_6B_REVISION, TINY_SEED, TINY_V
                                train_tiny_tokenizer, quiet_progress, NOISY_LOGGERS, quiet_imports, gptj_modeling,
                                random_tiny_model, write_tiny_model, cache_dir, build_atomically, build_lock,
                                tiny_folder, tiny_model_path, meta_model, module_sizes, count_parameters, mini_config,
-                               sliced_config, reference_blocks, is_gptj_6b, default_dtype, as_dtype, dtype_name,
-                               RANDOM_WEIGHTS, write_random_model, seeded_tensor)
+                               sliced_config, reference_blocks, is_gptj_6b, eos_token_id, default_dtype, as_dtype,
+                               dtype_name,
+                               RANDOM_WEIGHTS, seeded_tensor)
 from gptj_split.devices import (UNITS, parse_size, format_size, Device, available_memory, list_devices,
                                 check_device_name, parse_devices, check_card, release_memory, trim_host_heap,
                                 describe_environment, reset_peak_rss, peak_rss)
-from gptj_split.hub import (WEIGHT_PATTERNS, hub_id, resolve_model, random_gptj_folder, save_tokenizer, load_config,
-                            load_tokenizer, load_model, quiet_warnings, build_seeded_model, check_room, download_gptj,
-                            download_model, transport_errors, model_files_complete, check_online)
+from gptj_split.hub import (WEIGHT_PATTERNS, hub_id, resolve_model, load_config, load_tokenizer, load_model,
+                            quiet_warnings, download_gptj, download_model, transport_errors, model_files_complete,
+                            check_online)
 from gptj_split.convert import (GPTJ_6B_JAX_CONFIG, JAX_PIECES, jax_config_of, hf_config_of, JaxLeaf, jax_leaves,
                                 split_pieces, target_group, write_safetensors_shards, check_finite, refuse_existing,
-                                read_npz_array, convert_jax_checkpoint, write_jax_checkpoint, make_tiny_gptj,
-                                measure_command)
+                                read_npz_array, convert_jax_checkpoint, write_jax_checkpoint)
 from gptj_split.convert_bin import (BIN_INDEX, SAFETENSORS_INDEX, MASK_BUFFERS, COPIED_SUFFIXES, files_complete,
                                     safetensors_complete, bin_files, read_bin, bin_sources, bin_groups, files_label,
                                     copy_modes, copy_side_files, convert_to_safetensors, writable, converted_copy,
                                     check_disk, convert_in_place, check_conversion, delete_bin, placeable_folder)
+from gptj_split.random_models import (write_random_model, random_gptj_folder, save_tokenizer, build_seeded_model,
+                                      check_room, make_tiny_gptj, mini_gptj_folder, bench_config, write_bench_model)
 from gptj_split.plan import (StagePlan, Plan, kv_cache_bytes_per_layer, as_config, plan_split, explain_infeasible,
-                             format_plan, accelerate_plan, plot_plan, SETUPS, setups_markdown, settings_line,
-                             settings_comment, map_device, QUANTIZED_FORMATS, check_weights, linear_bytes,
+                             format_plan, accelerate_plan, map_device, QUANTIZED_FORMATS, check_weights, linear_bytes,
                              planned_sizes)
-from gptj_split.records import (TimingEvent, MemoryRow, RunRecord)
+from gptj_split.records import (TimingEvent, MemoryRow, RunRecord, EventClock)
 from gptj_split.place import (stage_parameter_names, move_to, boundary_hook, WeightReader, place_stages, hook_stages,
                               plan_of, tensor_bytes, stored_bytes, kv_bytes, measure_memory, SplitCheck, check_split,
                               block_prefix, replace_module)
+from gptj_split.setups import (SETUPS, setups_markdown, settings_line, settings_comment)
 from gptj_split.sampling import (SAMPLING_DEFAULTS, Sampling, as_sampling, check_max_new_tokens, check_sampling,
-                                 check_prompts, check_generation, pad_left)
+                                 check_prompts, check_generation, pad_left, position_ids)
 from gptj_split.generate import (plan_modules, stage_modules, StageRecorder, TokenTimes, make_streamer, generate_text,
                                  seeded, format_timing)
-from gptj_split.measure import (utilisation, prompt_of_length, measure_scaling, copy_seconds, compare_estimates,
-                                format_estimates, decode_read_bytes, measure_weight_bandwidth, format_bandwidth)
-from gptj_split.plots import (size_unit, MEMORY_COLORS, plot_memory, TIMELINE_COLORS, timeline_events, shared_span_ms,
-                              draw_timeline, plot_timeline, plot_timelines, plot_utilisation, plot_scaling, output_dir,
-                              show_figure, save_notebook_figure)
-from gptj_split.pipeline import (PIPELINE_TIMEOUT, PipelineJob, make_job, check_stage_count, check_pipeline_plan,
-                                 PipelineStage, stage_tensor_name, load_stage, new_stage_cache, cache_keyword,
-                                 forward_stage, make_warpers, pick_tokens, Inbox, Outbox, inject_fault, run_stage,
-                                 merge_stage_results)
-from gptj_split.relay import (RelayEnd, TokenRelay)
-from gptj_split.launch import (CONFIG_ERRORS, LaunchSettings, launch_settings, pick_backend, configure_worker, join_run,
-                               serve_stage, prepare_pipeline, plan_pipeline, model_folder, pipeline_worker,
-                               leave_process, PipelineError, is_neighbour_error, free_port, launch_stages,
-                               describe_stage_failure, run_pipeline_jobs, prompts_job, run_pipeline)
-from gptj_split.compare import (mini_gptj_folder, pinned, time_phases, measure_module_seconds, balanced_plans,
-                                SpeedupRun, measure_pipeline_speedup, prefill_bubble)
-from gptj_split.tensor_parallel import (VARIANTS, COLUMNS, ROWS, shard_dim, shard_of, rank_counts, check_head_split,
-                                        rank_parameter_bytes, plan_tensor_parallel, RankModel, CommClock,
-                                        tensor_parallel_plan, time_collective, one_reduce_per_block, gather_vocabulary,
-                                        cut_linear, build_rank_model, forward_rank)
-from gptj_split.tp_launch import (TP_VARIANT, TensorParallelJob, tensor_parallel_job, TensorParallelSettings,
-                                  TensorParallelError, inject_rank_fault, run_rank, prepare_tensor_parallel,
-                                  plan_for_jobs, serve_tensor_parallel, merge_rank_results, tensor_parallel_settings,
-                                  run_tensor_parallel_jobs, run_tensor_parallel, tensor_parallel_generate, PrintRelay,
-                                  prompt_jobs)
-from gptj_split.tp_compare import (COMM_KINDS, bench_config, write_bench_model, decode_seconds, decode_seconds_of,
-                                   comm_per_token, compare_splits, format_comparison)
-from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget, pipeline_generate)
+from gptj_split.measure import (measure_command, utilisation, prompt_of_length, measure_scaling, copy_seconds,
+                                compare_estimates, format_estimates, decode_read_bytes, measure_weight_bandwidth,
+                                format_bandwidth)
+from gptj_split.plots import (size_unit, MEMORY_COLORS, plot_plan, plot_memory, TIMELINE_COLORS, timeline_events,
+                              shared_span_ms, draw_timeline, plot_timeline, plot_timelines, plot_utilisation,
+                              plot_scaling, output_dir, show_figure, save_notebook_figure)
+from gptj_split.ranks import (DEFAULT_TIMEOUT, CONFIG_ERRORS, LaunchOptions, RankError, RankJob, RankContext,
+                              rank_devices, pick_backend, check_rank_device, configure_worker, join_ranks, run_jobs,
+                              serve_torchrun, process_context, start_ranks, leave_process, is_neighbour_error,
+                              free_port)
+from gptj_split.jobs import (PipelineJob, make_job, model_folder, prompts_job, prompt_jobs, next_tokens,
+                             merge_results)
+from gptj_split.stage import (check_stage_count, check_pipeline_plan, PipelineStage, stage_tensor_name, load_stage,
+                              new_stage_cache, cache_keyword, forward_stage, Inbox, Outbox, run_stage)
+from gptj_split.relay import (RelayEnd, TokenRelay, PrintRelay)
+from gptj_split.pipeline import (PIPELINE_TIMEOUT, PipelineError, PipelineSettings, pipeline_settings, pipeline_job,
+                                 prepare_pipeline, plan_pipeline, serve_pipeline, run_pipeline_jobs, run_pipeline,
+                                 pipeline_generate)
+from gptj_split.compare import (pinned, time_phases, measure_module_seconds, balanced_plans, SpeedupRun,
+                                measure_pipeline_speedup, prefill_bubble)
+from gptj_split.shards import (VARIANTS, COLUMNS, ROWS, shard_dim, shard_of, rank_counts, check_head_split,
+                               rank_parameter_bytes, plan_tensor_parallel, RankModel, tensor_parallel_plan,
+                               time_collective, one_reduce_per_block, gather_vocabulary, cut_linear, build_rank_model,
+                               forward_rank)
+from gptj_split.tensor_parallel import (TP_VARIANT, TensorParallelJob, tensor_parallel_job, TensorParallelError,
+                                        TensorParallelSettings, tensor_parallel_settings, tensor_parallel_rank_job,
+                                        check_variant_backend, prepare_tensor_parallel, plan_for_jobs,
+                                        serve_tensor_parallel, run_rank, merge_rank_results, run_tensor_parallel_jobs,
+                                        run_tensor_parallel, tensor_parallel_generate)
+from gptj_split.tp_compare import (COMM_KINDS, decode_seconds, decode_seconds_of, comm_per_token, compare_splits,
+                                   format_comparison)
+from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget)
 from gptj_split.quantize import (BACKENDS, INSTALL_HINT, MissingBackend, quiet_backends, import_backend,
                                  backend_versions, check_backend, quantize_linear, quantize_block, BlockQuantizer,
                                  quantizer_for, place_quantized, has_weight_files, pretrained_config, load_pretrained,
@@ -103,8 +113,8 @@ from gptj_split.quality import (FORMAT_ROWS, GREEDY_PROMPTS, PUBLISHED_QUALITY, 
                                 memory_table)
 from gptj_split.cli import (run_notebooks, run_notebook, cmd_make_tiny, cmd_download, cmd_convert_jax, cmd_convert_bin,
                             cmd_devices, cmd_run_notebooks, cmd_plan, cmd_generate, cmd_setups, read_prompts,
-                            cmd_pipeline, sampling_of, add_sampling_arguments, DELETE_BIN_HELP, build_parser, main,
-                            cmd_tensor_parallel)
+                            under_torchrun, launch_ranks, cmd_pipeline, cmd_tensor_parallel, sampling_of,
+                            add_sampling_arguments, DELETE_BIN_HELP, build_parser, main)
 
 if __name__ == "__main__":
     sys.exit(main())

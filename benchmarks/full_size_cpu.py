@@ -196,8 +196,8 @@ def main() -> int:
         jobs = [gh.make_job(ids, mask, 1, max_new_tokens=2, greedy=True, seed=0),  # warm-up
                 gh.make_job(ids, mask, 1, max_new_tokens=args.new_tokens, greedy=True, seed=0)]
         start = time.perf_counter()
-        record = gh.run_pipeline_jobs(str(folder), None, jobs, plan=plan, dtype=dtype, timeout=args.timeout,
-                                      threads=1, affinity=[[cores[0]], [cores[1]]])[-1]
+        options = gh.LaunchOptions(timeout=args.timeout, threads=1, affinity=[[cores[0]], [cores[1]]])
+        record = gh.run_pipeline_jobs(str(folder), None, jobs, plan=plan, dtype=dtype, options=options)[-1]
         pipeline_wall = time.perf_counter() - start
     print(f"pipeline: 2 stage processes done in {pipeline_wall:.1f} s (start, build, warm-up, run, exit)", flush=True)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 import gptj_helpers as gh
-from gptj_split.tp_compare import (bench_config, comm_per_token, compare_splits, decode_seconds, decode_seconds_of,
-                                   pinned, write_bench_model)
+from gptj_split.random_models import bench_config, write_bench_model
+from gptj_split.tp_compare import comm_per_token, compare_splits, decode_seconds, decode_seconds_of, pinned
 
 KEYS = ("naive1", "naive2", "pipeline", "tp-block", "tp-torch")
 
@@ -87,11 +87,11 @@ def full_size(args, cores: list[int]) -> None:
     del naive
     gc.collect()
     job = gh.make_job(ids, torch.ones_like(ids), 1, args.tokens, greedy=True)
-    pipe = gh.run_pipeline_jobs(path, None, [job], plan=plan, dtype=torch.bfloat16, threads=1,
-                                affinity=[[c] for c in cores])[0]
+    one_core = gh.LaunchOptions(threads=1, affinity=[[c] for c in cores])
+    pipe = gh.run_pipeline_jobs(path, None, [job], plan=plan, dtype=torch.bfloat16, options=one_core)[0]
     rows["pipeline, 2 stages"] = (decode_seconds_of(pipe), [m.peak_rss_bytes for m in pipe.memory])
     tp = gh.run_tensor_parallel_jobs(path, "cpu,cpu", [gh.tensor_parallel_job(job)], dtype=torch.bfloat16,
-                                     threads=1, affinity=[[c] for c in cores])[0]
+                                     options=one_core)[0]
     rows["tensor parallel, 2 ranks"] = (decode_seconds_of(tp), [m.peak_rss_bytes for m in tp.memory])
     print(f"tokens equal (naive, pipeline, tensor parallel): "
           f"{torch.equal(out, pipe.output_ids) and torch.equal(out, tp.output_ids)}")

@@ -12,17 +12,21 @@ from pathlib import Path
 from .models import DTYPES, GPTJ_6B_REPO, GPTJ_6B_REVISION, TINY_SEED, as_dtype, build_atomically, default_dtype
 from .devices import list_devices, parse_devices
 from .hub import download_gptj, load_config, load_tokenizer, resolve_model
-from .convert import convert_jax_checkpoint, make_tiny_gptj
+from .convert import convert_jax_checkpoint
+from .random_models import make_tiny_gptj
 from .convert_bin import convert_to_safetensors
-from .plan import QUANTIZED_FORMATS, format_plan, plan_split, setups_markdown
+from .plan import QUANTIZED_FORMATS, format_plan, plan_split
+from .setups import setups_markdown
 from .place import place_stages
 from .sampling import SAMPLING_DEFAULTS, Sampling, check_prompts
 from .generate import format_timing, generate_text
 from .plots import save_notebook_figure
-from .pipeline import PIPELINE_TIMEOUT
-from .launch import PipelineError, is_neighbour_error, launch_settings, leave_process, run_pipeline, serve_stage
-from .tp_launch import (PrintRelay, TensorParallelError, prompt_jobs, run_tensor_parallel, run_tensor_parallel_jobs,
-                        serve_tensor_parallel, tensor_parallel_settings)
+from .relay import PrintRelay
+from .ranks import DEFAULT_TIMEOUT, LaunchOptions, RankError, leave_process, serve_torchrun
+from .jobs import prompt_jobs
+from .pipeline import pipeline_job, pipeline_settings, run_pipeline
+from .tensor_parallel import (run_tensor_parallel, run_tensor_parallel_jobs, tensor_parallel_job,
+                              tensor_parallel_rank_job, tensor_parallel_settings)
 
 
 def run_notebooks(paths: list[str | Path], out_dir: str | Path | None = None, inplace: bool = False,
@@ -167,79 +171,74 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def under_torchrun() -> bool:
+    """Whether torchrun started this process as one rank (it sets RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ
+
+
+def launch_ranks(start, rank_job) -> list:
+    """The one path of the pipeline and tensor-parallel subcommands: under torchrun, this process is one rank of
+    `rank_job()` (rank 0 returns the records, the others leave); else `start()` starts the ranks from here. A failed
+    rank ends the command with one line naming it."""
+    if under_torchrun():
+        return serve_torchrun(rank_job())
+    try:
+        return start()
+    except RankError as err:
+        raise SystemExit(f"error: {err}") from err
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """pipeline: generate with one process per stage; under torchrun this process is one stage."""
-    fail = (args.fail_stage, args.fail_after, args.fail_mode) if args.fail_stage is not None else None
-    options = dict(micro_batches=args.micro_batches, max_new_tokens=args.max_new_tokens, sampling=sampling_of(args),
-                   dtype=args.dtype, timeout=args.timeout, fail=fail)
-    if "RANK" not in os.environ:  # plain `python -m gptj_helpers pipeline`: start the stages from here
-        try:
-            _, record = run_pipeline(args.model, read_prompts(args.prompts_file), args.devices, **options)
-        except PipelineError as err:
-            raise SystemExit(f"error: {err}") from err
-    else:  # one stage of a torchrun launch
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        settings = launch_settings(args.model, world, devices=args.devices,
-                                   prompts=read_prompts(args.prompts_file) if rank == 0 else None, **options)
-        try:
-            records = serve_stage(rank, settings)
-        except (ValueError, FileNotFoundError, MemoryError):
-            raise
-        except Exception as err:
-            if is_neighbour_error(err):
-                raise SystemExit(f"error: pipeline stage {rank} lost a neighbouring stage (see its error): "
-                                 f"{err}") from err
-            raise SystemExit(f"error: pipeline stage {rank} failed: {type(err).__name__}: {err}") from err
-        if rank != 0:
-            leave_process()
-        record = records[0]
+    sampling, options = sampling_of(args), LaunchOptions(timeout=args.timeout)
+    knobs = dict(micro_batches=args.micro_batches, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                 dtype=as_dtype(args.dtype))
+    first = not under_torchrun() or int(os.environ["RANK"]) == 0  # only rank 0 needs the prompts file
+    prompts = read_prompts(args.prompts_file) if first else None
+    records = launch_ranks(
+        lambda: [run_pipeline(args.model, prompts, args.devices, options=options, **knobs)[1]],
+        lambda: pipeline_job(pipeline_settings(args.model, args.devices, prompts=prompts, **knobs), options))
+    record = records[0]
     print("\n\n".join(prompt + text for prompt, text in zip(record.prompts, record.texts)), flush=True)
     print(format_timing(record), file=sys.stderr)
-    if "RANK" in os.environ:
+    if under_torchrun():
         leave_process()
 
 
 def cmd_tensor_parallel(args: argparse.Namespace) -> None:
     """tensor-parallel: generate with every block cut over one process per device; under torchrun this process is
     one rank. Standard output is exactly what `generate` prints for the same settings (notebook 07)."""
-    fail = (args.fail_rank, args.fail_after, args.fail_mode) if args.fail_rank is not None else None
-    sampling = sampling_of(args)
+    sampling, options, dtype = sampling_of(args), LaunchOptions(timeout=args.timeout), as_dtype(args.dtype)
     groups = [[p] for p in args.prompt] if args.stream else [args.prompt]  # like generate: one prompt at a time
-    options = dict(dtype=as_dtype(args.dtype), timeout=args.timeout, fail=fail)
-    if "RANK" not in os.environ:  # plain `python -m gptj_helpers tensor-parallel`: start the ranks from here
-        try:
-            if args.stream:  # one start of the ranks per prompt, its text relayed here token by token
-                records = []
-                for prompts in groups:
-                    records.append(run_tensor_parallel(args.model, prompts, args.devices, args.max_new_tokens,
-                                                       sampling, args.variant, stream=True, **options)[1])
-                    if prompts is not groups[-1]:
-                        print(flush=True)
-            else:
-                jobs = prompt_jobs(args.model, groups, args.max_new_tokens, sampling, args.variant)
-                records = run_tensor_parallel_jobs(args.model, args.devices, jobs, **options)
-        except TensorParallelError as err:
-            raise SystemExit(f"error: {err}") from err
-    else:  # one rank of a torchrun launch
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        jobs = prompt_jobs(args.model, groups, args.max_new_tokens, sampling, args.variant) if rank == 0 else None
-        relay = PrintRelay(load_tokenizer(args.model), args.prompt) if args.stream and rank == 0 else None
-        settings = tensor_parallel_settings(args.model, world, devices=args.devices, jobs=jobs,
-                                            variant=args.variant, relay=relay, **options)
-        try:
-            records = serve_tensor_parallel(rank, settings)
-        except Exception as err:
-            if isinstance(err, (ValueError, FileNotFoundError, MemoryError)):
-                raise
-            how = "lost another rank (see its error)" if is_neighbour_error(err) else f"failed: {type(err).__name__}"
-            raise SystemExit(f"error: tensor-parallel rank {rank} {how}: {err}") from err
-        if rank != 0:
-            leave_process()
+    first = not under_torchrun() or int(os.environ["RANK"]) == 0
+
+    def jobs():
+        return [tensor_parallel_job(j, args.variant) for j in prompt_jobs(args.model, groups, args.max_new_tokens,
+                                                                          sampling)] if first else None
+
+    def start():
+        if not args.stream:
+            return run_tensor_parallel_jobs(args.model, args.devices, jobs(), dtype, options)
+        records = []  # one start of the ranks per prompt, its text relayed here token by token
+        for prompts in groups:
+            records.append(run_tensor_parallel(args.model, prompts, args.devices, args.max_new_tokens, args.variant,
+                                               dtype, options, stream=True, sampling=sampling)[1])
+            if prompts is not groups[-1]:
+                print(flush=True)
+        return records
+
+    def rank_job():
+        relay = PrintRelay(load_tokenizer(args.model), args.prompt) if args.stream and first else None
+        settings = tensor_parallel_settings(args.model, args.devices, jobs=jobs(), variant=args.variant,
+                                            dtype=dtype, relay=relay)
+        return tensor_parallel_rank_job(settings, options)
+
+    records = launch_ranks(start, rank_job)
     if not args.stream:  # streamed: already printed as it came
         print("\n\n".join(p + t for p, t in zip(args.prompt, [t for r in records for t in r.texts])), flush=True)
     for record in records:
         print(format_timing(record), file=sys.stderr)
-    if "RANK" in os.environ:
+    if under_torchrun():
         leave_process()
 
 
@@ -327,10 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(p)
     p.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on GPUs, bfloat16 on the CPU for GPT-J-6B; "
                    "else the saved dtype (float32 for tiny)")
-    p.add_argument("--timeout", type=float, default=PIPELINE_TIMEOUT, help="seconds a stage waits for a neighbour")
-    p.add_argument("--fail-stage", type=int, help=argparse.SUPPRESS)  # tests: inject a fault in this stage
-    p.add_argument("--fail-after", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--fail-mode", choices=["raise", "exit"], default="raise", help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds a stage waits for a neighbour")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("tensor-parallel", help="generate, every block cut over one process per device (notebook 07)")
@@ -341,10 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="prompts one at a time, as generate --stream")
     p.add_argument("--variant", choices=["block", "torch"], default="block", help="block: one all-reduce per block")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: as generate's (float16 on GPUs, ...)")
-    p.add_argument("--timeout", type=float, default=PIPELINE_TIMEOUT, help="seconds a rank waits for the others")
-    p.add_argument("--fail-rank", type=int, help=argparse.SUPPRESS)  # tests: inject a fault in this rank
-    p.add_argument("--fail-after", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--fail-mode", choices=["raise", "exit"], default="raise", help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds a rank waits for the others")
     p.set_defaults(func=cmd_tensor_parallel)
 
     p = sub.add_parser("run-notebooks", help="execute notebooks headless (make demo, make notebooks)")

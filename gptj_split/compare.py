@@ -14,23 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .models import write_random_model
 from .place import place_stages
 from .plan import Plan, plan_split
 from .records import RunRecord
-from .pipeline import make_job
-from .launch import run_pipeline_jobs
-
-
-def mini_gptj_folder(out: str | Path, layers: int = 8, width: int = 512, vocab: int = 50400, seed: int = 0) -> Path:
-    """A seeded random GPT-J of `layers` blocks, `width` wide, with GPT-J's vocabulary and an untied head: big
-    enough that compute, not Python, dominates a step (notebook 05). Its eos is an id it practically never picks."""
-    from transformers import GPTJConfig
-
-    eos = vocab - 1
-    config = GPTJConfig(vocab_size=vocab, n_positions=1024, n_embd=width, n_layer=layers, n_head=width // 64,
-                        rotary_dim=16, bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False)
-    return write_random_model(config, out, seed)
+from .jobs import make_job
+from .ranks import LaunchOptions
+from .pipeline import run_pipeline_jobs
 
 
 @contextlib.contextmanager
@@ -157,8 +146,8 @@ def measure_pipeline_speedup(model_path: str | Path, prefill_ids: torch.Tensor, 
             run.seconds.setdefault(f"naive{threads} prefill", []).append(prefill)
             run.seconds.setdefault(f"naive{threads} decode", []).append(decode)
         for phase in ("prefill", "decode"):
-            record = run_pipeline_jobs(model_path, None, [jobs[phase], jobs[phase]], plan=plans[phase], threads=1,
-                                       affinity=[[c] for c in cores])[1]
+            record = run_pipeline_jobs(model_path, None, [jobs[phase], jobs[phase]], plan=plans[phase],
+                                       options=LaunchOptions(threads=1, affinity=[[c] for c in cores]))[1]
             run.records[phase] = record
             run.seconds.setdefault(f"pipeline {phase}", []).append(
                 record.time_to_first_token if phase == "prefill" else record.total_seconds - record.time_to_first_token)

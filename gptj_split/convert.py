@@ -6,15 +6,13 @@ conversion of `pytorch_model.bin` pickles.
 from __future__ import annotations
 
 import json
-import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .models import REPO_DIR, TINY_SEED, build_atomically, random_tiny_model, tiny_config, write_tiny_model
+from .models import build_atomically
 
 # The original mesh-transformer-jax "slim" checkpoint: shard_S/P.npz, facts in ../shared/reference.
 GPTJ_6B_JAX_CONFIG = {"layers": 28, "d_model": 4096, "n_heads": 16, "n_vocab": 50400, "pe_rotary_dims": 64,
@@ -257,33 +255,3 @@ def write_jax_checkpoint(state_dict: dict, config, out_dir: str | Path) -> Path:
             np.savez(out_dir / f"shard_{s}" / f"{p}.npz", *[shard_slice(leaf, s) for leaf in piece])
     (out_dir / "jax_config.json").write_text(json.dumps(jcfg, indent=2))
     return out_dir
-
-
-def make_tiny_gptj(out_dir: str | Path, seed: int = TINY_SEED, format: str = "hf") -> Path:
-    """Write the tiny random GPT-J: format="hf" safetensors and tokenizer, "jax-slim" the JAX layout (notebooks 00,
-    01)."""
-    if format == "jax-slim":
-        return write_jax_checkpoint(random_tiny_model(seed).state_dict(), tiny_config(), out_dir)
-    if format != "hf":
-        raise ValueError(f"unknown format {format!r}: use hf or jax-slim")
-    return write_tiny_model(out_dir, seed)
-
-
-def measure_command(argv: list[str], timeout: float = 3600) -> dict:
-    """Run `python -m gptj_helpers ARGV` in a fresh process: seconds, and peak RSS above its baseline after imports
-    (notebook 01)."""
-    import subprocess
-
-    # the peak-RSS window opens after the imports (devices.reset_peak_rss and peak_rss)
-    code = ("import json, resource, sys, time, numpy, psutil, safetensors.torch, tqdm.auto, gptj_helpers as gh\n"
-            "from transformers import GPTJConfig\n"
-            "base = gh.reset_peak_rss() or psutil.Process().memory_info().rss\n"
-            "start = time.perf_counter(); rc = gh.main(sys.argv[1:]); seconds = time.perf_counter() - start\n"
-            "peak = gh.peak_rss() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "print(json.dumps(dict(rc=rc, seconds=seconds, baseline=base, peak=peak)))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_DIR), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout, env=env)
-    result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"rc": proc.returncode}
-    if result["rc"] != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.strip()[-2000:]}")
-    return {**result, "peak_over_baseline": result["peak"] - result["baseline"]}

@@ -67,7 +67,8 @@ def list_devices() -> list[Device]:
 
 
 def check_device_name(name: str, part: str, check: bool = True) -> str:
-    """Validate a device name like "cpu" or "cuda:1" (against this machine's GPUs when `check`)."""
+    """Validate a device name like "cpu", "cuda:1" or "cuda" (the current GPU: under the rank runtime, the rank's own)
+    (against this machine's GPUs when `check`)."""
     try:
         dev = torch.device(name)
     except RuntimeError as err:
@@ -81,7 +82,7 @@ def check_device_name(name: str, part: str, check: bool = True) -> str:
         raise ValueError(f"device spec part {part!r}: this machine has no CUDA GPU; use cpu or a size like 3x5GiB")
     if check and index >= count:
         raise ValueError(f"device spec part {part!r}: cuda:{index} does not exist, this machine has {count} GPU(s)")
-    return f"cuda:{index}"
+    return f"cuda:{index}" if dev.index is not None else "cuda"  # "cuda": the current GPU, a rank's own (LOCAL_RANK)
 
 
 def parse_devices(spec: str, check: bool = True) -> list[Device]:

@@ -12,7 +12,7 @@ import torch
 
 from .devices import format_size
 from .plan import Plan
-from .records import RunRecord, TimingEvent
+from .records import EventClock, RunRecord, TimingEvent
 from .place import measure_memory, plan_of, tensor_bytes
 from .sampling import Sampling, check_prompts, pad_left
 
@@ -36,9 +36,9 @@ def stage_modules(model) -> list[tuple[list[str], torch.device]]:
 class StageRecorder:
     """Times each stage's share of every forward pass from hooks at the stage boundaries (notebooks 03 and 04).
 
-    A forward pre-hook on a stage's first module and a forward hook on its last one stamp start and end.
-    On the CPU a stamp is `time.perf_counter()`; on CUDA it is an event on the stage's device, read after
-    one synchronize at the end, so the times are the device's and the hooks never stall it.
+    A forward pre-hook on a stage's first module and a forward hook on its last one stamp start and end on the
+    one `EventClock` of every way of generating: host seconds on the CPU, CUDA events on a GPU, read after one
+    synchronize at the end, so the times are the device's and the hooks never stall it.
     The first forward of a run is the prefill, every later one a decode step. During the prefill, hooks on
     every module also note tensor sizes, for an estimate of each stage's peak activation memory (notebook 04).
     """
@@ -48,7 +48,7 @@ class StageRecorder:
         self.stages = stage_modules(model)
         self.cuda = sorted({d for _, d in self.stages if d.type == "cuda"}, key=str)
         self.step = -1
-        self.stamps: list[tuple[int, int, object, object]] = []  # (stage, step, start, end)
+        self.clock = EventClock()  # restarted when the recording starts
         self.handles: list = []
         self.size_handles: list = []  # removed after the prefill
         self.activations = [0] * len(self.stages)  # bytes, an estimate; see note_sizes
@@ -56,31 +56,16 @@ class StageRecorder:
 
     def now(self) -> float:
         """Host seconds since the recording started."""
-        import time
-
-        return time.perf_counter() - self.t0
-
-    def stamp(self, device: torch.device):
-        """A point in time on `device`: host seconds on the CPU, a recorded CUDA event on a GPU."""
-        if device.type != "cuda":
-            return self.now()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(device))
-        return event
-
-    def seconds(self, stamp, device: torch.device) -> float:
-        """A stamp as seconds since the start (CUDA events are measured from that device's start event)."""
-        return stamp if device.type != "cuda" else self.origin[device].elapsed_time(stamp) / 1000
+        return self.clock.now()
 
     def __enter__(self) -> StageRecorder:
-        import time
-
         modules = dict(self.model.named_modules())
         for d in self.cuda:
             torch.cuda.synchronize(d)
             torch.cuda.reset_peak_memory_stats(d)
-        self.t0 = time.perf_counter()
-        self.origin = {d: self.stamp(d) for d in self.cuda}
+        self.clock = EventClock()
+        for d in self.cuda:
+            self.clock.stamp(d)  # each device's zero
 
         def count_step(module, args):
             self.step += 1
@@ -94,10 +79,10 @@ class StageRecorder:
                 continue
             opened = {}
             self.handles.append(modules[names[0]].register_forward_pre_hook(
-                lambda m, a, s=s, device=device, opened=opened: opened.__setitem__(s, self.stamp(device))))
+                lambda m, a, s=s, device=device, opened=opened: opened.__setitem__(s, self.clock.stamp(device))))
             self.handles.append(modules[names[-1]].register_forward_hook(
                 lambda m, a, out, s=s, device=device, opened=opened:
-                self.stamps.append((s, self.step, opened.pop(s), self.stamp(device)))))
+                self.clock.note(s, opened.pop(s), device, step=self.step)))
             entry = {}
             self.size_handles.append(modules[names[0]].register_forward_pre_hook(
                 lambda m, a, entry=entry: entry.__setitem__("bytes", tensor_bytes(a))))
@@ -126,9 +111,7 @@ class StageRecorder:
 
     def events(self) -> list[TimingEvent]:
         """The recorded busy intervals, in seconds since the start, in the order they happened."""
-        devices = [d for _, d in self.stages]
-        return [TimingEvent(s, "prefill" if step == 0 else "decode", step, self.seconds(a, devices[s]),
-                            self.seconds(b, devices[s])) for s, step, a, b in self.stamps]
+        return self.clock.events()
 
 
 class TokenTimes:

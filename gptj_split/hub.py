@@ -7,16 +7,14 @@ safetensors the split can place: .bin files are converted once, beside themselve
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
 
-from .models import (GPTJ_6B_RANDOM, GPTJ_6B_REPO, GPTJ_6B_REVISION, RANDOM_WEIGHTS, TINY_SEED, as_dtype,
-                     build_atomically, cache_dir, default_dtype, gptj_6b_config, module_sizes, quiet_progress,
-                     seeded_tensor, sliced_config, tiny_folder, write_random_model, gptj_modeling)
-from .devices import available_memory, format_size
+from .models import (GPTJ_6B_RANDOM, GPTJ_6B_REPO, GPTJ_6B_REVISION, RANDOM_WEIGHTS, as_dtype, gptj_6b_config,
+                     quiet_progress, sliced_config, tiny_folder, gptj_modeling)
 from .convert_bin import BIN_INDEX, SAFETENSORS_INDEX, files_complete, placeable_folder
+from .random_models import build_seeded_model, random_gptj_folder
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # first match wins: never fetch both copies
 
@@ -46,27 +44,6 @@ def resolve_model(name: str = "tiny", delete_bin: bool = False) -> Path:
         raise FileNotFoundError(f"model folder {path} does not exist")
     repo_id, revision = hub_id(name)
     return download_gptj(repo_id, revision=revision, delete_bin=delete_bin)
-
-
-def random_gptj_folder(seed: int = TINY_SEED) -> Path:
-    """The folder of "gpt-j-6b-random": GPT-J-6B's config, a seed instead of 12 GB of weights, and a tokenizer:
-    GPT-J's own where the local hub cache has it (no network), else the tiny one (notebook 00)."""
-    def build(tmp: Path) -> None:
-        write_random_model(gptj_6b_config(), tmp, seed)
-        save_tokenizer(tmp)
-
-    return build_atomically(cache_dir() / f"{GPTJ_6B_RANDOM}-seed{seed}", build)
-
-
-def save_tokenizer(folder: Path) -> None:
-    """GPT-J's tokenizer from the local hub cache (never the network), else the tiny default's, saved to `folder`."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(GPTJ_6B_REPO, local_files_only=True)
-    except OSError:  # not cached here: the ids then mostly decode to nothing, so checks compare ids
-        tokenizer = AutoTokenizer.from_pretrained(str(tiny_folder()))
-    tokenizer.save_pretrained(str(folder))
 
 
 def load_config(name: str = "tiny"):
@@ -116,32 +93,6 @@ def quiet_warnings(quiet: bool = True):
         yield
     finally:
         hf_logging.set_verbosity(level)
-
-
-def build_seeded_model(path: Path, config, dtype: torch.dtype | None, device: str):
-    """A model folder with a seed instead of weights, built tensor by tensor straight onto `device`, after checking
-    that the device has room for it (notebook 00)."""
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    GPTJForCausalLM = gptj_modeling().GPTJForCausalLM
-
-    dtype = dtype or default_dtype(config, [device])
-    check_room(module_sizes(config, dtype)["total"], device, f"{path.name} in {str(dtype).removeprefix('torch.')}")
-    seed = json.loads((path / RANDOM_WEIGHTS).read_text())["seed"]
-    with init_empty_weights():
-        model = GPTJForCausalLM(config)
-    for name, param in list(model.named_parameters()):
-        value = seeded_tensor(name, param.shape, config, seed, dtype, torch.device(device))
-        set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
-    return model.to(device).eval()  # the buffers (rotary table) follow
-
-
-def check_room(nbytes: int, device: str, what: str) -> None:
-    """Refuse, before anything is built, to put `nbytes` on a device that has less free (notebook 00)."""
-    free = available_memory(str(device))
-    if nbytes > free:
-        raise MemoryError(f"{what} needs {format_size(nbytes)} on {device}, which has {format_size(free)} free: "
-                          "split it over several devices (notebook 02), or free some memory first")
 
 
 def download_gptj(repo_id: str = GPTJ_6B_REPO, revision: str | None = GPTJ_6B_REVISION,

@@ -4,9 +4,13 @@ what was measured (memory per stage, time per decode step), so a learner sees wh
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 import torch
 
-from .models import module_sizes
+from .models import REPO_DIR, module_sizes
 from .hub import load_tokenizer, resolve_model
 from .plan import kv_cache_bytes_per_layer, plan_split
 from .records import RunRecord
@@ -176,3 +180,23 @@ def format_bandwidth(rows: list[dict]) -> str:
     lines.append(f"ceiling {ceiling:.1f} GB/s; a plain copy on one thread moved {rows[0]['copy_gb_s']:.1f} GB/s "
                  "(read + write)")
     return "\n".join(lines)
+
+
+def measure_command(argv: list[str], timeout: float = 3600) -> dict:
+    """Run `python -m gptj_helpers ARGV` in a fresh process: seconds, and peak RSS above its baseline after imports
+    (notebook 01)."""
+    import subprocess
+
+    # the peak-RSS window opens after the imports (devices.reset_peak_rss and peak_rss)
+    code = ("import json, resource, sys, time, numpy, psutil, safetensors.torch, tqdm.auto, gptj_helpers as gh\n"
+            "from transformers import GPTJConfig\n"
+            "base = gh.reset_peak_rss() or psutil.Process().memory_info().rss\n"
+            "start = time.perf_counter(); rc = gh.main(sys.argv[1:]); seconds = time.perf_counter() - start\n"
+            "peak = gh.peak_rss() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "print(json.dumps(dict(rc=rc, seconds=seconds, baseline=base, peak=peak)))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_DIR), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout, env=env)
+    result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"rc": proc.returncode}
+    if result["rc"] != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.strip()[-2000:]}")
+    return {**result, "peak_over_baseline": result["peak"] - result["baseline"]}

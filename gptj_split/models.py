@@ -263,6 +263,11 @@ def is_gptj_6b(config) -> bool:
     return all(getattr(config, k, None) == getattr(real, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size"))
 
 
+def eos_token_id(config) -> int:
+    """The end-of-text token id of a config (a list in some configs: the first) (notebooks 05, 07)."""
+    return config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
+
+
 def default_dtype(config, devices=None) -> torch.dtype:
     """The one rule for a missing dtype: GPT-J-6B float16 on GPUs and bfloat16 on the CPU; else the dtype the
     folder's config names; else float32 (the tiny default). `devices`: names or `Device`s (notebooks 00 to 05)."""
@@ -289,15 +294,6 @@ def dtype_name(dtype) -> str:
 
 
 RANDOM_WEIGHTS = "random_weights.json"  # in a model folder instead of weights: {"seed": S}, weights made from seeds
-
-
-def write_random_model(config, out_dir: str | Path, seed: int = 0) -> Path:
-    """A model folder with a config and a seed instead of weights: every process rebuilds any tensor of it
-    (notebooks 00, 04)."""
-    out_dir = Path(out_dir)
-    config.save_pretrained(str(out_dir))
-    (out_dir / RANDOM_WEIGHTS).write_text(json.dumps({"seed": seed}))
-    return out_dir
 
 
 def seeded_tensor(name: str, shape, config, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

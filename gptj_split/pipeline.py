@@ -1,370 +1,194 @@
-"""Notebook 05, part 1: one pipeline stage. A stage process holds transformers' `GPTJModel` with only its own blocks
-(the embedding on the first stage, the final norm and head on the last), runs its micro-batches in order, and
-sends hidden states on (token ids back to the first stage) with `torch.distributed`'s send and receive.
+"""Notebook 05, part 3: the pipeline, a client of the rank runtime (ranks.py) and the twin of tensor_parallel.py. One
+rank per stage, started from a notebook or by torchrun: rank 0 plans and tokenizes, every rank loads only its own
+stage (stage.py) and runs the schedule, and the last stage's tokens come back as `(texts, RunRecord)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
-import os
-import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .models import gptj_modeling
-from .plan import Plan
-from .records import MemoryRow, RunRecord, TimingEvent
-from .place import WeightReader, block_prefix, kv_bytes, replace_module, tensor_bytes
-from .sampling import Sampling, as_sampling, check_max_new_tokens
+from .models import as_dtype, default_dtype, dtype_name, gptj_modeling
+from .devices import Device, parse_devices, peak_rss, reset_peak_rss
+from .hub import load_config, load_tokenizer, resolve_model
+from .plan import Plan, plan_split
+from .records import EventClock, RunRecord
+from .sampling import Sampling, as_sampling
+from .generate import make_streamer
+from .relay import RelayEnd, TokenRelay
+from .ranks import DEFAULT_TIMEOUT, LaunchOptions, RankContext, RankError, RankJob, run_jobs, start_ranks
+from .jobs import PipelineJob, merge_results, model_folder, prompts_job
+from .stage import check_pipeline_plan, check_stage_count, load_stage, run_stage
 
-PIPELINE_TIMEOUT = 60.0  # seconds a stage waits for a neighbour before the run fails
+PIPELINE_TIMEOUT = DEFAULT_TIMEOUT  # seconds a stage waits for a neighbour before the run fails
+
+
+class PipelineError(RankError):
+    """A pipeline stage failed; `stage` names it (notebook 05)."""
+
+    kind = "pipeline stage"
 
 
 @dataclass
-class PipelineJob:
-    """One batch for the stage processes: left-padded token ids, micro-batch count, sampling (notebook 05).
-    Each micro-batch samples with its own torch.Generator seeded with `sampling.seed`."""
+class PipelineSettings:
+    """What every stage of one pipelined run needs, the same under both launchers (notebook 05)."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    model: str  # a model name or folder
+    devices: list[Device]  # one per stage, parsed once
+    plan_json: str | None = None  # the plan, when the caller made it; else rank 0 plans over `devices`
+    prompts: list[str] | None = None  # the texts to continue (rank 0), or else `jobs`
+    jobs: list[PipelineJob] | None = None
     micro_batches: int = 1
     max_new_tokens: int = 50
-    sampling: Sampling = dataclasses.field(default_factory=lambda: Sampling(seed=0))
-    stoppable: bool = False  # a one-number "go on / stop" message goes ahead of each hidden state (Stop, eos)
+    sampling: Sampling = dataclasses.field(default_factory=Sampling)
+    dtype: str | None = None  # None: the plan's
+    relay: RelayEnd | None = None  # the last stage streams its tokens here and reads the caller's Stop
 
 
-def make_job(input_ids: torch.Tensor, attention_mask: torch.Tensor, micro_batches: int = 1,
-             max_new_tokens: int = 50, sampling: Sampling | None = None, stoppable: bool = False,
-             **knobs) -> PipelineJob:
-    """Check the options of one pipelined generation and bundle them; `knobs` or `sampling` as generate_text's;
-    `stoppable` lets the run end early, on a Stop or when every row has ended (notebook 05)."""
-    batch = input_ids.shape[0]
-    if not 1 <= micro_batches <= batch:
-        raise ValueError(f"micro_batches={micro_batches}: use between 1 and the number of prompts ({batch})")
-    if stoppable and micro_batches != 1:
-        raise ValueError(f"streaming and stopping criteria need micro_batches=1, got {micro_batches}")
-    check_max_new_tokens(max_new_tokens)
-    sampling = as_sampling(sampling, **knobs)
-    if sampling.seed is None:  # like generate without a seed: whatever torch's global generator gives
-        sampling = dataclasses.replace(sampling, seed=int(torch.randint(2**62, ())))
-    return PipelineJob(input_ids, attention_mask, micro_batches, max_new_tokens, sampling, stoppable)
+def pipeline_settings(model, devices: str | list[Device] | None = None, plan: Plan | None = None,
+                      prompts: list[str] | None = None, jobs: list[PipelineJob] | None = None, micro_batches: int = 1,
+                      max_new_tokens: int = 50, sampling: Sampling | None = None, dtype=None,
+                      relay=None) -> PipelineSettings:
+    """The settings of one pipelined run, its device spec parsed once, for the notebook launcher and torchrun alike
+    (notebook 05)."""
+    if plan is not None:
+        devices = [Device(s.device, s.budget_bytes) for s in plan.devices]
+    elif isinstance(devices, str):
+        devices = parse_devices(devices, check=False)
+    elif not devices:
+        raise ValueError("give devices (like 'cpu,cpu') or a plan")
+    return PipelineSettings(str(model), list(devices), plan.to_json() if plan else None, prompts, jobs, micro_batches,
+                            max_new_tokens, sampling or Sampling(), dtype_name(dtype) if dtype else None, relay)
 
 
-def check_stage_count(n: int, n_layer: int) -> None:
-    """A pipeline stage needs at least one block: refuse more stages than blocks (notebook 05)."""
-    if n > n_layer:
-        raise ValueError(f"{n} stages but the model has only {n_layer} blocks: use at most {n_layer} devices")
+def pipeline_job(settings: PipelineSettings, options: LaunchOptions | None = None) -> RankJob:
+    """What the rank runtime runs for a pipelined run: one stage per device (notebook 05)."""
+    return RankJob(PipelineError, prepare_pipeline, serve_pipeline, [d.name for d in settings.devices], settings,
+                   options or LaunchOptions())
 
 
-def check_pipeline_plan(plan: Plan, n_layer: int, world_size: int | None = None) -> None:
-    """Refuse a plan the pipeline cannot run, before anything is loaded (notebook 05)."""
-    n = len(plan.devices)
-    check_stage_count(n, n_layer)
-    if plan.devices[-1].blocks[1] != n_layer:
-        raise ValueError(f"the plan covers {plan.devices[-1].blocks[1]} blocks but the model has {n_layer}")
-    if world_size is not None and world_size != n:
-        raise ValueError(f"{world_size} process(es) for {n} stage(s): start one process per device "
-                         f"(torchrun --nproc-per-node {n}, or nodes x processes = {n})")
+def prepare_pipeline(settings: PipelineSettings) -> tuple[Plan, list[PipelineJob], Path]:
+    """On rank 0: the plan (given, or made from the devices) and the jobs, checked; nothing loaded yet."""
+    model_path = resolve_model(settings.model)
+    config = load_config(str(model_path))
+    jobs = settings.jobs
+    if jobs is None:
+        jobs = [prompts_job(model_path, config, settings.prompts, settings.micro_batches, settings.max_new_tokens,
+                            sampling=settings.sampling)]
+    if settings.plan_json:
+        plan = Plan.from_json(settings.plan_json)
+    else:
+        plan = plan_pipeline(config, settings.devices, jobs, as_dtype(settings.dtype), settings.model)
+    check_pipeline_plan(plan, config.n_layer, len(settings.devices))
+    return plan, jobs, model_path
 
 
-@dataclass
-class PipelineStage:
-    """What one stage process holds: transformers' GPTJModel with this stage's blocks, the head on the last stage,
-    and its place (notebook 05)."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    dtype: torch.dtype
-    model: torch.nn.Module  # GPTJModel of this stage's blocks; wte real on the first stage only, ln_f on the last
-    lm_head: torch.nn.Module | None
-    param_bytes: int
-    eos_token_id: int
-    comm_device: torch.device  # where tensors cross: the GPU for NCCL, the CPU for gloo
-
-    @property
-    def config(self):
-        """The stage model's config: the model's, with n_layer = this stage's block count (sizes its KV caches)."""
-        return self.model.config
-
-    @property
-    def embeds(self) -> bool:
-        """Whether this stage turns token ids into hidden states (the first stage)."""
-        return self.model.wte.weight.device.type != "meta"
+def plan_pipeline(config, devices: list[Device], jobs: list[PipelineJob], dtype: torch.dtype | None,
+                  model_name: str) -> Plan:
+    """Plan one stage per device, with KV cache room for the longest and widest job (notebook 05)."""
+    check_stage_count(len(devices), config.n_layer)
+    return plan_split(config, devices, dtype=dtype or default_dtype(config, devices),
+                      max_new_tokens=max(j.input_ids.shape[1] + j.max_new_tokens for j in jobs),
+                      batch_size=max(j.input_ids.shape[0] for j in jobs), model_name=model_name)
 
 
-def stage_tensor_name(local: str, first_block: int) -> str:
-    """The whole model's name of a stage model's tensor: `h.0.attn.q_proj.weight` -> `transformer.h.7.attn...`."""
-    if local.startswith("h."):
-        index, rest = local[2:].split(".", 1)
-        return f"transformer.h.{first_block + int(index)}.{rest}"
-    return local if local.startswith("lm_head.") else f"transformer.{local}"
-
-
-def load_stage(model_path, plan: Plan, rank: int, dtype: torch.dtype, comm_device: str = "cpu",
-               transform=None) -> PipelineStage:
-    """Build stage `rank` alone: a GPTJModel of its block count on the meta device, then only its own tensors
-    loaded (or made from seeds) onto its device, one at a time; `transform(name, module)` as in `place_stages`, on
-    each module inside the blocks once loaded (notebooks 05, 08)."""
-    import copy
-
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    GPTJModel = gptj_modeling().GPTJModel
-
-    weights = WeightReader(model_path)
-    st, device = plan.devices[rank], torch.device(plan.devices[rank].device)
-    a, b = st.blocks
-    config = copy.deepcopy(weights.config)
-    config.n_layer = b - a
-    with init_empty_weights():  # parameters on meta; buffers (the rotary sin/cos table) are computed for real
-        model = GPTJModel(config)
-        lm_head = torch.nn.Linear(config.n_embd, config.vocab_size) if st.head else None
-    if not st.head:
-        model.ln_f = torch.nn.Identity()
-    owned = [(model, name, p) for name, p in model.named_parameters() if st.embedding or not name.startswith("wte.")]
-    owned += [(lm_head, name, p) for name, p in (lm_head.named_parameters() if lm_head is not None else [])]
-    names = [stage_tensor_name(n if module is model else f"lm_head.{n}", a) for module, n, _ in owned]
-    weights.check(names)
-    for i, ((module, local, param), name) in enumerate(zip(owned, names)):
-        set_module_tensor_to_device(module, local, device, value=weights.read(name, param.shape, dtype, device),
-                                    dtype=dtype)
-        owner = local.rpartition(".")[0]
-        if transform is not None and block_prefix(name) and (i + 1 == len(names) or
-                                                                 owned[i + 1][1].rpartition(".")[0] != owner):
-            replace_module(model, owner, transform(name.rpartition(".")[0], model.get_submodule(owner)))
-    for name, _ in list(model.named_buffers()):  # rotary sin/cos: one table (transformers 5.24) or one per block (5.17)
-        set_module_tensor_to_device(model, name, device)
-    eos = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
-    modules = [model] + ([lm_head] if lm_head is not None else [])
-    params = sum(tensor_bytes(p) for m in modules for p in m.parameters() if p.device.type != "meta")
-    return PipelineStage(rank, len(plan.devices), device, dtype, model.eval(),
-                         lm_head.eval() if lm_head is not None else None, params, eos, torch.device(comm_device))
-
-
-def new_stage_cache(stage: PipelineStage):
-    """An empty KV cache for this stage's layers, one per micro-batch (notebook 05)."""
-    from transformers import DynamicCache
-
-    return DynamicCache(config=stage.config)
-
-
-@functools.cache  # asked on every forward step: inspect the signature once
-def cache_keyword() -> str:
-    """What GPTJModel.forward calls its KV cache: `cache` in transformers 5.24, `past_key_values` before."""
-    GPTJModel = gptj_modeling().GPTJModel
-
-    return "cache" if "cache" in inspect.signature(GPTJModel.forward).parameters else "past_key_values"
-
-
-def forward_stage(stage: PipelineStage, x: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
-    """Run one stage with transformers' own GPT-J forward (causal mask, rotary embeddings): token ids or hidden
-    states in; hidden states, or the last position's float32 logits, out."""
-    q = x.shape[1]
-    # generate's position ids: count of real tokens so far, padding at 0 (left padding); the mask tells every stage
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -q:]
-    if len(stage.model.h):
-        inputs = {"input_ids": x} if stage.embeds else {"inputs_embeds": x}
-        hidden = stage.model(**inputs, attention_mask=mask, position_ids=positions, use_cache=True,
-                             **{cache_keyword(): cache}).last_hidden_state
-    else:  # a stage without blocks: only the embedding or the head
-        hidden = stage.model.ln_f(stage.model.wte(x) if stage.embeds else x)
-    if stage.lm_head is None:
-        return hidden
-    return stage.lm_head(hidden[:, -1:, :])[:, -1].to(copy=True, dtype=torch.float32)
-
-
-def make_warpers(job: PipelineJob):
-    """transformers' own temperature, top-k and top-p warpers of a job, in generate's order (notebook 05)."""
-    return job.sampling.warpers()
-
-
-def pick_tokens(logits: torch.Tensor, job: PipelineJob, warpers, generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy argmax, or softmax + multinomial with the micro-batch's own generator, as generate does."""
-    return job.sampling.pick(logits, warpers, generator)
-
-
-class Inbox:
-    """The messages a stage will receive from one neighbour, in order; receives are posted ahead (`irecv`)."""
-
-    def __init__(self, stage: PipelineStage, src: int, shapes: list[tuple[tuple[int, ...], torch.dtype]],
-                 record, ahead: int = 2):
-        self.stage, self.src, self.shapes, self.record, self.ahead = stage, src, shapes, record, ahead
-        self.posted: list[tuple[torch.Tensor, object]] = []
-        self.next = 0
-
-    def post(self) -> None:
-        import torch.distributed as dist
-
-        while self.next < len(self.shapes) and len(self.posted) < self.ahead:
-            shape, dtype = self.shapes[self.next]
-            buffer = torch.empty(shape, dtype=dtype, device=self.stage.comm_device)
-            self.posted.append((buffer, dist.irecv(buffer, src=self.src)))
-            self.next += 1
-
-    def get(self, phase: str, step: int, micro_batch: int) -> torch.Tensor:
-        """Wait for the next message (timed as a "recv" event) and post the following receives; after a stop
-        message (negative numbers) nothing more is posted, so no receive is left waiting."""
-        self.post()
-        start = self.record()
-        buffer, work = self.posted.pop(0)
-        work.wait()
-        if buffer.dtype == torch.long and bool((buffer < 0).all()):
-            self.next = len(self.shapes)
-        self.post()
-        self.record(start, phase, step, micro_batch, "recv")
-        return buffer.to(self.stage.device)
-
-
-class Outbox:
-    """Sends that overlap the next compute (`isend`); buffers are kept alive until their send completes."""
-
-    def __init__(self, stage: PipelineStage, record, limit: int = 8):
-        self.stage, self.record, self.limit, self.pending = stage, record, limit, []
-
-    def send(self, tensor: torch.Tensor, dst: int, phase: str, step: int, micro_batch: int) -> None:
-        import torch.distributed as dist
-
-        start = self.record()
-        buffer = tensor.to(self.stage.comm_device).contiguous()
-        self.pending.append((buffer, dist.isend(buffer, dst=dst)))
-        while len(self.pending) > self.limit:
-            self.pending.pop(0)[1].wait()
-        self.record(start, phase, step, micro_batch, "send")
-
-    def flush(self) -> None:
-        while self.pending:
-            self.pending.pop(0)[1].wait()
-
-
-def inject_fault(stage: PipelineStage, fail: tuple | None, step: int) -> None:
-    """Test hook: stage S raises (or exits at once) when it reaches token K; `fail` = (S, K, "raise" | "exit")."""
-    if not fail or fail[0] != stage.rank or fail[1] != step:
-        return
-    message = f"injected fault: pipeline stage {stage.rank} stops after {step} token(s)"
-    if len(fail) > 2 and fail[2] == "exit":
-        print(message + " (process exits)", file=sys.stderr, flush=True)
-        os._exit(3)
-    raise RuntimeError(message)
-
-
-def run_stage(stage: PipelineStage, job: PipelineJob, t0: float, fail: tuple | None = None, relay=None) -> dict:
-    """One stage's share of a pipelined generation, micro-batches in the same order on every stage: events, memory,
-    and on the last stage the new tokens, also handed to `relay` (a RelayEnd) step by step (notebook 05).
-
-    In a stoppable job, the last stage decides after each step's first micro-batch whether to go on (no Stop asked,
-    some row not ended); a stop goes to the first stage in place of the tokens, and from stage to stage as the
-    one-number message that precedes each hidden state, so every stage ends after the same token."""
+def serve_pipeline(context: RankContext, settings: PipelineSettings, setup) -> list[RunRecord] | None:
+    """One stage: load its blocks, run every job, and on rank 0 merge the stages' reports (notebook 05)."""
     import time
 
-    rank, n, dev = stage.rank, stage.world_size, stage.device
-    first, last = rank == 0, rank == n - 1
-    rows = torch.arange(job.input_ids.shape[0]).tensor_split(job.micro_batches)
-    ids = [job.input_ids[r].to(dev) for r in rows]
-    masks = [job.attention_mask[r].to(dev) for r in rows]
-    caches = [new_stage_cache(stage) for _ in rows]
-    prompt_len, steps, width = job.input_ids.shape[1], job.max_new_tokens, stage.config.n_embd
-    events: list[TimingEvent] = []
+    plan, jobs, model_path = setup
+    rank, last = context.rank, context.rank == context.world_size - 1
+    tokenizer = load_tokenizer(str(model_path)) if rank == 0 else None
+    import accelerate.utils  # noqa: F401  (libraries belong to the baseline, not to the stage)
+    import safetensors  # noqa: F401
+    import transformers.masking_utils  # noqa: F401
+    from transformers import DynamicCache  # noqa: F401
 
-    def record(start=None, phase="", step=0, micro_batch=0, kind="compute"):
-        now = time.time() - t0  # one clock for all stages (on one machine; across machines as synced as theirs)
-        if start is not None:
-            events.append(TimingEvent(rank, phase, step, start, now, kind, micro_batch))
-        return now
+    gptj_modeling()
+    baseline = reset_peak_rss()
+    start = time.perf_counter()
+    stage = load_stage(model_path, plan, rank, as_dtype(settings.dtype or plan.dtype), str(context.comm_device),
+                       transform=context.options.transform)
+    load_seconds = time.perf_counter() - start
 
-    go, stop = torch.ones(1, dtype=torch.long), torch.full((1,), -1, dtype=torch.long)
-    inbox = None
-    if not first:  # hidden states from the previous stage, in schedule order (each after a go/stop if stoppable)
-        shapes = [((len(r), prompt_len if s == 0 else 1, width), stage.dtype) for s in range(steps) for r in rows]
-        if job.stoppable:
-            shapes = [m for shape in shapes for m in (((1,), torch.long), shape)]
-        inbox = Inbox(stage, rank - 1, shapes, record, ahead=1 if job.stoppable else 2)
-    elif n > 1:  # token ids from the last stage, for every step but the last
-        inbox = Inbox(stage, n - 1, [((len(r),), torch.long) for s in range(steps - 1) for r in rows], record,
-                      ahead=1 if job.stoppable else 2)
-    outbox = Outbox(stage, record)
-    tokens = [[] for _ in rows]
-    unfinished = [torch.ones(len(r), dtype=torch.long, device=dev) for r in rows]
-    generators = ([torch.Generator(device=dev).manual_seed(job.sampling.seed) for _ in rows]
-                  if last and not job.sampling.greedy else None)
-    warpers = make_warpers(job)
-    stopping = False  # last stage: a stop was sent, this step is the last
-    with torch.inference_mode():
-        for step in range(steps):
-            inject_fault(stage, fail, step)
-            phase = "prefill" if step == 0 else "decode"
-            for m in range(len(rows)):
-                if first:
-                    x = ids[m] if step == 0 else (inbox.get(phase, step, m) if n > 1 else tokens[m][-1])
-                    if step > 0 and n > 1 and bool((x < 0).all()):  # the last stage said stop
-                        outbox.send(stop, rank + 1, phase, step, m)
-                        break
-                    x = x.view(len(rows[m]), -1)
-                else:
-                    if job.stoppable and bool((inbox.get(phase, step, m) < 0).all()):
-                        if not last:
-                            outbox.send(stop, rank + 1, phase, step, m)
-                        break
-                    x = inbox.get(phase, step, m)
-                start = record()
-                out = forward_stage(stage, x, masks[m], caches[m])
-                if last:
-                    out = pick_tokens(out, job, warpers, generators[m] if generators else None)
-                    out = out * unfinished[m] + stage.eos_token_id * (1 - unfinished[m])  # pad = eos after eos
-                    unfinished[m] = unfinished[m] & (out != stage.eos_token_id).long()
-                    tokens[m].append(out)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                record(start, phase, step, m)
-                masks[m] = torch.cat([masks[m], masks[m].new_ones((len(rows[m]), 1))], dim=-1)
-                if last and relay is not None:
-                    relay.put(out)
-                if last and job.stoppable and m == 0 and step < steps - 1:
-                    stopping = (relay is not None and relay.stop_requested()) or not any(u.any() for u in unfinished)
-                if not last:
-                    if job.stoppable:
-                        outbox.send(go, rank + 1, phase, step, m)
-                    outbox.send(out, rank + 1, phase, step, m)
-                elif n > 1 and step < steps - 1 and not (stopping and m > 0):
-                    outbox.send(stop.expand(len(out)) if stopping else out, 0, phase, step, m)
-            else:
-                if not (stopping and n == 1):
-                    continue
-            break  # a stop: this stage's last step is done
-        outbox.flush()
-    if relay is not None:
-        relay.end()
-    kv = sum(kv_bytes(layer) for c in caches for layer in c.layers)
-    memory = MemoryRow(rank, str(dev), stage.param_bytes, kv,
-                       cuda_peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None)
-    new = torch.cat([torch.stack(t, dim=1) for t in tokens]).cpu() if last else None
-    return {"events": events, "memory": memory, "new_tokens": new}
+    def run(job, t0):
+        report = run_stage(stage, job, EventClock(t0), settings.relay if last else None)
+        report["memory"].load_seconds = load_seconds
+        if baseline is not None:  # host memory of this stage process over its RSS after imports, before loading
+            report["memory"].peak_rss_bytes = peak_rss() - baseline
+        return report
+
+    def merge(reports, job):
+        record = merge_results(reports, job, tokenizer, plan, stage.eos_token_id)
+        record.prompts = list(settings.prompts or [])
+        return record
+
+    return run_jobs(context, jobs, run, merge)
 
 
-def merge_stage_results(results: list[dict], job: PipelineJob, tokenizer, plan: Plan | None,
-                        eos: int) -> RunRecord:
-    """Combine what the stages report into one RunRecord, trimmed like generate (stop when all rows hit eos)."""
-    new = results[-1]["new_tokens"]
-    done = (new == eos).int()
-    finished_at = torch.where(done.any(1), done.argmax(1), torch.full_like(done[:, 0], new.shape[1] - 1))
-    length = int(finished_at.max()) + 1
-    output = torch.cat([job.input_ids, new[:, :length]], dim=1)
-    counts = (finished_at + 1).tolist()  # each row's tokens up to its eos, as generate_text counts them
-    texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, counts)]
-    events = sorted((e for r in results for e in r["events"]), key=lambda e: (e.start, e.stage))
-    memory = [r["memory"] for r in results]
-    for row in memory if plan else []:
-        row.budget_bytes = plan.devices[row.stage].budget_bytes
-    last = len(results) - 1
-    ttft = max(e.end for e in events if e.stage == last and e.kind == "compute" and e.step == 0)
-    total = max(e.end for e in events)
-    after_first = sum(counts) - len(counts)
-    return RunRecord(texts=texts, prompts=[], mode="pipeline", new_tokens=sum(counts), time_to_first_token=ttft,
-                     tokens_per_second=after_first / (total - ttft) if total > ttft else float("nan"),
-                     total_seconds=total, events=events, memory=memory, plan=plan,
-                     settings={"max_new_tokens": job.max_new_tokens, **job.sampling.settings(),
-                               "batch_size": len(counts), "micro_batches": job.micro_batches},
-                     output_ids=output)
+def run_pipeline_jobs(model, devices: str | list[Device] | None, jobs: list[PipelineJob], plan: Plan | None = None,
+                      dtype: torch.dtype | None = None, options: LaunchOptions | None = None,
+                      relay: RelayEnd | None = None) -> list[RunRecord]:
+    """Several generations in one start of the stage processes (benchmarks and tests reuse the loaded stages);
+    everything is planned and checked here, before any process starts (notebook 05)."""
+    model_path = model_folder(model)
+    config = load_config(str(model_path))
+    options = options or LaunchOptions()
+    if plan is None:
+        settings = pipeline_settings(model_path, devices)  # the spec parsed once, here
+        plan = plan_pipeline(config, settings.devices, jobs, as_dtype(dtype), str(model))
+    check_pipeline_plan(plan, config.n_layer)
+    if plan.quantized and options.transform is None:
+        raise ValueError(f"the plan stores the blocks in {plan.weights}: pass options=gh.LaunchOptions(transform="
+                         "gh.quantizer_for(plan)), which quantizes each block as its stage loads it (notebook 08)")
+    settings = pipeline_settings(model_path, plan=plan, jobs=jobs, dtype=dtype, relay=relay)
+    return start_ranks(pipeline_job(settings, options), model_path)
+
+
+def run_pipeline(model, prompts: str | list[str], devices: str | list[Device] | None = None,
+                 micro_batches: int = 1, plan: Plan | None = None, dtype: torch.dtype | None = None,
+                 max_new_tokens: int = 50, options: LaunchOptions | None = None, stream=False,
+                 stopping_criteria=None, sampling: Sampling | None = None, **knobs) -> tuple[list[str], RunRecord]:
+    """Generate with one process per stage, micro-batches flowing through them at once (notebook 05).
+
+    Returns `(texts, record)` like generate_text: `model` is a name or folder ("tiny", "gpt-j-6b", a path);
+    `max_new_tokens` and the sampling keywords (greedy, temperature, top_p, top_k, seed, or `sampling=`) are
+    generate_text's, and `texts[i]` continues `prompts[i]`. Greedy tokens equal `model.generate` on the whole
+    batch; seeded sampling equals `torch.manual_seed(seed); model.generate(...)` run on each micro-batch alone
+    (each micro-batch has its own generator), so on the whole batch when micro_batches=1. `stream` and
+    `stopping_criteria` work as in generate_text (notebook 06's widget uses both), with one prompt per
+    micro-batch: the last stage sends each token to this process as it is picked, the criteria run here on what
+    has arrived, and a stop ends every stage after the same token, usually one token later than in generate.
+    `options` (a LaunchOptions): timeouts, threads, cores, and for int8 or nf4 plans the `transform` that
+    quantizes each block as it loads, `gh.quantizer_for(plan)` (notebook 08).
+    """
+    import multiprocessing
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    model_path = model_folder(model)
+    stoppable = stream is not False or stopping_criteria is not None
+    job = prompts_job(model_path, load_config(str(model_path)), prompts, micro_batches, max_new_tokens,
+                      sampling=as_sampling(sampling, **knobs), stoppable=stoppable)
+    if not stoppable:
+        record = run_pipeline_jobs(model_path, devices, [job], plan=plan, dtype=dtype, options=options)[0]
+    else:
+        streamer = make_streamer(load_tokenizer(str(model_path)), prompts, stream)
+        with TokenRelay(multiprocessing.get_context("spawn"), job.input_ids, streamer, stopping_criteria) as relay:
+            record = run_pipeline_jobs(model_path, devices, [job], plan=plan, dtype=dtype, options=options,
+                                       relay=relay.worker_end())[0]
+    record.prompts = prompts
+    return record.texts, record
+
+
+def pipeline_generate(devices: str | list[Device], **options):
+    """A function with generate_text's signature that runs the pipeline on `devices`, for notebook 06's widget:
+    `prompt_widget("tiny", tokenizer, generate=pipeline_generate("cpu,cpu"))`; `options` go to run_pipeline
+    (notebook 05; its twin is tensor_parallel_generate)."""
+
+    def generate(model, tokenizer, prompts, **kwargs) -> tuple[list[str], RunRecord]:
+        return run_pipeline(model, prompts, devices, **options, **kwargs)
+
+    return generate

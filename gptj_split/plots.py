@@ -1,5 +1,6 @@
-"""Notebook 04, part 2: figures. Memory per device (planned beside measured), who is busy when (a Gantt chart of
-every stage), utilisation and scaling; all drawn from RunRecords, whichever way they were generated.
+"""Notebook 04, part 2: figures. A plan's load per device (notebook 02), memory per device (planned beside
+measured), who is busy when (a Gantt chart of every stage), utilisation and scaling; all but the plan drawn from
+RunRecords, whichever way they were generated.
 """
 
 from __future__ import annotations
@@ -19,6 +20,35 @@ def size_unit(nbytes: float) -> tuple[str, int]:
 
 MEMORY_COLORS = {"parameters": "tab:blue", "KV cache": "tab:orange", "activations (estimate)": "tab:green",
                  "activations": "tab:green", "reserve": "tab:gray", "free": "whitesmoke"}
+
+
+def plot_plan(plan: Plan, title: str | None = None):
+    """Draw a plan: one bar per device, filled by embedding, blocks, head, KV cache and reserve, against its budget."""
+    import matplotlib.pyplot as plt
+
+    gib = 2**30
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(plan.devices), 3.6))
+    colors = {"embedding": "tab:green", "blocks": "tab:blue", "head": "tab:purple", "KV cache": "tab:orange",
+              "reserve": "tab:gray"}
+    for i, s in enumerate(plan.devices):
+        n_blocks = s.blocks[1] - s.blocks[0]
+        parts = {"embedding": plan.module_bytes["embedding"] * s.embedding,
+                 "blocks": plan.module_bytes["block"] * n_blocks, "head": plan.module_bytes["head"] * s.head,
+                 "KV cache": s.kv_cache_bytes, "reserve": s.reserve_bytes}
+        bottom = 0.0
+        for label, nbytes in parts.items():
+            ax.bar(i, nbytes / gib, bottom=bottom, color=colors[label], label=label if i == 0 else None,
+                   edgecolor="white", width=0.7)
+            bottom += nbytes / gib
+        ax.hlines(s.budget_bytes / gib, i - 0.42, i + 0.42, colors="black", linewidth=2,
+                  label="budget" if i == 0 else None)
+        ax.text(i, bottom, f"{n_blocks} blocks\n{s.fill:.0%}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(plan.devices)), [f"{i}: {s.device}" for i, s in enumerate(plan.devices)], fontsize=8)
+    ax.set_ylabel("memory (GiB)")
+    ax.set_title(title or f"{plan.model} ({plan.dtype}) split over {len(plan.devices)} devices")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
 
 
 def plot_memory(record: RunRecord, plan: Plan | None = None):

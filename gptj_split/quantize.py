@@ -182,7 +182,7 @@ def place_quantized(model_path, plan: Plan, backend: str | None = None, **option
 def quantizer_for(plan: Plan, backend: str | None = None) -> BlockQuantizer | None:
     """The `transform` that quantizes a plan's blocks as they load, its backend checked against the plan's devices
     before anything loads (None for unquantized weights): for place_stages, and for `run_pipeline(...,
-    transform=...)`, whose stage processes each quantize their own blocks (notebook 08)."""
+    options=LaunchOptions(transform=...))`, whose stage processes each quantize their own blocks (notebook 08)."""
     if not plan.quantized:
         return None
     backend = check_backend(plan.weights, backend, [s.device for s in plan.devices])

@@ -1,11 +1,12 @@
-"""Shared records: what one generation measured. Every way of generating (the naive split of notebook 03, the
-pipeline of notebook 05) returns `(texts, RunRecord)`, with memory as `MemoryRow`s, so the plots of notebook 04
-draw any of them.
+"""Shared records: what one generation measured, and the one clock that times it. Every way of generating (the naive
+split of notebook 03, the pipeline of notebook 05, tensor parallelism of notebook 07) returns `(texts, RunRecord)`,
+with memory as `MemoryRow`s and times from an `EventClock`, so the plots of notebook 04 draw any of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -75,3 +76,63 @@ class RunRecord:
             if e.kind == "compute":
                 busy[e.stage] += e.end - e.start
         return busy
+
+
+class EventClock:
+    """The one timing recorder of every way of generating (notebooks 03 to 07). A stamp is host seconds since `t0`
+    (time.time(), so the processes of one run share the axis) on the CPU, and a recorded CUDA event on a GPU, read
+    after one synchronize at the end: times are the device's own (a collective's real time, not its launch), and
+    stamping never stalls the device. `step` is the generation step that `note` files an interval under."""
+
+    def __init__(self, t0: float | None = None):
+        self.t0 = time.time() if t0 is None else t0
+        self.step = 0
+        self.origins: dict[torch.device, tuple[object, float]] = {}  # CUDA device -> (event, host seconds at it)
+        self.marks: list[tuple] = []  # (stage, phase, step, start, end, kind, micro_batch, device)
+
+    def restart(self, t0: float) -> None:
+        """Start again from `t0`, with nothing noted (a rank's next job)."""
+        self.t0, self.step, self.marks = t0, 0, []
+        self.origins.clear()
+
+    def now(self) -> float:
+        """Host seconds since t0."""
+        return time.time() - self.t0
+
+    def stamp(self, device: torch.device | None = None):
+        """A point in time on `device`: host seconds, or a CUDA event recorded on the device's current stream."""
+        if device is None or device.type != "cuda":
+            return self.now()
+        if device not in self.origins:  # the device's zero: an event recorded when it is idle, at a known host time
+            torch.cuda.synchronize(device)
+            origin = torch.cuda.Event(enable_timing=True)
+            origin.record(torch.cuda.current_stream(device))
+            self.origins[device] = (origin, self.now())
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+    def seconds(self, stamp, device: torch.device | None = None) -> float:
+        """A stamp as seconds since t0 (call after `sync`)."""
+        if isinstance(stamp, float):
+            return stamp
+        origin, at = self.origins[device]
+        return at + origin.elapsed_time(stamp) / 1000
+
+    def note(self, stage: int, start, device: torch.device | None = None, kind: str = "compute",
+             micro_batch: int = 0, step: int | None = None) -> None:
+        """File the interval from `start` (a stamp) to now as a TimingEvent of `stage`."""
+        step = self.step if step is None else step
+        self.marks.append((stage, "prefill" if step == 0 else "decode", step, start, self.stamp(device), kind,
+                           micro_batch, device))
+
+    def sync(self) -> None:
+        """Wait for every device stamped on, so its events can be read."""
+        for device in self.origins:
+            torch.cuda.synchronize(device)
+
+    def events(self) -> list[TimingEvent]:
+        """Every interval noted, in seconds since t0, in the order they were noted."""
+        self.sync()
+        return [TimingEvent(stage, phase, step, self.seconds(a, d), self.seconds(b, d), kind, mb)
+                for stage, phase, step, a, b, kind, mb, d in self.marks]

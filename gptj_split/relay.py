@@ -1,54 +1,17 @@
-"""Notebooks 05 to 07: starting processes from a notebook, and streaming across them. CPU stage processes fork
-from a server that has imported torch and transformers once. The process that picks tokens puts each step's tokens on
-a queue; a thread in the caller's process hands them to a transformers streamer and runs the caller's stopping
-criteria, and a Stop travels back as a shared flag that the picking process reads once per step.
+"""Notebooks 05 to 07: streaming tokens across processes. The process that picks tokens puts each step's tokens on a
+queue; a thread in the caller's process hands them to a transformers streamer and runs the caller's stopping
+criteria, and a Stop travels back as a shared flag that the picking process reads once per step. Under torchrun,
+rank 0 prints them itself (`PrintRelay`).
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import threading
 from dataclasses import dataclass
 
 import torch
 
-
-# what every stage or rank process imports: the fork server imports it once, before it forks any of them
-STAGE_IMPORTS = ["__main__", "gptj_split.preload"]
-
-
-def process_context(devices: list[str], model=None):
-    """How notebooks 05 to 07 start the processes of stages on `devices`. On Linux, CPU stages fork from a server,
-    started at the first run, that imports STAGE_IMPORTS once, so each starts within a fraction of a second instead
-    of spending seconds of CPU importing torch and transformers again (forkserver: Python 3.14's default on Linux).
-    GPU stages are spawned: CUDA cannot start in a process forked from one that may have touched it, and loading
-    their weights takes far longer than the imports. So are GPT-J-6B's full-size stages (`model`): forked, they raised
-    notebook 07's rehearsal peak from 14.73 to 16.87 GiB, and at that size the imports are a small part of the
-    start. Elsewhere too (macOS's system libraries are not fork-safe, Windows has no fork). The server lives as long
-    as this process (`adopt_environment`)."""
-    import sys
-
-    from .hub import load_config
-    from .models import is_gptj_6b
-
-    if not sys.platform.startswith("linux") or any(torch.device(d).type != "cpu" for d in devices) or (
-            model is not None and is_gptj_6b(load_config(str(model)))):
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(STAGE_IMPORTS)  # takes effect when the server starts; a running one keeps its own
-    return ctx
-
-
-def adopt_environment(environ: dict[str, str] | None) -> None:
-    """In a stage process: take the caller's environment as it was when the stage started, as a spawned process
-    would (a forked one has its fork server's, from the first run); `tempfile` then reads TMPDIR again."""
-    import tempfile
-
-    if environ is not None:
-        os.environ.clear()
-        os.environ.update(environ)
-        tempfile.tempdir = None
+from .generate import make_streamer
 
 
 @dataclass
@@ -121,3 +84,30 @@ class TokenRelay:
             self.stream.end()
         if self.error is not None and exc[0] is None:
             raise self.error
+
+
+class PrintRelay:
+    """Under torchrun, the rank that picks tokens streams to its own standard output as `generate --stream` prints:
+    each job's prompt, then its text as the tokens are picked, a blank line between prompts (notebook 07)."""
+
+    def __init__(self, tokenizer, prompts: list[str]):
+        self.tokenizer, self.prompts, self.streamer = tokenizer, list(prompts), None
+
+    def put(self, token_ids: torch.Tensor) -> None:
+        """One step's token: the first of a job prints its prompt first (the streamer skips what it is given first)."""
+        if self.streamer is None:
+            self.streamer = make_streamer(self.tokenizer, [self.prompts.pop(0)], True)
+            self.streamer.put(token_ids.view(-1))
+        self.streamer.put(token_ids.view(-1))
+
+    def stop_requested(self) -> bool:
+        """Nobody asks a torchrun launch to stop."""
+        return False
+
+    def end(self) -> None:
+        """The job is done: flush its text, and a blank line before the next prompt."""
+        if self.streamer is not None:
+            self.streamer.end()
+            self.streamer = None
+            if self.prompts:
+                print(flush=True)

@@ -120,3 +120,9 @@ def pad_left(ids: list[list[int]], pad_id: int, device: torch.device | str) -> t
     input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
     return input_ids, mask
+
+
+def position_ids(mask: torch.Tensor, new: int) -> torch.Tensor:
+    """generate's position ids under left padding for the last `new` positions: the count of real tokens before each,
+    padding at 0; every stage and rank derives them from the mask alone (notebooks 05, 07)."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -new:]

@@ -1,286 +1,298 @@
-"""Notebook 07, part 1: tensor parallelism. Every rank holds transformers' GPT-J with each block's matrices cut by
-whole attention heads (q/k/v, out_proj) and MLP columns (fc_in, fc_out), and all ranks compute every token together,
-adding their partial sums with all-reduces: torch's `parallelize_module` (one all-reduce per layer, two per block)
-or the hand-written variant (GPT-J's attention and MLP read the same input, so one all-reduce per block). The
-embedding is replicated on every rank; the head is split by vocabulary and its logits gathered.
+"""Notebook 07, part 2: tensor parallelism, a client of the rank runtime (ranks.py) and the twin of pipeline.py. One
+rank per device, started from a notebook or by torchrun: rank 0 tokenizes and plans, every rank builds its own shards
+(shards.py), all ranks compute every token together, and rank 0 picks each token (greedy or sampled, on its own
+device, as generate does there) and broadcasts it with a stop flag.
 """
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .models import as_dtype, default_dtype, dtype_name, meta_model, gptj_modeling
-from .devices import Device, format_size, parse_devices
-from .plan import Plan, StagePlan, as_config, kv_cache_bytes_per_layer
-from .records import TimingEvent
-from .place import WeightReader, tensor_bytes
+from .models import as_dtype, dtype_name, gptj_modeling
+from .devices import Device, parse_devices, peak_rss, reset_peak_rss
+from .hub import load_config, load_tokenizer, resolve_model
+from .plan import Plan
+from .records import MemoryRow, RunRecord
+from .place import kv_bytes
+from .sampling import Sampling, as_sampling
+from .generate import make_streamer
+from .relay import TokenRelay
+from .ranks import LaunchOptions, RankContext, RankError, RankJob, fault_point, pick_backend, run_jobs, start_ranks
+from .jobs import PipelineJob, merge_results, model_folder, next_tokens, prompts_job
+from .shards import VARIANTS, RankModel, build_rank_model, forward_rank, plan_tensor_parallel
 
-VARIANTS = ("torch", "block")  # torch: parallelize_module, an all-reduce per layer; block: by hand, one per block
-COLUMNS = ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "mlp.fc_in.weight", "mlp.fc_in.bias",
-           "lm_head.weight", "lm_head.bias")  # cut along their output features (dim 0)
-ROWS = ("attn.out_proj.weight", "mlp.fc_out.weight")  # cut along their input features (dim 1)
-
-
-def shard_dim(name: str) -> int | None:
-    """The dimension a parameter is cut along (0: output features, 1: input features), None if every rank holds it
-    all (notebook 07)."""
-    if name.endswith(COLUMNS):
-        return 0
-    return 1 if name.endswith(ROWS) else None
-
-
-def shard_of(tensor: torch.Tensor, name: str, rank: int, ranks: int) -> torch.Tensor:
-    """Rank `rank`'s piece of a whole parameter, cut as torch's DTensor cuts it (`torch.chunk`) (notebook 07)."""
-    dim = shard_dim(name)
-    return tensor if dim is None or ranks == 1 else tensor.chunk(ranks, dim)[rank]
-
-
-def rank_counts(config) -> list[int]:
-    """The rank counts that split the model's attention heads evenly (notebook 07)."""
-    return [r for r in range(1, config.n_head + 1) if config.n_head % r == 0]
-
-
-def check_head_split(config, ranks: int, model_name: str = "the model") -> None:
-    """Refuse a rank count that cannot give every rank the same whole heads, naming the counts that work (notebook
-    07)."""
-    counts = ", ".join(map(str, rank_counts(config)))
-    inner = config.n_inner or 4 * config.n_embd
-    if ranks < 1:
-        raise ValueError(f"tensor parallelism needs at least 1 rank, got {ranks}")
-    if ranks > config.n_head:
-        raise ValueError(f"{ranks} ranks but {model_name} has only {config.n_head} attention heads: every rank needs "
-                         f"at least one whole head; use {counts} ranks")
-    if config.n_head % ranks or inner % ranks:
-        raise ValueError(f"{model_name}'s {config.n_head} attention heads cannot be split {ranks} ways: every rank "
-                         f"must hold the same number of whole heads; use {counts} ranks (devices)")
-
-
-def rank_parameter_bytes(config, ranks: int, rank: int, dtype: torch.dtype) -> dict[str, int]:
-    """Bytes of one rank's parameters: embedding (replicated), blocks (cut) and head (cut by vocabulary) (notebook
-    07)."""
-    parts = {"embedding": 0, "blocks": 0, "head": 0}
-    for name, p in meta_model(config).named_parameters():
-        part = "embedding" if ".wte." in name else "blocks" if ".h." in name else "head"
-        parts[part] += shard_of(torch.empty(p.shape, device="meta"), name, rank, ranks).numel() * dtype.itemsize
-    return parts
-
-
-def plan_tensor_parallel(model_or_config, devices: str | list[Device], dtype: torch.dtype | str | None = None,
-                         prompt_tokens: int = 0, max_new_tokens: int = 0, batch_size: int = 1, reserve: int = 0,
-                         model_name: str | None = None) -> Plan:
-    """Each device's bytes when every block is cut over all of them: its share of the weights, the whole embedding
-    (replicated), its vocabulary slice of the head and the KV cache of its heads; refuses what cannot split or fit
-    (notebook 07)."""
-    config = as_config(model_or_config)
-    devices = parse_devices(devices, check=False) if isinstance(devices, str) else list(devices)
-    name = model_name or (str(model_or_config) if isinstance(model_or_config, str) else "the model")
-    check_head_split(config, len(devices), name)
-    dtype = as_dtype(dtype) or default_dtype(config, devices)
-    n = len(devices)
-    kv = kv_cache_bytes_per_layer(config, dtype, prompt_tokens + max_new_tokens, batch_size) * config.n_layer // n
-    stages = []
-    for r, d in enumerate(devices):
-        parts = rank_parameter_bytes(config, n, r, dtype)
-        params = sum(parts.values())
-        stages.append(StagePlan(d.name, True, (0, config.n_layer), True, params, kv, reserve, params + kv + reserve,
-                                d.budget_bytes))
-    parts = rank_parameter_bytes(config, n, 0, dtype)
-    plan = Plan(name, dtype_name(dtype), sum(p.numel() for p in meta_model(config).parameters()), stages,
-                {"embedding": parts["embedding"], "block": parts["blocks"] // config.n_layer, "head": parts["head"]})
-    over = [(r, s) for r, s in enumerate(stages) if s.total_bytes > s.budget_bytes]
-    if over:
-        r, s = over[0]
-        raise MemoryError(f"{name} does not fit in tensor parallel over {n} device(s): device {r} ({s.device}) needs "
-                          f"{format_size(s.total_bytes)} (weights {format_size(s.param_bytes)} with the whole "
-                          f"embedding, KV cache {format_size(s.kv_cache_bytes)}) but has {format_size(s.budget_bytes)}"
-                          f": use more devices ({', '.join(map(str, rank_counts(config)))} ranks split the heads), a "
-                          "smaller dtype, or a shorter context.")
-    return plan
+TP_VARIANT = "block"  # the default: one all-reduce per block (notebook 07 measures both)
 
 
 @dataclass
-class RankModel:
-    """What one tensor-parallel process holds: transformers' GPTJForCausalLM with this rank's shards (notebook 07)."""
+class TensorParallelJob(PipelineJob):
+    """A batch for the tensor-parallel ranks: a pipeline job plus the variant; `keep_logits` (tests) keeps every
+    step's logits (notebook 07)."""
 
-    rank: int
-    ranks: int
-    variant: str
-    device: torch.device
-    dtype: torch.dtype
-    model: torch.nn.Module
-    param_bytes: int
-    eos_token_id: int
-    clock: CommClock
-
-    @property
-    def config(self):
-        """The whole model's config (heads are cut in the weights, never in the config)."""
-        return self.model.config
+    variant: str = TP_VARIANT
+    keep_logits: bool = False
 
 
-class CommClock:
-    """Notes every collective of one rank as a TimingEvent ("all-reduce", "all-gather", "broadcast"); `t0` and
-    `step` are set by the generation loop (notebook 07)."""
-
-    def __init__(self, rank: int, comm_device: str = "cpu"):
-        self.rank, self.t0, self.step, self.events = rank, time.time(), 0, []
-        self.comm = torch.device(comm_device)  # where collectives run: the GPU for NCCL, the CPU for gloo
-
-    def now(self) -> float:
-        return time.time() - self.t0
-
-    def note(self, kind: str, start: float) -> None:
-        phase = "prefill" if self.step == 0 else "decode"
-        self.events.append(TimingEvent(self.rank, phase, self.step, start, self.now(), kind))
+def tensor_parallel_job(job: PipelineJob, variant: str = TP_VARIANT, keep_logits: bool = False) -> TensorParallelJob:
+    """A pipeline job (from `make_job` or `prompts_job`) for the tensor-parallel ranks, checked (notebook 07)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: use 'torch' (parallelize_module, an all-reduce per layer) or 'block' "
+                         "(one all-reduce per block)")
+    fields = {f.name: getattr(job, f.name) for f in dataclasses.fields(PipelineJob)}
+    return TensorParallelJob(**fields, variant=variant, keep_logits=keep_logits)
 
 
-def tensor_parallel_plan(lm_head: bool = True) -> dict:
-    """torch's layouts for one GPT-J block (and the head): column-wise q/k/v/fc_in, row-wise out_proj/fc_out (notebook
-    07)."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+class TensorParallelError(RankError):
+    """A tensor-parallel rank failed; `rank` (and `stage`) names it (notebook 07)."""
 
-    layouts = {f"transformer.h.*.{name}": ColwiseParallel() for name in ("attn.q_proj", "attn.k_proj", "attn.v_proj",
-                                                                           "mlp.fc_in")}
-    layouts |= {f"transformer.h.*.{name}": RowwiseParallel() for name in ("attn.out_proj", "mlp.fc_out")}
-    if lm_head:
-        layouts["lm_head"] = ColwiseParallel(output_layouts=Replicate())  # logits gathered over the vocabulary
-    return layouts
+    kind = "tensor-parallel rank"
 
 
-def time_collective(module: torch.nn.Module, clock: CommClock, kind: str) -> None:
-    """Time the collective that torch's layout hook runs after `module` (it waits for the result) (notebook 07)."""
-    marks: list[float] = []
+@dataclass
+class TensorParallelSettings:
+    """What every rank of one tensor-parallel run needs, the same under both launchers (notebook 07)."""
 
-    def before(m, args, out):
-        marks.append(clock.now())
-
-    def after(m, args, out):
-        out = out.wait() if hasattr(out, "wait") else out  # funcol results are lazy: wait here, inside the timing
-        clock.note(kind, marks.pop())
-        return out
-
-    module.register_forward_hook(before, prepend=True)
-    module.register_forward_hook(after)
-
-
-def one_reduce_per_block(block: torch.nn.Module, clock: CommClock) -> None:
-    """The hand-written variant: attention's partial sum waits for the MLP's, and one all-reduce adds both; the
-    block then adds 0 + that sum + the residual (notebook 07)."""
-    import torch.distributed as dist
-
-    held: list[torch.Tensor] = []
-
-    def attn_out(m, args, out):
-        held.append(out[0])
-        return (torch.zeros_like(out[0]), *out[1:])
-
-    def mlp_out(m, args, out):
-        total = (held.pop() + out).to(clock.comm)
-        start = clock.now()
-        dist.all_reduce(total)
-        clock.note("all-reduce", start)
-        return total.to(out.device)
-
-    block.attn.register_forward_hook(attn_out)
-    block.mlp.register_forward_hook(mlp_out)
+    model: str  # a model name or folder
+    devices: list[Device]  # one per rank, parsed once
+    plan_json: str | None = None
+    prompts: list[str] | None = None  # the texts to continue (rank 0), or else `jobs`
+    jobs: list[TensorParallelJob] | None = None
+    max_new_tokens: int = 50
+    sampling: Sampling = dataclasses.field(default_factory=Sampling)
+    variant: str = TP_VARIANT
+    dtype: str | None = None  # None: the plan's
+    relay: object = None  # rank 0 streams every job's tokens there and reads the caller's Stop
 
 
-def gather_vocabulary(lm_head: torch.nn.Module, clock: CommClock, vocab: int, ranks: int) -> None:
-    """The hand-written head: each rank's logits for its vocabulary slice, gathered (padded to equal pieces) (notebook
-    07)."""
-    import torch.distributed as dist
-
-    def gather(m, args, out):
-        piece = -(-vocab // ranks)  # torch.chunk's piece size; the last pieces may be shorter
-        padded = torch.nn.functional.pad(out, (0, piece - out.shape[-1])).to(clock.comm)
-        parts = [torch.empty_like(padded) for _ in range(ranks)]
-        start = clock.now()
-        dist.all_gather(parts, padded.contiguous())
-        clock.note("all-gather", start)
-        sizes = [len(c) for c in torch.empty(vocab, device="meta").chunk(ranks)]
-        return torch.cat([p[..., :s] for p, s in zip(parts, sizes)], dim=-1).to(out.device)
-
-    lm_head.register_forward_hook(gather)
-
-
-def cut_linear(linear: torch.nn.Linear, dim: int, rank: int, ranks: int) -> torch.nn.Linear:
-    """A meta Linear holding only this rank's rows (dim 0) or columns (dim 1) of `linear` (notebook 07)."""
-    out_f, in_f = linear.weight.shape
-    if dim == 0:
-        out_f = len(torch.empty(out_f, device="meta").chunk(ranks)[rank])
-    else:
-        in_f = len(torch.empty(in_f, device="meta").chunk(ranks)[rank])
-    return torch.nn.Linear(in_f, out_f, bias=linear.bias is not None, device="meta", dtype=linear.weight.dtype)
-
-
-def build_rank_model(model_path, rank: int, ranks: int, dtype: torch.dtype, device: str = "cpu",
-                     variant: str = "block", mesh=None, comm_device: str = "cpu") -> RankModel:
-    """Build GPT-J on the meta device, cut it for this rank, allocate only the shards (`to_empty`), fill them from
-    safetensors or seeds, and put back the rotary tables that `to_empty` leaves as garbage (notebook 07)."""
-    from accelerate import init_empty_weights
-    GPTJForCausalLM = gptj_modeling().GPTJForCausalLM
-
+def tensor_parallel_settings(model, devices: str | list[Device] | None = None, plan: Plan | None = None,
+                             prompts: list[str] | None = None, jobs: list[TensorParallelJob] | None = None,
+                             max_new_tokens: int = 50, sampling: Sampling | None = None, variant: str = TP_VARIANT,
+                             dtype=None, relay=None) -> TensorParallelSettings:
+    """The settings of one tensor-parallel run, its device spec parsed once, for the notebook launcher and torchrun
+    alike (notebook 07)."""
+    if plan is not None:
+        devices = [Device(s.device, s.budget_bytes) for s in plan.devices]
+    elif isinstance(devices, str):
+        devices = parse_devices(devices, check=False)
+    elif not devices:
+        raise ValueError("give devices, one per rank (like 'cpu,cpu'), or a plan")
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: use one of {VARIANTS}")
-    weights = WeightReader(model_path)
-    config = weights.config
-    clock = CommClock(rank, comm_device)
-    with init_empty_weights():  # parameters on meta; buffers (the rotary sin/cos table) computed for real
-        model = GPTJForCausalLM(config)
-    shapes = {name: p.shape for name, p in model.named_parameters()}
-    weights.check(shapes)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}  # non-persistent: in no file
-    model.to(dtype)  # on meta: free, so the shards are allocated in their own dtype
-    if ranks > 1 and variant == "torch":
-        from torch.distributed.tensor.parallel import parallelize_module
-
-        parallelize_module(model, mesh, tensor_parallel_plan())
-    elif ranks > 1:
-        for name, module in list(model.named_modules()):
-            if isinstance(module, torch.nn.Linear) and shard_dim(name + ".weight") is not None:
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, cut_linear(module, shard_dim(name + ".weight"), rank,
-                                                                       ranks))
-    for block in model.transformer.h:  # 5.17 reshapes with this count (5.24 with -1); head_dim stays the model's
-        block.attn.num_attention_heads = config.n_head // ranks
-    model.to_empty(device=device)
-    for name, value in buffers.items():  # as computed, in float32, as placement keeps them
-        parent, _, child = name.rpartition(".")
-        model.get_submodule(parent)._buffers[child] = value.to(device)
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # one whole tensor in memory at a time
-            local = param.to_local() if hasattr(param, "to_local") else param
-            whole = weights.read(name, shapes[name], dtype, torch.device("cpu"))
-            local.copy_(shard_of(whole, name, rank, ranks))
-            if variant == "block" and rank > 0 and name.endswith("mlp.fc_out.bias"):
-                local.zero_()  # the bias is added once, by rank 0, before the all-reduce sums the ranks
-            del whole
-    if ranks > 1 and variant == "block":
-        for block in model.transformer.h:
-            one_reduce_per_block(block, clock)
-        gather_vocabulary(model.lm_head, clock, config.vocab_size, ranks)
-    elif ranks > 1:
-        for block in model.transformer.h:
-            time_collective(block.attn.out_proj, clock, "all-reduce")
-            time_collective(block.mlp.fc_out, clock, "all-reduce")
-        time_collective(model.lm_head, clock, "all-gather")
-    params = sum(tensor_bytes(p.to_local() if hasattr(p, "to_local") else p) for p in model.parameters())
-    eos = config.eos_token_id if isinstance(config.eos_token_id, int) else config.eos_token_id[0]
-    return RankModel(rank, ranks, variant, torch.device(device), dtype, model.eval(), params, eos, clock)
+    return TensorParallelSettings(str(model), list(devices), plan.to_json() if plan else None, prompts, jobs,
+                                  max_new_tokens, sampling or Sampling(), variant,
+                                  dtype_name(dtype) if dtype else None, relay)
 
 
-def forward_rank(rank_model: RankModel, x: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
-    """One step of transformers' GPT-J forward on this rank's shards: the last position's float32 logits, the same on
-    every rank (notebook 07)."""
-    from .pipeline import cache_keyword
+def tensor_parallel_rank_job(settings: TensorParallelSettings, options: LaunchOptions | None = None) -> RankJob:
+    """What the rank runtime runs for a tensor-parallel run: one rank per device (notebook 07)."""
+    return RankJob(TensorParallelError, prepare_tensor_parallel, serve_tensor_parallel,
+                   [d.name for d in settings.devices], settings, options or LaunchOptions())
 
-    q = x.shape[1]
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -q:]  # as generate, under left padding
-    model = rank_model.model
-    hidden = model.transformer(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=True,
-                               **{cache_keyword(): cache}).last_hidden_state
-    return model.lm_head(hidden[:, -1:, :])[:, -1].to(copy=True, dtype=torch.float32)
+
+def check_variant_backend(jobs: list[TensorParallelJob], devices: list[str], local_world_size: int | None = None):
+    """Refuse torch's variant where ranks share a GPU: DTensor's CUDA mesh would run over gloo, which it does not
+    support (the first GPU run ended in a SIGSEGV there) (notebook 07)."""
+    cuda = any(torch.device(d).type == "cuda" for d in devices)
+    if cuda and any(j.variant == "torch" for j in jobs) and pick_backend(devices, local_world_size) != "nccl":
+        raise ValueError(f"variant='torch' (DTensor's parallelize_module) needs NCCL, one GPU per rank; the devices "
+                         f"{', '.join(devices)} share a GPU, so the ranks talk over gloo, and DTensor on a CUDA mesh "
+                         "over gloo is not supported: use variant='block', or one GPU per rank")
+
+
+def prepare_tensor_parallel(settings: TensorParallelSettings) -> tuple[Plan, list[TensorParallelJob], Path]:
+    """On rank 0: the jobs and the plan, checked; nothing loaded yet (notebook 07)."""
+    import os
+
+    model_path = resolve_model(settings.model)
+    config = load_config(str(model_path))
+    jobs = settings.jobs
+    if jobs is None:
+        jobs = [tensor_parallel_job(prompts_job(model_path, config, settings.prompts, 1, settings.max_new_tokens,
+                                                sampling=settings.sampling), settings.variant)]
+    if settings.plan_json:
+        plan = Plan.from_json(settings.plan_json)
+    else:
+        plan = plan_for_jobs(config, settings.devices, jobs, settings.dtype, settings.model)
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    check_variant_backend(jobs, [d.name for d in settings.devices], int(local) if local else None)
+    return plan, jobs, model_path
+
+
+def plan_for_jobs(config, devices: list[Device], jobs: list[PipelineJob], dtype, model_name: str) -> Plan:
+    """The tensor-parallel plan with KV cache room for the longest and widest job (notebook 07)."""
+    return plan_tensor_parallel(config, devices, dtype, max_new_tokens=max(j.input_ids.shape[1] + j.max_new_tokens
+                                                                           for j in jobs),
+                                batch_size=max(j.input_ids.shape[0] for j in jobs), model_name=model_name)
+
+
+def serve_tensor_parallel(context: RankContext, settings: TensorParallelSettings, setup) -> list[RunRecord] | None:
+    """One rank: build its shards (once per variant), run every job, and on rank 0 merge the ranks' reports (notebook
+    07)."""
+    import gc
+    import time
+
+    plan, jobs, model_path = setup
+    rank, world, device = context.rank, context.world_size, str(context.device)
+    dtype = as_dtype(settings.dtype or plan.dtype)
+    tokenizer = load_tokenizer(str(model_path)) if rank == 0 else None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(context.device.type, (world,)) if world > 1 else None  # the CUDA device is set already
+    import accelerate.utils  # noqa: F401  (libraries belong to the baseline, not to the rank)
+    import safetensors  # noqa: F401
+    from torch.distributed.tensor import parallel  # noqa: F401
+    import transformers.masking_utils  # noqa: F401
+    from transformers import DynamicCache  # noqa: F401
+
+    gptj_modeling()
+    built = {"model": None}
+
+    def run(job, t0):
+        rm = built["model"]
+        if rm is None or rm.variant != job.variant:
+            built["model"] = rm = None  # one model at a time: free the other variant first
+            gc.collect()
+            built["baseline"] = reset_peak_rss()
+            start = time.perf_counter()
+            rm = built["model"] = build_rank_model(model_path, rank, world, dtype, device, job.variant, mesh,
+                                                   str(context.comm_device))
+            built["load_seconds"] = time.perf_counter() - start
+        report = run_rank(rm, job, t0, settings.relay if rank == 0 else None)
+        report["memory"].load_seconds = built["load_seconds"]
+        if built["baseline"] is not None:  # host memory of this rank over its RSS after imports, before building
+            report["memory"].peak_rss_bytes = peak_rss() - built["baseline"]
+        return report
+
+    def merge(reports, job):
+        record = merge_rank_results(reports, job, tokenizer, plan, built["model"].eos_token_id)
+        record.prompts = list(settings.prompts or [])
+        return record
+
+    return run_jobs(context, jobs, run, merge)
+
+
+def run_rank(rm: RankModel, job: TensorParallelJob, t0: float, relay=None) -> dict:
+    """One rank's share of a generation: every step, the forward on its shards, then rank 0 picks the tokens on its
+    own device (a CUDA generator there, as generate_text's seed gives) and broadcasts them with a stop flag
+    (notebook 07)."""
+    import torch.distributed as dist
+    from transformers import DynamicCache
+
+    dev, batch = rm.device, job.input_ids.shape[0]
+    x, mask = job.input_ids.to(dev), job.attention_mask.to(dev)
+    cache = DynamicCache(config=rm.config)
+    rm.clock.restart(t0)
+    unfinished = torch.ones(batch, dtype=torch.long, device=dev)
+    generator = (torch.Generator(device=dev).manual_seed(job.sampling.seed) if rm.rank == 0 and not job.sampling.greedy
+                 else None)
+    warpers = job.sampling.warpers()
+    tokens, kept = [], []
+    with torch.inference_mode():
+        for step in range(job.max_new_tokens):
+            fault_point("tensor-parallel rank", rm.rank, step)
+            rm.clock.step = step
+            start = rm.clock.stamp(dev)
+            logits = forward_rank(rm, x, mask, cache)
+            rm.clock.note(rm.rank, start, dev)
+            message = torch.zeros(batch + 1, dtype=torch.long, device=rm.comm)
+            if rm.rank == 0:  # one sampler: the other ranks never draw, so they cannot disagree
+                token, unfinished = next_tokens(logits, job, warpers, generator, unfinished, rm.eos_token_id)
+                message[:batch] = token.to(rm.comm)
+                message[batch] = int(relay is not None and relay.stop_requested())
+            if rm.ranks > 1:
+                start = rm.clock.stamp(rm.comm)
+                dist.broadcast(message, src=0)
+                rm.clock.note(rm.rank, start, rm.comm, "broadcast")
+            message = message.cpu()
+            token = message[:batch]
+            if rm.rank != 0:
+                unfinished = unfinished & (token.to(dev) != rm.eos_token_id).long()
+            if relay is not None:
+                relay.put(token.view(batch, 1))
+            tokens.append(token)
+            kept += [logits.cpu()] if job.keep_logits else []
+            if not unfinished.any() or message[batch]:  # every rank sees the same tokens and flag: all stop here
+                break
+            x = token.view(batch, 1).to(dev)
+            mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=-1)
+    if relay is not None:
+        relay.end()
+    kv = sum(kv_bytes(layer) for layer in cache.layers)
+    memory = MemoryRow(rm.rank, str(dev), rm.param_bytes, kv,
+                       cuda_peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None)
+    return {"events": rm.clock.events(), "memory": memory, "new_tokens": torch.stack(tokens, dim=1),
+            "logits": torch.stack(kept, dim=1) if kept else None}
+
+
+def merge_rank_results(results: list[dict], job: TensorParallelJob, tokenizer, plan: Plan, eos: int) -> RunRecord:
+    """The ranks' reports as one RunRecord, trimmed like generate; `record.logits` when the job kept them (notebook
+    07)."""
+    record = merge_results(results, job, tokenizer, plan, eos)
+    record.mode = "tensor-parallel"
+    record.settings.pop("micro_batches", None)
+    record.settings["variant"] = job.variant
+    if results[0]["logits"] is not None:
+        record.logits = results[0]["logits"]
+    return record
+
+
+def run_tensor_parallel_jobs(model, devices: str | list[Device] | None, jobs: list[TensorParallelJob],
+                             dtype: torch.dtype | None = None, options: LaunchOptions | None = None,
+                             relay=None) -> list[RunRecord]:
+    """Several generations in one start of the ranks (tests and benchmarks); everything is planned and checked here,
+    before any process starts (notebook 07)."""
+    model_path = model_folder(model)
+    config = load_config(str(model_path))
+    if devices is None:
+        raise ValueError("give devices, one per rank (like 'cpu,cpu')")
+    parsed = tensor_parallel_settings(model_path, devices).devices  # the spec parsed once, here
+    plan = plan_for_jobs(config, parsed, jobs, as_dtype(dtype), str(model))
+    check_variant_backend(jobs, [d.name for d in parsed])
+    settings = tensor_parallel_settings(model_path, plan=plan, jobs=jobs, dtype=dtype, relay=relay)
+    return start_ranks(tensor_parallel_rank_job(settings, options), model_path)
+
+
+def run_tensor_parallel(model, prompts: str | list[str], devices: str | list[Device] | None = None,
+                        max_new_tokens: int = 50, variant: str = TP_VARIANT, dtype: torch.dtype | None = None,
+                        options: LaunchOptions | None = None, stream=False, stopping_criteria=None,
+                        sampling: Sampling | None = None, **knobs) -> tuple[list[str], RunRecord]:
+    """Generate with one process per device, every block cut across all of them (notebook 07).
+
+    Returns `(texts, record)` like generate_text, with its sampling keywords and defaults (greedy, temperature,
+    top_p, top_k, seed, or `sampling=`). Greedy tokens equal `model.generate`; seeded sampling equals
+    `generate_text(seed=...)` on rank 0's device: rank 0 alone samples, from the gathered logits with a generator
+    of its device seeded as generate's, and broadcasts each token. `variant`: "block" (one all-reduce per block) or
+    "torch" (parallelize_module, one per layer). `stream` and `stopping_criteria` work as in generate_text (notebook
+    06's widget uses both): rank 0 sends each token to this process as it is picked, the criteria run here, and a
+    stop travels with the next token's broadcast, so every rank ends after the same token (usually one token later
+    than in generate). `options` (a LaunchOptions): timeouts, threads, cores.
+    """
+    import multiprocessing
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    model_path = model_folder(model)
+    job = tensor_parallel_job(prompts_job(model_path, load_config(str(model_path)), prompts, 1, max_new_tokens,
+                                          sampling=as_sampling(sampling, **knobs)), variant)
+    if stream is False and stopping_criteria is None:
+        record = run_tensor_parallel_jobs(model_path, devices, [job], dtype, options)[0]
+    else:
+        streamer = make_streamer(load_tokenizer(str(model_path)), prompts, stream)
+        with TokenRelay(multiprocessing.get_context("spawn"), job.input_ids, streamer, stopping_criteria) as relay:
+            record = run_tensor_parallel_jobs(model_path, devices, [job], dtype, options, relay.worker_end())[0]
+    record.prompts = prompts
+    return record.texts, record
+
+
+def tensor_parallel_generate(devices: str | list[Device], **options):
+    """A function with generate_text's signature that runs tensor parallelism on `devices`, for notebook 06's widget:
+    `prompt_widget("tiny", tokenizer, generate=tensor_parallel_generate("cpu,cpu"))`; `options` go to
+    run_tensor_parallel (notebook 07; its twin is pipeline_generate)."""
+
+    def generate(model, tokenizer, prompts, **kwargs) -> tuple[list[str], RunRecord]:
+        return run_tensor_parallel(model, prompts, devices, **options, **kwargs)
+
+    return generate

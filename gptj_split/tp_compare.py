@@ -5,69 +5,22 @@ one-prompt latency, many-prompt throughput and communication per token. The benc
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 
 import torch
 
-from .models import seeded_tensor, gptj_modeling
 from .devices import format_size
-from .hub import load_config, save_tokenizer
+from .hub import load_config
 from .plan import plan_split
 from .place import measure_memory, place_stages
-from .pipeline import make_job
-from .launch import run_pipeline_jobs
+from .jobs import make_job
+from .ranks import LaunchOptions
+from .pipeline import run_pipeline_jobs
 from .compare import pinned, time_phases
-from .tp_launch import TP_VARIANT, run_tensor_parallel_jobs, tensor_parallel_job
+from .tensor_parallel import TP_VARIANT, run_tensor_parallel_jobs, tensor_parallel_job
 
 COMM_KINDS = ("all-reduce", "all-gather", "broadcast", "send")
-
-
-def bench_config(layers: int = 4, width: int = 4096, vocab: int = 50400):
-    """GPT-J's block shape (heads of 256, rotary 64) at any width and depth, with an end token that random weights
-    practically never pick, so every run makes all its tokens (notebook 07)."""
-    from transformers import GPTJConfig
-
-    return GPTJConfig(vocab_size=vocab, n_positions=2048, n_embd=width, n_layer=layers, n_head=max(1, width // 256),
-                      rotary_dim=min(64, width // max(1, width // 256)), bos_token_id=vocab - 1,
-                      eos_token_id=vocab - 1, tie_word_embeddings=False)
-
-
-def write_bench_model(folder: str | Path, config, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
-    """Random weights saved as safetensors, one file per block: each tensor cut from one seeded pool of normal values
-    (fast to make; every row different), norms 1, biases 0 (notebook 07)."""
-    from safetensors.torch import save_file
-    GPTJForCausalLM = gptj_modeling().GPTJForCausalLM
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    pool = torch.randn(1_000_003, generator=torch.Generator().manual_seed(seed)) * config.initializer_range
-    pool = pool.to(dtype)
-    with torch.device("meta"):
-        shapes = {n: p.shape for n, p in GPTJForCausalLM(config).named_parameters()}
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for i, (name, shape) in enumerate(shapes.items()):
-        if name.endswith("bias") or ".ln_" in name:
-            value = seeded_tensor(name, shape, config, seed, dtype, torch.device("cpu"))
-        else:  # the pool, rotated per tensor, repeated: copies at memory speed
-            value, rolled = torch.empty(shape.numel(), dtype=dtype), pool.roll(-(i * 7919) % len(pool))
-            for start in range(0, len(value), len(pool)):
-                piece = value[start:start + len(pool)]
-                piece.copy_(rolled[:len(piece)])
-            value = value.view(shape)
-        part = name.split(".")[2] if ".h." in name else "rest"
-        groups.setdefault(f"model-{part}.safetensors", {})[name] = value
-    weight_map = {}
-    for file, tensors in groups.items():
-        save_file(tensors, str(folder / file), metadata={"format": "pt"})
-        weight_map |= {name: file for name in tensors}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config.dtype = dtype  # the saved dtype: every path computes in it by default
-    config.save_pretrained(str(folder))
-    save_tokenizer(folder)
-    return folder
 
 
 def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
@@ -120,13 +73,14 @@ def compare_splits(path, devices: str = "cpu,cpu", new_tokens: int = 8, batch: i
     jobs = [make_job(one, torch.ones_like(one), 1, 2, greedy=True), make_job(one, torch.ones_like(one), 1, new_tokens,
                                                                               greedy=True),
             make_job(many, torch.ones_like(many), min(n, batch), new_tokens, greedy=True)]
-    pipe = run_pipeline_jobs(path, None, jobs, plan=plan, dtype=torch.bfloat16, threads=1, affinity=affinity)
+    one_core = LaunchOptions(threads=1, affinity=affinity)
+    pipe = run_pipeline_jobs(path, None, jobs, plan=plan, dtype=torch.bfloat16, options=one_core)
     result["pipeline"] = {"decode": decode_seconds_of(pipe[1]), "record": pipe[1], "tokens": pipe[1].output_ids,
                           "throughput": batch * new_tokens / pipe[2].total_seconds,
                           "memory": [r.param_bytes + r.kv_cache_bytes for r in pipe[2].memory]}
     tp_jobs = [tensor_parallel_job(make_job(job.input_ids, job.attention_mask, 1, job.max_new_tokens, greedy=True), v)
                for v in variants for job in jobs]
-    records = run_tensor_parallel_jobs(path, devices, tp_jobs, dtype=torch.bfloat16, threads=1, affinity=affinity)
+    records = run_tensor_parallel_jobs(path, devices, tp_jobs, dtype=torch.bfloat16, options=one_core)
     for i, variant in enumerate(variants):
         _, rec, rec_many = records[3 * i:3 * i + 3]
         result[f"tp-{variant}"] = {"decode": decode_seconds_of(rec), "record": rec, "tokens": rec.output_ids,

@@ -8,12 +8,11 @@ import math
 
 import torch
 
-from .devices import Device, format_size
+from .devices import format_size
 from .records import RunRecord
 from .sampling import SAMPLING_DEFAULTS, Sampling, check_prompts
 from .generate import generate_text
 from .hub import load_config, resolve_model
-from .launch import run_pipeline
 
 
 class StopOnEvent:
@@ -173,13 +172,3 @@ def prompt_widget(model, tokenizer, prompt: str = "", max_new_tokens: int = 50, 
     `model` may be a loaded model or, for runners that load their own (like `pipeline_generate(devices)`), a name.
     """
     return PromptWidget(model, tokenizer, prompt=prompt, max_new_tokens=max_new_tokens, generate=generate)
-
-
-def pipeline_generate(devices: str | list[Device], **options):
-    """A function with generate_text's signature that runs the pipeline on `devices`, for notebook 06's widget:
-    `prompt_widget("tiny", tokenizer, generate=pipeline_generate("cpu,cpu"))`; `options` go to run_pipeline."""
-
-    def generate(model, tokenizer, prompts, **kwargs) -> tuple[list[str], RunRecord]:
-        return run_pipeline(model, prompts, devices, **options, **kwargs)
-
-    return generate

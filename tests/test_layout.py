@@ -11,15 +11,18 @@ import pytest
 import torch
 
 import gptj_helpers as gh
-import gptj_split.launch
 import gptj_split.models
+import gptj_split.pipeline
+import gptj_split.ranks
 from conftest import ROOT
 
 PACKAGE = ROOT / "gptj_split"
 # chapter of each file: a file may import files of its own or an earlier chapter only
-CHAPTERS = {"models": 0, "devices": 0, "hub": 1, "convert": 1, "convert_bin": 1, "plan": 2, "records": 2, "place": 2,
-            "sampling": 3, "generate": 3, "measure": 4, "plots": 4, "pipeline": 5, "launch": 5,
-            "relay": 5, "compare": 5, "widget": 6, "tensor_parallel": 7, "tp_launch": 7, "tp_compare": 7, "preload": 7,
+CHAPTERS = {"models": 0, "devices": 0, "hub": 1, "convert": 1, "convert_bin": 1, "random_models": 1, "plan": 2,
+            "records": 2, "place": 2, "setups": 2,
+            "sampling": 3, "generate": 3, "measure": 4, "plots": 4, "ranks": 5, "jobs": 5, "stage": 5,
+            "pipeline": 5, "relay": 5, "compare": 5, "widget": 6, "shards": 7, "tensor_parallel": 7, "tp_compare": 7,
+            "preload": 7,
             "quantize": 8, "quality": 8, "cli": 9}
 
 
@@ -89,7 +92,7 @@ def test_no_test_patches_a_re_export():
 
 
 def test_patching_the_defining_module_reaches_the_package(tiny_path, monkeypatch):
-    monkeypatch.setattr(gptj_split.launch, "launch_stages", lambda *a, **k: pytest.fail("stage processes started"))
+    monkeypatch.setattr(gptj_split.pipeline, "start_ranks", lambda *a, **k: pytest.fail("stage processes started"))
     with pytest.raises(BaseException, match="stage processes started"):
         gh.run_pipeline(str(tiny_path), ["The list"], "cpu,cpu", max_new_tokens=2)
 
@@ -134,12 +137,33 @@ def test_building_the_tiny_model_leaves_the_callers_random_state():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_launch_settings_are_one_checked_object(tiny_path):
-    settings = gh.launch_settings(tiny_path, 2, devices="cpu,cpu", prompts=["a"], max_new_tokens=3,
-                                  sampling=gh.Sampling(greedy=True), dtype=torch.float32)
-    assert settings.stage_devices == ["cpu", "cpu"] and settings.dtype == "float32" and settings.sampling.greedy
-    with pytest.raises(ValueError, match="1 process\\(es\\) for the 2 device\\(s\\)"):
-        gh.launch_settings(tiny_path, 1, devices="cpu,cpu")
+@pytest.mark.parametrize("settings_of, prepare", [(gh.pipeline_settings, gh.prepare_pipeline),
+                                                   (gh.tensor_parallel_settings, gh.prepare_tensor_parallel)])
+def test_run_settings_are_one_checked_object_with_the_spec_parsed_once(tiny_path, monkeypatch, settings_of, prepare):
+    """Both clients' settings builders parse the device spec once; rank 0's planning reuses the parsed devices."""
+    calls = []
+    real = gh.parse_devices
+    monkeypatch.setattr(sys.modules[settings_of.__module__], "parse_devices",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    settings = settings_of(tiny_path, "cpu,cpu", prompts=["a"], max_new_tokens=3,
+                           sampling=gh.Sampling(greedy=True), dtype=torch.float32)
+    assert [d.name for d in settings.devices] == ["cpu", "cpu"] and settings.dtype == "float32"
+    assert settings.sampling.greedy
+    plan, jobs, _ = prepare(settings)
+    assert len(plan.devices) == 2 and len(jobs) == 1 and len(calls) == 1
+    with pytest.raises(ValueError, match="give devices"):
+        settings_of(tiny_path)
+
+
+def test_public_functions_take_about_ten_parameters_at_most_besides_sampling():
+    import inspect
+
+    sampling = {"greedy", "temperature", "top_p", "top_k", "seed", "sampling", "knobs", "kwargs"}
+    for name in dir(gh):
+        obj = getattr(gh, name)
+        if inspect.isfunction(obj) and obj.__module__.startswith("gptj_split"):
+            params = set(inspect.signature(obj).parameters) - sampling
+            assert len(params) <= 11, f"{name} takes {len(params)} parameters: {sorted(params)}"
 
 
 def test_one_memory_row_type_on_every_path(tiny, tiny_path):
@@ -150,23 +174,33 @@ def test_one_memory_row_type_on_every_path(tiny, tiny_path):
     assert all(r.budget_bytes for r in piped.memory) and all(r.peak_rss_bytes for r in piped.memory)
 
 
-def test_a_stage_error_keeps_its_type_and_cause(tmp_path):
+@pytest.mark.parametrize("error, words", [(gh.PipelineError, "pipeline stage 1"),
+                                          (gh.TensorParallelError, "tensor-parallel rank 1")])
+def test_a_rank_error_keeps_its_type_and_cause_in_its_callers_words(tmp_path, error, words):
     import pickle
 
     class Proc:
         exitcode = 1
 
-    def report(err):
-        return {"stage": 1, "time": 1.0, "error": err, "text": f"{type(err).__name__}: {err}", "traceback": "",
-                "neighbour": False}
+    def report(err, neighbour=False, rank=1, at=1.0):
+        return {"rank": rank, "time": at, "error": err, "text": f"{type(err).__name__}: {err}", "traceback": "",
+                "neighbour": neighbour}
 
-    (tmp_path / "stage1.pkl").write_bytes(pickle.dumps(report(FileNotFoundError("no weights here"))))
-    got = gh.describe_stage_failure(str(tmp_path), {1: 1.0}, [Proc(), Proc()])
+    job = gh.RankJob(error, None, None, ["cpu", "cpu"], None, gh.LaunchOptions(timeout=7, deadline=30))
+    describe = gptj_split.ranks.describe_failure
+    (tmp_path / "rank1.pkl").write_bytes(pickle.dumps(report(FileNotFoundError("no weights here"))))
+    got = describe(job, str(tmp_path), {1: 1.0}, [], [], [Proc(), Proc()])
     assert type(got) is FileNotFoundError and str(got) == "no weights here"  # a bad configuration, as raised
-    (tmp_path / "stage1.pkl").write_bytes(pickle.dumps(report(KeyError("lost"))))
-    got = gh.describe_stage_failure(str(tmp_path), {1: 1.0}, [Proc(), Proc()])
-    assert type(got) is gh.PipelineError and got.stage == 1 and "KeyError" in str(got)
-    assert type(got.__cause__) is KeyError and got.__cause__.args == ("lost",)
+    (tmp_path / "rank1.pkl").write_bytes(pickle.dumps(report(KeyError("lost"))))
+    (tmp_path / "rank0.pkl").write_bytes(pickle.dumps(report(ConnectionResetError("gone"), True, 0, 0.5)))
+    got = describe(job, str(tmp_path), {0: 0.5, 1: 1.0}, [], [], [Proc(), Proc()])  # own error beats the transport's
+    assert type(got) is error and got.rank == 1 and str(got) == f"{words} failed: KeyError: 'lost'"
+    assert type(got.__cause__) is KeyError and got.__cause__.args == ("lost",) and got.kind == words[:-2]
+    (tmp_path / "rank1.pkl").unlink()  # rank 1 never answered: still running when rank 0 gave up waiting
+    got = describe(job, str(tmp_path), {0: 0.5}, [1], [], [Proc(), Proc()])
+    assert str(got).startswith(f"{words} hung: no answer within the 7 s timeout") and got.rank == 1
+    got = describe(job, str(tmp_path), {}, [0, 1], [0, 1], [Proc(), Proc()])
+    assert str(got).startswith(f"{words[:-2]} 0 did not finish within the run's deadline of 30 s")
 
 
 def test_neighbour_errors_are_recognised_by_class():

@@ -194,10 +194,10 @@ def test_gpt_j_6b_random_is_a_named_model_without_weight_files():
 
 
 def test_gpt_j_6b_random_refused_before_building_where_it_does_not_fit(monkeypatch):
-    import gptj_split.hub
+    import gptj_split.random_models
 
-    monkeypatch.setattr(gptj_split.hub, "available_memory", lambda device: 3 * 2**30)
-    monkeypatch.setattr(gptj_split.hub, "seeded_tensor", lambda *a, **k: pytest.fail("a tensor was built"))
+    monkeypatch.setattr(gptj_split.random_models, "available_memory", lambda device: 3 * 2**30)
+    monkeypatch.setattr(gptj_split.random_models, "seeded_tensor", lambda *a, **k: pytest.fail("a tensor was built"))
     with pytest.raises(MemoryError, match=r"needs 11\.27 GiB on cpu, which has 3\.00 GiB free"):
         gh.load_model("gpt-j-6b-random")
 

@@ -14,8 +14,8 @@ import torch
 
 import gptj_helpers as gh
 import gptj_split.cli
-import gptj_split.launch
-import gptj_split.relay
+import gptj_split.pipeline
+import gptj_split.ranks
 from conftest import ROOT, call_cli
 
 PROMPTS = ["The list", "A dictionary is a mapping of", "Hello", "def f(x): return x +", "import os"]
@@ -60,7 +60,8 @@ def jobs_for(batch):
 def runs(request, tiny_path, batch):
     """One start of n stage processes running greedy (1, 2, 4 micro-batches) and sampling (1, 2) jobs."""
     n = request.param
-    records = gh.run_pipeline_jobs(str(tiny_path), ",".join(["cpu"] * n), jobs_for(batch), timeout=30)
+    records = gh.run_pipeline_jobs(str(tiny_path), ",".join(["cpu"] * n), jobs_for(batch),
+                                   options=gh.LaunchOptions(timeout=30))
     return n, records
 
 
@@ -138,11 +139,11 @@ def test_eos_padding_and_trim_like_generate():
                       greedy=True)
     new = torch.tensor([[3, 0, 0, 0, 0], [4, 4, 0, 0, 0]])
     events = [gh.TimingEvent(0, "prefill", 0, 0.0, 1.0), gh.TimingEvent(0, "decode", 1, 1.0, 2.0)]
-    record = gh.merge_stage_results([{"events": events, "memory": {}, "new_tokens": new}], job, Tok(), None, 0)
+    record = gh.merge_results([{"events": events, "memory": {}, "new_tokens": new}], job, Tok(), None, 0)
     assert record.output_ids.tolist() == [[5, 6, 3, 0, 0], [7, 8, 4, 4, 0]]
     assert record.texts == ["3 0", "4 4 0"] and record.new_tokens == 5  # up to each row's eos, as generate_text
     never = torch.tensor([[3, 1, 2, 1, 2], [4, 4, 0, 0, 0]])
-    record = gh.merge_stage_results([{"events": events, "memory": {}, "new_tokens": never}], job, Tok(), None, 0)
+    record = gh.merge_results([{"events": events, "memory": {}, "new_tokens": never}], job, Tok(), None, 0)
     assert record.output_ids.shape == (2, 7)
 
 
@@ -171,19 +172,19 @@ def test_one_stage_streams_each_token_and_stops_on_request_or_when_every_row_end
     plan = gh.plan_split(model.config, "cpu", dtype=torch.float32)
     stage = gh.load_stage(tiny_path, plan, 0, torch.float32)
     relay = FakeRelay()
-    result = gh.run_stage(stage, gh.make_job(ids, mask, max_new_tokens=NEW, greedy=True, stoppable=True), 0.0,
-                          relay=relay)
+    job = gh.make_job(ids, mask, max_new_tokens=NEW, greedy=True, stoppable=True)
+    result = gh.run_stage(stage, job, gh.EventClock(), relay=relay)
     assert torch.equal(result["new_tokens"], reference[:, ids.shape[1]:]) and relay.ended
     assert [list(step) for step in zip(*result["new_tokens"].tolist())] == relay.tokens
     relay = FakeRelay(stop_after=3)
-    result = gh.run_stage(stage, gh.make_job(ids, mask, max_new_tokens=NEW, greedy=True, stoppable=True), 0.0,
-                          relay=relay)
+    job = gh.make_job(ids, mask, max_new_tokens=NEW, greedy=True, stoppable=True)
+    result = gh.run_stage(stage, job, gh.EventClock(), relay=relay)
     assert torch.equal(result["new_tokens"], reference[:, ids.shape[1]:ids.shape[1] + 3])
     stage.eos_token_id = int(reference[0, ids.shape[1] + 1])  # pretend the second token of row 0 ends text
     first_row = gh.make_job(ids[:1], mask[:1], max_new_tokens=NEW, greedy=True, stoppable=True)
-    assert gh.run_stage(stage, first_row, 0.0)["new_tokens"].shape == (1, 2)
+    assert gh.run_stage(stage, first_row, gh.EventClock())["new_tokens"].shape == (1, 2)
     plain = gh.make_job(ids[:1], mask[:1], max_new_tokens=NEW, greedy=True)  # not stoppable: runs every step
-    assert gh.run_stage(stage, plain, 0.0)["new_tokens"].shape == (1, NEW)
+    assert gh.run_stage(stage, plain, gh.EventClock())["new_tokens"].shape == (1, NEW)
     with pytest.raises(ValueError, match="micro_batches=1"):
         gh.make_job(ids, mask, 2, max_new_tokens=NEW, stoppable=True)
 
@@ -205,11 +206,12 @@ def test_stream_and_stop_across_three_stage_processes(tiny, tiny_path, capsys):
     prompt = PROMPTS[1]
     want, _ = gh.generate_text(model, tokenizer, prompt, max_new_tokens=12, seed=5)
     texts, record = gh.run_pipeline(tiny_path, prompt, "cpu,cpu,cpu", max_new_tokens=12, seed=5, stream=True,
-                                    timeout=60)
+                                    options=gh.LaunchOptions(timeout=60))
     assert texts == want and capsys.readouterr().out == prompt + want[0] + "\n"
     prompt_len = len(tokenizer(prompt).input_ids)
     before, children = time.time(), {c.pid for c in psutil.Process().children(recursive=True)}
-    texts, record = gh.run_pipeline(tiny_path, prompt, "cpu,cpu,cpu", max_new_tokens=200, seed=5, timeout=60,
+    texts, record = gh.run_pipeline(tiny_path, prompt, "cpu,cpu,cpu", max_new_tokens=200, seed=5,
+                                    options=gh.LaunchOptions(timeout=60),
                                     stopping_criteria=[StopAfter(prompt_len, 4)])
     got = record.new_tokens
     assert 4 <= got < 200
@@ -297,12 +299,15 @@ def test_two_nodes_on_localhost_sampling(tiny, tiny_path, tmp_path, batch):
 
 
 @pytest.mark.timeout(120)
-def test_stage_that_raises_ends_run_naming_it(tiny_path):
+def test_stage_that_raises_ends_run_naming_it(tiny_path, monkeypatch):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    with pytest.raises(gh.PipelineError, match="pipeline stage 1 failed.*injected fault") as info:
+    monkeypatch.setenv(gptj_split.ranks.FAULT_VARIABLE, "1:3:raise")  # the test-only route to the stages
+    with pytest.raises(gh.PipelineError, match="^pipeline stage 1 failed: RuntimeError: injected fault") as info:
         gh.run_pipeline(str(tiny_path), PROMPTS[:2], "cpu,cpu", micro_batches=2, max_new_tokens=NEW,
-                        greedy=True, timeout=20, fail=(1, 3, "raise"))
-    assert info.value.stage == 1
+                        greedy=True, options=gh.LaunchOptions(timeout=20))
+    assert info.value.stage == info.value.rank == 1 and info.value.kind == "pipeline stage"
+    assert "\n" not in str(info.value) and "injected fault" in info.value.remote_traceback
+    assert isinstance(info.value.__cause__, RuntimeError)
     assert time.time() - info.value.failed_at < 30
     assert stage_processes_left(before) == []
 
@@ -313,8 +318,12 @@ def stage_processes_left(before: set[int]) -> list:
             and not any(server in " ".join(p.cmdline()) for server in ("resource_tracker", "forkserver"))]
 
 
-def report_environment(rank: int, settings) -> list:
-    """A stage's work in the test below: what it sees of its environment, and who started it."""
+def prepare_nothing(payload) -> None:
+    """Rank 0's preparation in the test below: none."""
+
+
+def report_environment(context, payload, prepared) -> list:
+    """A rank's work in the test below: what it sees of its environment, and who started it."""
     import tempfile
 
     return [os.environ.get("GPTJ_TEST_MARK"), tempfile.gettempdir(), os.getppid()]
@@ -322,32 +331,33 @@ def report_environment(rank: int, settings) -> list:
 
 @pytest.mark.timeout(120)
 def test_stages_fork_from_one_server_and_see_the_callers_environment_of_now(tmp_path, monkeypatch):
-    """The stage processes fork from one server (relay.process_context), yet each run sees the environment as the
+    """The rank processes fork from one server (ranks.process_context), yet each run sees the environment as the
     caller has it when the run starts, as a spawned process would."""
-    settings = gptj_split.launch.LaunchSettings(model="tiny", world_size=2, stage_devices=["cpu", "cpu"])
+    job = gh.RankJob(gh.PipelineError, prepare_nothing, report_environment, ["cpu", "cpu"], None)
     monkeypatch.setenv("GPTJ_TEST_MARK", "first")
-    first = gptj_split.launch.launch_stages(settings, serve=report_environment)
+    first = gh.start_ranks(job, "tiny")
     monkeypatch.setenv("GPTJ_TEST_MARK", "second")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    second = gptj_split.launch.launch_stages(settings, serve=report_environment)
+    second = gh.start_ranks(job, "tiny")
     assert first[0] == "first" and second[:2] == ["second", str(tmp_path)]
     assert first[2] == second[2] != os.getpid()  # the same server, still running, forked both
     assert "forkserver" in " ".join(psutil.Process(second[2]).cmdline())
-    assert gptj_split.relay.process_context(["cuda:0", "cuda:1"]).get_start_method() == "spawn"  # CUDA: fresh
-    assert gptj_split.relay.process_context(["cpu", "cpu"], "gpt-j-6b-random").get_start_method() == "spawn"
-    assert gptj_split.relay.process_context(["cpu", "cpu"], "tiny").get_start_method() == "forkserver"
+    assert gptj_split.ranks.process_context(["cuda:0", "cuda:1"]).get_start_method() == "spawn"  # CUDA: fresh
+    assert gptj_split.ranks.process_context(["cpu", "cpu"], "gpt-j-6b-random").get_start_method() == "spawn"
+    assert gptj_split.ranks.process_context(["cpu", "cpu"], "tiny").get_start_method() == "forkserver"
     monkeypatch.setattr(sys, "platform", "darwin")  # macOS: its system libraries are not fork-safe
-    assert gptj_split.relay.process_context(["cpu", "cpu"]).get_start_method() == "spawn"
+    assert gptj_split.ranks.process_context(["cpu", "cpu"]).get_start_method() == "spawn"
 
 
 @pytest.mark.timeout(180)
 def test_torchrun_stage_that_exits_ends_run(tiny_path, tmp_path):
+    """Under torchrun the fault reaches the stages through the same test-only variable: no flag of the command."""
     prompts = tmp_path / "prompts-exit-test.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     proc = run_torchrun(["--standalone", "--nproc-per-node", "2", "--max-restarts", "0", "--monitor-interval",
                          "0.5", "-m", "gptj_helpers", "pipeline", "--model", str(tiny_path), "--devices",
-                         "cpu,cpu", "--prompts-file", str(prompts), "--max-new-tokens", str(NEW), "--timeout", "20",
-                         "--fail-stage", "0", "--fail-after", "2", "--fail-mode", "exit"])
+                         "cpu,cpu", "--prompts-file", str(prompts), "--max-new-tokens", str(NEW), "--timeout", "20"],
+                        env={gptj_split.ranks.FAULT_VARIABLE: "0:2:exit"})
     fault_seen = None
     lines = []
     try:
@@ -369,13 +379,13 @@ def test_torchrun_stage_that_exits_ends_run(tiny_path, tmp_path):
     ("2x2MiB", MemoryError, "does not fit"),
 ])
 def test_bad_configs_refused_before_starting(tiny_path, monkeypatch, devices, error, match):
-    monkeypatch.setattr(gptj_split.launch, "launch_stages", lambda *a, **k: pytest.fail("stage processes started"))
+    monkeypatch.setattr(gptj_split.pipeline, "start_ranks", lambda *a, **k: pytest.fail("stage processes started"))
     with pytest.raises(error, match=match):
         gh.run_pipeline(str(tiny_path), PROMPTS, devices, max_new_tokens=NEW)
 
 
 def test_bad_job_options_refused(tiny_path, monkeypatch):
-    monkeypatch.setattr(gptj_split.launch, "launch_stages", lambda *a, **k: pytest.fail("stage processes started"))
+    monkeypatch.setattr(gptj_split.pipeline, "start_ranks", lambda *a, **k: pytest.fail("stage processes started"))
     with pytest.raises(ValueError, match="micro_batches=6"):
         gh.run_pipeline(str(tiny_path), PROMPTS, "cpu,cpu", micro_batches=6)
     plan = gh.plan_split(gh.load_config(str(tiny_path)), "cpu,cpu", dtype=torch.float32)
@@ -390,6 +400,6 @@ def test_torchrun_world_size_must_match_stages(tiny_path, tmp_path, monkeypatch)
     prompts.write_text("hello\n")
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(gptj_split.cli, "serve_stage", lambda *a: pytest.fail("the stage started"))
+    monkeypatch.setattr(gptj_split.ranks, "join_ranks", lambda *a: pytest.fail("the stage started"))
     r = call_cli("pipeline", "--model", tiny_path, "--devices", "cpu,cpu", "--prompts-file", prompts)
     assert r.returncode == 2 and "1 process(es) for the 2 device(s)" in r.stderr

@@ -223,11 +223,12 @@ def test_pipeline_stages_quantize_their_blocks_as_they_load(tiny_path):
 def test_run_pipeline_stage_processes_quantize_their_own_blocks(tiny_path, tiny):
     _, tokenizer = tiny
     plan = gh.plan_split(tiny_path, "2xcpu", dtype=torch.float32, weights="nf4")
-    with pytest.raises(ValueError, match=r"nf4: pass transform=gh.quantizer_for\(plan\)"):
+    with pytest.raises(ValueError, match=r"nf4: pass options=gh.LaunchOptions\(transform=gh.quantizer_for\(plan\)\)"):
         gh.run_pipeline(tiny_path, "The list of", plan=plan, max_new_tokens=2)
     assert gh.quantizer_for(gh.plan_split(tiny_path, "2xcpu")) is None
-    texts, record = gh.run_pipeline(tiny_path, ["The list of"], plan=plan, transform=gh.quantizer_for(plan),
-                                    greedy=True, max_new_tokens=10, timeout=60)
+    options = gh.LaunchOptions(timeout=60, transform=gh.quantizer_for(plan))
+    texts, record = gh.run_pipeline(tiny_path, ["The list of"], plan=plan, options=options, greedy=True,
+                                    max_new_tokens=10)
     expected, _ = gh.generate_text(gh.place_quantized(tiny_path, plan), tokenizer, ["The list of"], greedy=True,
                                    max_new_tokens=10)
     assert texts == expected

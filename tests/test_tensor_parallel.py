@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import gptj_helpers as gh
-import gptj_split.tp_launch
+import gptj_split.ranks
+import gptj_split.tensor_parallel
 from conftest import ROOT, call_cli
 
 PROMPTS = ["The list", "A dictionary is a mapping of", "Hello"]
@@ -44,7 +45,7 @@ def runs(tiny_path, batch):
     jobs = [gh.tensor_parallel_job(gh.make_job(ids, mask, max_new_tokens=NEW, greedy=True), v, True)
             for v in ("torch", "block")]
     jobs.append(gh.tensor_parallel_job(gh.make_job(ids, mask, max_new_tokens=NEW, **SAMPLING), "block"))
-    return gh.run_tensor_parallel_jobs(str(tiny_path), "cpu,cpu", jobs, timeout=30)
+    return gh.run_tensor_parallel_jobs(str(tiny_path), "cpu,cpu", jobs, options=gh.LaunchOptions(timeout=30))
 
 
 @pytest.mark.floor  # transformers 5.17 reshapes heads with the module's own count, 5.24 with -1
@@ -126,7 +127,7 @@ def test_planner_shares_and_refusals():
     ("cpu,cpu", {"variant": "rows"}, ValueError, "variant='rows'"),
 ])
 def test_bad_input_refused_before_starting(tiny_path, monkeypatch, devices, kwargs, error, match):
-    monkeypatch.setattr(gptj_split.tp_launch, "launch_stages", lambda *a, **k: pytest.fail("processes started"))
+    monkeypatch.setattr(gptj_split.tensor_parallel, "start_ranks", lambda *a, **k: pytest.fail("processes started"))
     with pytest.raises(error, match=match):
         gh.run_tensor_parallel(str(tiny_path), PROMPTS, devices, max_new_tokens=NEW, **kwargs)
 
@@ -151,7 +152,7 @@ def test_second_config_three_ranks(six_heads, batch):
     model = gh.load_model(str(six_heads), dtype=torch.float32)
     expected, logits = greedy_reference(model, ids, mask)
     job = gh.tensor_parallel_job(gh.make_job(ids, mask, max_new_tokens=NEW, greedy=True), "block", True)
-    record = gh.run_tensor_parallel_jobs(str(six_heads), "3xcpu", [job], timeout=30)[0]
+    record = gh.run_tensor_parallel_jobs(str(six_heads), "3xcpu", [job], options=gh.LaunchOptions(timeout=30))[0]
     assert torch.equal(record.output_ids, expected)
     assert torch.allclose(record.logits, logits[:, :record.logits.shape[1]], rtol=0, atol=1e-5)
 
@@ -177,22 +178,22 @@ def generate_stdout(tiny_path, *flags) -> str:
 
 
 @pytest.mark.timeout(120)
-def test_self_launched_rank_that_dies_ends_run_naming_it(tiny_path, capsys):
+def test_self_launched_rank_that_dies_ends_run_naming_it(tiny_path, capsys, monkeypatch):
     """The CLI starting its own ranks (run_tensor_parallel_jobs): rank 1 exits mid-generation."""
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    with pytest.raises(SystemExit, match="tensor-parallel rank 1 failed.*exit") as info:
+    monkeypatch.setenv(gptj_split.ranks.FAULT_VARIABLE, "1:2:exit")  # the test-only route to the ranks
+    with pytest.raises(SystemExit, match="^error: tensor-parallel rank 1 failed: process exited with code 3$") as info:
         gh.main(["tensor-parallel", "--model", str(tiny_path), "--devices", "cpu,cpu", "--prompt", PROMPTS[0],
-                 "--max-new-tokens", str(NEW), "--timeout", "20", "--fail-rank", "1", "--fail-after", "2",
-                 "--fail-mode", "exit"])
+                 "--max-new-tokens", str(NEW), "--timeout", "20"])
     error = info.value.__cause__
-    assert isinstance(error, gh.TensorParallelError) and error.stage == 1
+    assert isinstance(error, gh.TensorParallelError) and error.rank == 1
     assert time.time() - error.failed_at < 30
     assert children_left(before) == []
     assert capsys.readouterr().out == ""
 
 
-def run_torchrun(args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_torchrun(args, env=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
@@ -211,8 +212,8 @@ def test_torchrun_prints_what_generate_prints_and_a_dead_rank_ends_it(tiny_path)
     assert proc.returncode == 0, err[-3000:]
     assert out == generate_stdout(tiny_path, *flags)
     marker = "torchrun-fault-marker"
-    proc = run_torchrun([*common, "--prompt", marker, "--max-new-tokens", str(NEW), "--fail-rank", "1",
-                         "--fail-after", "2", "--fail-mode", "exit"])
+    proc = run_torchrun([*common, "--prompt", marker, "--max-new-tokens", str(NEW)],
+                        env={gptj_split.ranks.FAULT_VARIABLE: "1:2:exit"})
     fault_seen, lines = None, []
     try:
         for line in proc.stderr:  # read as it comes, to time the end from the fault
@@ -234,7 +235,8 @@ def test_tensor_parallel_drives_the_widget_streaming_and_stopping(tiny):
     rank after the same token; the text is the start of the same seeded generate_text run."""
     pytest.importorskip("ipywidgets")
     model, tokenizer = tiny
-    widget = gh.prompt_widget("tiny", tokenizer, generate=gh.tensor_parallel_generate("cpu,cpu", timeout=60))
+    widget = gh.prompt_widget("tiny", tokenizer, generate=gh.tensor_parallel_generate(
+        "cpu,cpu", options=gh.LaunchOptions(timeout=60)))
     widget.prompt.value = "The list"
     widget.max_new_tokens.value, widget.seed.value = 300, 1
     updates = []

@@ -103,7 +103,8 @@ def test_pipeline_drives_the_widget_streaming_and_stopping(tiny, tiny_path):
     """Notebook 06 with notebook 05's pipeline: a model name, two stage processes, text streamed from the last
     stage, and Stop ending every stage; the text is the start of the same seeded generate_text run."""
     model, tokenizer = tiny
-    widget = gh.prompt_widget("tiny", tokenizer, generate=gh.pipeline_generate("cpu,cpu", timeout=60))
+    widget = gh.prompt_widget("tiny", tokenizer, generate=gh.pipeline_generate(
+        "cpu,cpu", options=gh.LaunchOptions(timeout=60)))
     set_controls(widget, "The list", max_new_tokens=300, seed=1)
     updates = []
 

@@ -1,0 +1,396 @@
+"""Notebook 05, part 2: one runtime for n ranks, under the pipeline (05) and tensor parallelism (07). It starts one
+process per device from a notebook, or joins the group that torchrun started; gives each rank a device of its own
+node and picks the backend; sets the CUDA device before any process group exists; carries rank 0's result and the
+original errors back, naming a failed rank in its caller's words; and ends every run within one deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Callable
+
+import torch
+
+DEFAULT_TIMEOUT = 60.0  # seconds a rank waits for another in a collective before the run fails
+CONFIG_ERRORS = (ValueError, MemoryError, FileNotFoundError)  # refused before loading: passed on as they are
+FAULT_VARIABLE = "GPTJ_TEST_FAULT"  # tests only: "RANK:STEP:raise|exit|hang", read by fault_point in every rank
+# what every rank process imports: the fork server imports it once, before it forks any of them
+RANK_IMPORTS = ["__main__", "gptj_split.preload"]
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How the ranks of one run start and wait, the same for the pipeline and tensor parallelism (notebooks 05, 07).
+
+    `timeout`: seconds a rank waits for another in a collective; `deadline`: seconds the whole run may take when
+    started from a notebook (None: as long as the ranks keep answering); `threads` per rank (default: the node's
+    cores shared among its ranks); `affinity`: the cores of each rank; `transform`: called on each block module as a
+    stage loads it (notebook 08 quantizes there)."""
+
+    timeout: float = DEFAULT_TIMEOUT
+    deadline: float | None = None
+    threads: int | None = None
+    affinity: list[list[int]] | None = None
+    transform: Callable | None = None
+
+    def __post_init__(self):
+        if self.timeout <= 0 or (self.deadline is not None and self.deadline <= 0):
+            raise ValueError(f"timeout={self.timeout}, deadline={self.deadline}: give positive seconds")
+
+
+class RankError(RuntimeError):
+    """A rank failed. `kind` ("pipeline stage", "tensor-parallel rank") and `rank` name it, `failed_at` is when
+    (time.time()), `remote_traceback` is its own traceback; its exception, where it could travel, is the `__cause__`
+    (notebooks 05, 07). Each client subclasses it with its own `kind`."""
+
+    kind = "rank"
+
+    def __init__(self, rank: int, detail: str, failed_at: float | None = None, remote_traceback: str = ""):
+        super().__init__(f"{self.kind} {rank} {detail}")
+        self.rank, self.detail, self.remote_traceback = rank, detail, remote_traceback
+        self.failed_at = time.time() if failed_at is None else failed_at
+
+    @property
+    def stage(self) -> int:
+        """The rank's number, by the pipeline's name for it."""
+        return self.rank
+
+
+@dataclass
+class RankJob:
+    """What the runtime runs on every rank: `prepare(payload)` once on rank 0 (plan, tokenize; its configuration error
+    reaches every rank), then `serve(context, payload, prepared)` on all; rank 0's return value is the run's result.
+    Both are module-level functions, so they reach processes that were spawned (notebooks 05, 07)."""
+
+    error: type[RankError]
+    prepare: Callable
+    serve: Callable
+    devices: list[str]  # one device name per rank, as the spec or plan gives it ("cuda": the node's local rank)
+    payload: object
+    options: LaunchOptions = dataclasses.field(default_factory=LaunchOptions)
+
+
+@dataclass
+class RankContext:
+    """One rank's place in the run, handed to `serve` (notebooks 05, 07)."""
+
+    rank: int
+    world_size: int
+    device: torch.device  # this rank's own device, on its own node
+    backend: str  # "nccl" or "gloo"
+    error: type[RankError]
+    options: LaunchOptions
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where tensors cross between ranks: the GPU for NCCL, the CPU for gloo."""
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+
+def rank_devices(names: list[str], local_world_size: int | None = None) -> list[str]:
+    """Each rank's device: the spec's entry where it names one, `cuda:LOCAL_RANK` where it just says cuda (torchrun
+    numbers a node's ranks 0, 1, ... with its GPUs) (notebooks 05, 07)."""
+    local = local_world_size or len(names)
+    return [f"cuda:{r % local}" if torch.device(n).type == "cuda" and torch.device(n).index is None else str(n)
+            for r, n in enumerate(names)]
+
+
+def pick_backend(devices: list[str], local_world_size: int | None = None) -> str:
+    """NCCL when every rank has a GPU of its own on its node, else gloo (budget slices of one GPU, the CPU) (notebooks
+    05, 07). `devices` as given, one per rank; ranks fill nodes of `local_world_size` in order, as torchrun does."""
+    local = local_world_size or len(devices)
+    resolved = rank_devices(devices, local)
+    nodes = [resolved[i:i + local] for i in range(0, len(resolved), local)]
+    if all(d.startswith("cuda") for d in resolved) and all(len(set(node)) == len(node) for node in nodes):
+        return "nccl"
+    return "gloo"
+
+
+def check_rank_device(error: type[RankError], rank: int, device: str) -> None:
+    """Refuse a device this rank's node does not have, naming the rank and the device, before any group forms."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return
+    count = torch.cuda.device_count()
+    if (dev.index or 0) >= count:
+        have = ", ".join(f"cuda:{i}" for i in range(count)) or "no GPU"
+        raise ValueError(f"{error.kind} {rank} was given {device}, which its node does not have ({have}): name "
+                         "each node's own GPUs (cuda:0, cuda:1, ... on every node), or just 'cuda' for torchrun's "
+                         "LOCAL_RANK")
+
+
+def configure_worker(threads: int | None, cpus: list[int] | None) -> None:
+    """Limit this process's threads and pin it to some cores (the benchmark emulates one device per core)."""
+    if cpus:
+        os.sched_setaffinity(0, set(cpus))
+    if threads:
+        torch.set_num_threads(threads)
+        with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
+            torch.set_num_interop_threads(threads)
+
+
+def fault_point(kind: str, rank: int, step: int) -> None:
+    """Tests only: the rank named in $GPTJ_TEST_FAULT ("RANK:STEP:MODE") raises, exits at once or hangs when it
+    reaches token STEP. No public function or flag reaches this; the runtime's processes inherit the variable."""
+    spec = os.environ.get(FAULT_VARIABLE)
+    if not spec:
+        return
+    r, s, mode = spec.split(":")
+    if int(r) != rank or int(s) != step:
+        return
+    message = f"injected fault: {kind} {rank} stops after {step} token(s)"
+    print(message + f" ({mode})", file=sys.stderr, flush=True)
+    if mode == "exit":
+        os._exit(3)
+    while mode == "hang":
+        time.sleep(1)
+    raise RuntimeError(message)
+
+
+def join_ranks(job: RankJob, rank: int, world_size: int, init_method: str = "env://", launched_here: bool = False):
+    """Every rank's start, from a notebook or under torchrun: threads and cores, rank 0's `prepare`, this rank's device
+    (set before any process group), the group, the prepared setup broadcast; then `serve`. Returns rank 0's result
+    (None elsewhere) (notebooks 05, 07)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    options = job.options
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    local_rank = int(os.environ.get("LOCAL_RANK", rank % local_world))
+    configure_worker(options.threads or (max(1, (os.cpu_count() or 1) // local_world) if launched_here else None),
+                     options.affinity[rank] if options.affinity else None)
+    setup: list = [None]
+    if rank == 0:
+        try:
+            setup[0] = job.prepare(job.payload)
+        except CONFIG_ERRORS as err:
+            setup[0] = err
+    if world_size == 1 and isinstance(setup[0], Exception):
+        raise setup[0]
+    name = job.devices[rank]
+    device = f"cuda:{local_rank}" if name == "cuda" else rank_devices(job.devices, local_world)[rank]
+    check_rank_device(job.error, rank, device)
+    backend = pick_backend(job.devices, local_world)
+    if device.startswith("cuda"):  # before the group and any DeviceMesh: NCCL and DTensor use the current device
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=options.timeout))
+    try:
+        dist.broadcast_object_list(setup, src=0)
+        if isinstance(setup[0], Exception):
+            raise setup[0]
+        context = RankContext(rank, world_size, torch.device(device), backend, job.error, options)
+        result = job.serve(context, job.payload, setup[0])
+        dist.barrier()  # nobody leaves while another rank still talks to it
+        return result
+    finally:
+        dist.destroy_process_group()
+
+
+def run_jobs(context: RankContext, jobs: list, run: Callable, merge: Callable) -> list | None:
+    """Every job in turn on every rank, on one time axis: rank 0's start time is every rank's t0; `run(job, t0)`
+    returns this rank's report (its events on an EventClock from t0), and rank 0 merges the gathered reports with
+    `merge(reports, job)`. Rank 0 returns the merged results, the others None (notebooks 05, 07)."""
+    import torch.distributed as dist
+
+    merged = []
+    for job in jobs:
+        dist.barrier()
+        t0 = [time.time()]
+        dist.broadcast_object_list(t0, src=0)
+        report = run(job, t0[0])
+        gathered = [None] * context.world_size if context.rank == 0 else None
+        dist.gather_object(report, gathered, dst=0)
+        if context.rank == 0:
+            merged.append(merge(gathered, job))
+    return merged if context.rank == 0 else None
+
+
+def serve_torchrun(job: RankJob):
+    """This process as one rank of a torchrun launch (RANK, WORLD_SIZE set): rank 0 returns the result; any other
+    rank leaves; a failure ends the process naming the rank in one line (the command line)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if len(job.devices) != world:
+        raise ValueError(f"{world} process(es) for the {len(job.devices)} device(s): start one process per device "
+                         f"(torchrun --nproc-per-node {len(job.devices)}, or nodes x processes = {len(job.devices)})")
+    try:
+        result = join_ranks(job, rank, world)
+    except CONFIG_ERRORS:
+        raise
+    except Exception as err:
+        how = "lost another rank (see its error)" if is_neighbour_error(err) else "failed"
+        raise SystemExit(f"error: {job.error.kind} {rank} {how}: {type(err).__name__}: {err}") from err
+    if rank != 0:
+        leave_process()
+    return result
+
+
+def process_context(devices: list[str], model=None):
+    """How a notebook starts the rank processes of `devices`. On Linux, CPU ranks fork from a server, started at the
+    first run, that imports RANK_IMPORTS once, so each starts within a fraction of a second instead of spending
+    seconds of CPU importing torch and transformers again (forkserver: Python 3.14's default on Linux). GPU ranks are
+    spawned: CUDA cannot start in a process forked from one that may have touched it. So are GPT-J-6B's full-size
+    ranks (`model`): forked, they raised notebook 07's rehearsal peak from 14.73 to 16.87 GiB, and at that size the
+    imports are a small part of the start. Elsewhere too (macOS's system libraries are not fork-safe, Windows has no
+    fork). The server lives as long as this process (`adopt_environment`)."""
+    from .hub import load_config
+    from .models import is_gptj_6b
+
+    if not sys.platform.startswith("linux") or any(torch.device(d).type != "cpu" for d in devices) or (
+            model is not None and is_gptj_6b(load_config(str(model)))):
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(RANK_IMPORTS)  # takes effect when the server starts; a running one keeps its own
+    return ctx
+
+
+def adopt_environment(environ: dict[str, str] | None) -> None:
+    """In a rank process: take the caller's environment as it was when the run started, as a spawned process would (a
+    forked one has its fork server's, from the first run); `tempfile` then reads TMPDIR again."""
+    import tempfile
+
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
+        tempfile.tempdir = None
+
+
+def rank_main(job: RankJob, rank: int, init_method: str, folder: str, environ: dict) -> None:
+    """Entry point of a rank process started by `start_ranks`: rank 0's result, or any rank's error, goes to a file
+    in `folder`, written under a temporary name and renamed when complete."""
+    import pickle
+    import traceback
+
+    try:
+        adopt_environment(environ)
+        result = join_ranks(job, rank, len(job.devices), init_method, launched_here=True)
+        if rank == 0:
+            write_file(Path(folder, "result.pkl"), pickle.dumps(result))
+    except BaseException as err:
+        report = {"rank": rank, "time": time.time(), "error": err, "text": f"{type(err).__name__}: {err}",
+                  "traceback": traceback.format_exc(), "neighbour": is_neighbour_error(err)}
+        try:
+            data = pickle.dumps(report)
+        except Exception:  # an exception that cannot be pickled travels as its text
+            data = pickle.dumps({**report, "error": None})
+        write_file(Path(folder, f"rank{rank}.pkl"), data)
+        leave_process(1)  # the caller reports it, naming the rank
+    leave_process()
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write `data` under a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def leave_process(code: int = 0) -> None:
+    """Exit a rank process at once: gloo's threads can abort an orderly interpreter shutdown (SIGABRT)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def is_neighbour_error(err: BaseException) -> bool:
+    """Did this error come from the transport (another rank vanished or timed out), not from this rank itself? gloo
+    reports a vanished peer as a plain RuntimeError from its transport."""
+    import torch.distributed as dist
+
+    return isinstance(err, (dist.DistError, ConnectionError, TimeoutError)) or (
+        isinstance(err, RuntimeError) and any(m in str(err) for m in ("gloo/transport", "by peer")))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(job: RankJob, model=None):
+    """Start one process per rank from this process and return rank 0's result (notebooks 05, 07). A rank that
+    raises, dies or hangs ends the run: every process is stopped, and the error names the rank. Devices are checked
+    here first, so a missing GPU is refused before any process starts. `model` picks how processes start."""
+    import multiprocessing.connection
+    import pickle
+    import tempfile
+
+    for rank, device in enumerate(rank_devices(job.devices)):
+        check_rank_device(job.error, rank, device)
+    ctx = process_context(job.devices, model)
+    world, deadline = len(job.devices), job.options.deadline
+    with tempfile.TemporaryDirectory(prefix="gptj-ranks-") as folder:
+        init = f"tcp://127.0.0.1:{free_port()}"
+        procs = [ctx.Process(target=rank_main, args=(job, r, init, folder, dict(os.environ)), daemon=True,
+                             name=f"{job.error.kind.replace(' ', '-')}-{r}") for r in range(world)]
+        exits: dict[int, float] = {}
+        started, overdue = time.time(), []
+        try:
+            for p in procs:
+                p.start()
+            while len(exits) < world:
+                multiprocessing.connection.wait([p.sentinel for p in procs if p.exitcode is None], timeout=1.0)
+                for r, p in enumerate(procs):
+                    if p.exitcode is not None and r not in exits:
+                        exits[r] = time.time()
+                if any(procs[r].exitcode != 0 for r in exits):
+                    break
+                if deadline is not None and time.time() - started > deadline:
+                    overdue = [r for r in range(world) if r not in exits]
+                    break
+        finally:
+            running = [r for r, p in enumerate(procs) if p.is_alive()]
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        failed = {r: t for r, t in exits.items() if procs[r].exitcode != 0}
+        if failed or overdue:
+            raise describe_failure(job, folder, failed, running, overdue, procs)
+        return pickle.loads(Path(folder, "result.pkl").read_bytes())
+
+
+def describe_failure(job: RankJob, folder: str, failed: dict[int, float], running: list[int], overdue: list[int],
+                     procs) -> Exception:
+    """The error that ended a run: a configuration error as it was raised; else the rank at fault as the client's
+    RankError, in one line, with its own exception as the cause. A rank's own error beats the transport errors the
+    others then see; a rank still running when the others gave up waiting for it hung."""
+    import pickle
+
+    if overdue:
+        return job.error(overdue[0], f"did not finish within the run's deadline of {job.options.deadline:g} s "
+                         f"(still running: {', '.join(map(str, overdue))})")
+    reports = [pickle.loads(p.read_bytes()) for p in Path(folder).glob("rank*.pkl")]
+    for r, t in failed.items():
+        if not any(rep["rank"] == r for rep in reports):  # died without a word: killed, or exited hard
+            reports.append({"rank": r, "time": t, "error": None, "text": f"process exited with code "
+                            f"{procs[r].exitcode}", "traceback": "", "neighbour": False})
+    own = [rep for rep in reports if not rep["neighbour"]]
+    if not own and running:  # everyone who spoke lost a neighbour: the one that never answered hung
+        first = min(reports, key=lambda rep: rep["time"])
+        error = job.error(running[0], f"hung: no answer within the {job.options.timeout:g} s timeout "
+                          f"({job.error.kind} {first['rank']} waited for it: {first['text']})", first["time"])
+        error.__cause__ = first["error"]
+        return error
+    first = min(own or reports, key=lambda rep: rep["time"])
+    if isinstance(first["error"], CONFIG_ERRORS):  # a bad configuration, refused before loading
+        return first["error"]
+    text = first["text"].strip().splitlines()[0] if first["text"].strip() else first["text"]
+    error = job.error(first["rank"], f"failed: {text}", first["time"], first["traceback"])
+    error.__cause__ = first["error"]
+    return error
