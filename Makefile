@@ -42,7 +42,7 @@ test: $(STAMP)  ## lint; every committed notebook checked by nbval, with the uni
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest --nbval notebooks tests --nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout=600 \
 	  -p no:cacheprovider --durations=15 $(XDIST)
-	$(MAKE) --no-print-directory test-widgets7 test-floors
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-widgets7 test-floors  # one process each: both cores
 
 test-widgets7: $(WIDGETS7_DIR)/.installed  ## the prompt widget's unit tests on ipywidgets 7.7.1 (Colab's); the browser test needs 8
 	GPTJ_EXPECT_VERSIONS="$(WIDGETS7)" PYTHONPATH=$(WIDGETS7_DIR):$(CURDIR) $(PY) -m pytest tests/test_widget.py \

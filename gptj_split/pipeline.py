@@ -12,14 +12,15 @@ from pathlib import Path
 import torch
 
 from .models import as_dtype, default_dtype, dtype_name, gptj_modeling
-from .devices import Device, parse_devices, peak_rss, reset_peak_rss
+from .devices import Device, peak_rss, reset_peak_rss
 from .hub import load_config, load_tokenizer, resolve_model
 from .plan import Plan, plan_split
 from .records import EventClock, RunRecord
 from .sampling import Sampling, as_sampling
 from .generate import make_streamer
 from .relay import RelayEnd, TokenRelay
-from .ranks import DEFAULT_TIMEOUT, LaunchOptions, RankContext, RankError, RankJob, run_jobs, start_ranks
+from .ranks import (DEFAULT_TIMEOUT, LaunchOptions, RankContext, RankError, RankJob, run_devices, run_jobs,
+                    start_ranks)
 from .jobs import PipelineJob, merge_results, model_folder, prompts_job
 from .stage import check_pipeline_plan, check_stage_count, load_stage, run_stage
 
@@ -54,13 +55,8 @@ def pipeline_settings(model, devices: str | list[Device] | None = None, plan: Pl
                       relay=None) -> PipelineSettings:
     """The settings of one pipelined run, its device spec parsed once, for the notebook launcher and torchrun alike
     (notebook 05)."""
-    if plan is not None:
-        devices = [Device(s.device, s.budget_bytes) for s in plan.devices]
-    elif isinstance(devices, str):
-        devices = parse_devices(devices, check=False)
-    elif not devices:
-        raise ValueError("give devices (like 'cpu,cpu') or a plan")
-    return PipelineSettings(str(model), list(devices), plan.to_json() if plan else None, prompts, jobs, micro_batches,
+    devices = run_devices(devices, plan)
+    return PipelineSettings(str(model), devices, plan.to_json() if plan else None, prompts, jobs, micro_batches,
                             max_new_tokens, sampling or Sampling(), dtype_name(dtype) if dtype else None, relay)
 
 
@@ -138,8 +134,7 @@ def run_pipeline_jobs(model, devices: str | list[Device] | None, jobs: list[Pipe
     config = load_config(str(model_path))
     options = options or LaunchOptions()
     if plan is None:
-        settings = pipeline_settings(model_path, devices)  # the spec parsed once, here
-        plan = plan_pipeline(config, settings.devices, jobs, as_dtype(dtype), str(model))
+        plan = plan_pipeline(config, run_devices(devices), jobs, as_dtype(dtype), str(model))  # the spec parsed once
     check_pipeline_plan(plan, config.n_layer)
     if plan.quantized and options.transform is None:
         raise ValueError(f"the plan stores the blocks in {plan.weights}: pass options=gh.LaunchOptions(transform="

@@ -12,11 +12,17 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+from .devices import Device, parse_devices
+
+if TYPE_CHECKING:  # annotations only
+    from .plan import Plan
 
 DEFAULT_TIMEOUT = 60.0  # seconds a rank waits for another in a collective before the run fails
 CONFIG_ERRORS = (ValueError, MemoryError, FileNotFoundError)  # refused before loading: passed on as they are
@@ -92,6 +98,18 @@ class RankContext:
     def comm_device(self) -> torch.device:
         """Where tensors cross between ranks: the GPU for NCCL, the CPU for gloo."""
         return self.device if self.backend == "nccl" else torch.device("cpu")
+
+
+def run_devices(devices: str | list[Device] | None, plan: Plan | None = None) -> list[Device]:
+    """A run's devices, one per rank, parsed once: the plan's where there is one, else the spec's (notebooks 05,
+    07)."""
+    if plan is not None:
+        return [Device(s.device, s.budget_bytes) for s in plan.devices]
+    if isinstance(devices, str):
+        return parse_devices(devices, check=False)
+    if not devices:
+        raise ValueError("give devices, one per rank (like 'cpu,cpu'), or a plan")
+    return list(devices)
 
 
 def rank_devices(names: list[str], local_world_size: int | None = None) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .models import as_dtype, dtype_name, gptj_modeling
-from .devices import Device, parse_devices, peak_rss, reset_peak_rss
+from .devices import Device, peak_rss, reset_peak_rss
 from .hub import load_config, load_tokenizer, resolve_model
 from .plan import Plan
 from .records import MemoryRow, RunRecord
@@ -21,7 +21,8 @@ from .place import kv_bytes
 from .sampling import Sampling, as_sampling
 from .generate import make_streamer
 from .relay import TokenRelay
-from .ranks import LaunchOptions, RankContext, RankError, RankJob, fault_point, pick_backend, run_jobs, start_ranks
+from .ranks import (LaunchOptions, RankContext, RankError, RankJob, fault_point, pick_backend, run_devices, run_jobs,
+                    start_ranks)
 from .jobs import PipelineJob, merge_results, model_folder, next_tokens, prompts_job
 from .shards import VARIANTS, RankModel, build_rank_model, forward_rank, plan_tensor_parallel
 
@@ -74,15 +75,10 @@ def tensor_parallel_settings(model, devices: str | list[Device] | None = None, p
                              dtype=None, relay=None) -> TensorParallelSettings:
     """The settings of one tensor-parallel run, its device spec parsed once, for the notebook launcher and torchrun
     alike (notebook 07)."""
-    if plan is not None:
-        devices = [Device(s.device, s.budget_bytes) for s in plan.devices]
-    elif isinstance(devices, str):
-        devices = parse_devices(devices, check=False)
-    elif not devices:
-        raise ValueError("give devices, one per rank (like 'cpu,cpu'), or a plan")
+    devices = run_devices(devices, plan)
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: use one of {VARIANTS}")
-    return TensorParallelSettings(str(model), list(devices), plan.to_json() if plan else None, prompts, jobs,
+    return TensorParallelSettings(str(model), devices, plan.to_json() if plan else None, prompts, jobs,
                                   max_new_tokens, sampling or Sampling(), variant,
                                   dtype_name(dtype) if dtype else None, relay)
 
@@ -247,9 +243,7 @@ def run_tensor_parallel_jobs(model, devices: str | list[Device] | None, jobs: li
     before any process starts (notebook 07)."""
     model_path = model_folder(model)
     config = load_config(str(model_path))
-    if devices is None:
-        raise ValueError("give devices, one per rank (like 'cpu,cpu')")
-    parsed = tensor_parallel_settings(model_path, devices).devices  # the spec parsed once, here
+    parsed = run_devices(devices)  # the spec parsed once, here
     plan = plan_for_jobs(config, parsed, jobs, as_dtype(dtype), str(model))
     check_variant_backend(jobs, [d.name for d in parsed])
     settings = tensor_parallel_settings(model_path, plan=plan, jobs=jobs, dtype=dtype, relay=relay)

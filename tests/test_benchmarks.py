@@ -8,15 +8,21 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.timeout(300)
-def test_pipeline_speedup_quick_mode_runs_and_matches_tokens():
-    out = subprocess.run([sys.executable, "benchmarks/pipeline_speedup.py", "--quick"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=280, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "pipeline tokens equal the naive split's: True" in out.stdout
-    for line in ("two-core scaling (prefill):", "two-core scaling (decode):", "prefill speedup:", "decode speedup:",
-                 "prefill bubble: measured"):
-        assert line in out.stdout  # no speed is asserted: only that every figure is measured and printed
+@pytest.mark.parametrize("script", sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")))
+def test_every_benchmark_imports_and_reads_its_quick_flag(script, monkeypatch, capsys):
+    """Each script imports against today's helpers, and those with a --quick mode list it. The quick modes of
+    pipeline_speedup.py and tensor_parallel.py are not run here: their work is notebook 05's
+    `measure_pipeline_speedup` and notebook 07's `compare_splits`, which nbval runs; quantization.py's and
+    rehearse.py's are run below."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    module = importlib.import_module(script)
+    if hasattr(module, "main") and "--quick" in (ROOT / "benchmarks" / f"{script}.py").read_text():
+        monkeypatch.setattr(sys, "argv", [script, "--help"])
+        with pytest.raises(SystemExit) as exit:
+            module.main()
+        assert exit.value.code == 0 and "--quick" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(200)
@@ -50,17 +56,6 @@ def test_rehearsal_watchdog_ends_a_notebook_past_its_memory_limit():
     row = run_notebook(ROOT / "notebooks" / "00_start_here.ipynb", 'MODEL = "tiny"; DEVICES = "cpu"; '
                        "DTYPE = torch.float32", 4, limit=1, timeout=60)
     assert not row["ok"] and row["error"] == "ended by the watchdog (memory)"
-
-
-@pytest.mark.timeout(300)
-def test_tensor_parallel_quick_mode_runs_and_matches_tokens():
-    out = subprocess.run([sys.executable, "benchmarks/tensor_parallel.py", "--quick"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=280, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "tokens equal (naive split, pipeline, tensor parallel block and torch): True" in out.stdout
-    for line in ("two-core scaling (one-prompt decode):", "one-prompt decode speedup:", "all-reduce per token (block)",
-                 "all-reduce per token (torch)"):
-        assert line in out.stdout  # no speed is asserted: only that every figure is measured and printed
 
 
 @pytest.mark.timeout(300)

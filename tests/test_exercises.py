@@ -44,13 +44,33 @@ def test_the_exercises_that_change_settings_carry_their_change():
     assert {("00", "1"), ("02", "1"), ("04", "1"), ("04", "2"), ("05", "1")} <= numbers
 
 
+@pytest.fixture(scope="module")
+def kernel():
+    """One kernel for every exercise: each runs its notebook from the top (installs, imports, settings), so what an
+    earlier exercise left behind is set again, and torch is imported once instead of once per exercise."""
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(cwd=str(ROOT / "notebooks"))
+    yield km
+    km.shutdown_kernel(now=True)
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("path, number, change", exercises())
-def test_exercise_runs_as_written(path, number, change, tmp_path):
+def test_exercise_runs_as_written(path, number, change, kernel):
     nb = nbformat.read(path, as_version=4)
     nb.cells = apply_change(nb, change)
     for cell in nb.cells:
         cell.outputs = []
-    NotebookClient(nb, timeout=150, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    if not kernel.is_alive():  # an exercise that killed the kernel does not fail the next ones
+        kernel.restart_kernel(now=True)
+    client = NotebookClient(nb, km=kernel, timeout=150, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    try:
+        client.execute()
+    finally:
+        if client.kc is not None:
+            client.kc.stop_channels()
     printed = "".join(o.get("text", "") for c in nb.cells for o in c.outputs if o.get("output_type") == "stream")
     assert change.get("expect", "") in printed
