@@ -35,14 +35,15 @@ $(STAMP): constraints.txt pyproject.toml
 demo: $(STAMP)  ## the main job: run every notebook on the tiny default, results under build/
 	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --out $(BUILD)
 
-# test files and notebooks run on 2 workers, a whole file (a notebook's cells in order) on one
-XDIST  := -n 2 --dist loadfile
+# test files and notebooks run on 2 workers, a whole file (a notebook's cells in order) on one, the longest files
+# first (tests/conftest.py orders them; xdist would otherwise order them by their number of items)
+XDIST  := -n 2 --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)  ## lint; every committed notebook checked by nbval, with the unit tests; again on ipywidgets 7 and on the version floors
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest --nbval notebooks tests --nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout=600 \
 	  -p no:cacheprovider --durations=15 $(XDIST)
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-widgets7 test-floors  # one process each: both cores
+	$(MAKE) --no-print-directory test-widgets7 test-floors
 
 test-widgets7: $(WIDGETS7_DIR)/.installed  ## the prompt widget's unit tests on ipywidgets 7.7.1 (Colab's); the browser test needs 8
 	GPTJ_EXPECT_VERSIONS="$(WIDGETS7)" PYTHONPATH=$(WIDGETS7_DIR):$(CURDIR) $(PY) -m pytest tests/test_widget.py \
