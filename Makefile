@@ -35,9 +35,8 @@ $(STAMP): constraints.txt pyproject.toml
 demo: $(STAMP)  ## the main job: run every notebook on the tiny default, results under build/
 	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --out $(BUILD)
 
-# test files and notebooks run on 2 workers, a whole file (a notebook's cells in order) on one, the longest files
-# first (tests/conftest.py orders them; xdist would otherwise order them by their number of items)
-XDIST  := -n 2 --dist loadfile --no-loadscope-reorder
+# test files and notebooks run on 2 workers, a whole file (a notebook's cells in order) on one
+XDIST  := -n 2 --dist loadfile
 
 test: $(STAMP)  ## lint; every committed notebook checked by nbval, with the unit tests; again on ipywidgets 7 and on the version floors
 	$(VENV)/bin/ruff check .

@@ -45,23 +45,6 @@ def pytest_configure(config):
                                     f"(is its folder first on PYTHONPATH?)")
 
 
-# The longest files first (about 30 s or more each on the 2-core machine), so that under pytest-xdist's loadfile
-# neither worker is left with a long file at the end while the other idles; every other file keeps its place.
-# xdist hands each worker two files to start with, in this order: 07 and 05 go to the same worker, one after the
-# other, so that their live speed measurements never share the two cores.
-LONGEST_FIRST = ("notebooks/07_tensor_parallelism.ipynb", "tests/test_benchmarks.py",
-                 "notebooks/05_pipeline_parallelism.ipynb", "tests/test_tensor_parallel.py", "tests/test_pipeline.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Order the files longest first (a stable sort: a file's own items keep their order, as nbval needs)."""
-    def rank(item):
-        path = item.nodeid.split("::")[0]
-        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def isolated_tmp(tmp_path_factory):
     """Processes the tests start (torchrun's torchelastic_* logs, stage processes, notebook kernels) leave their
