@@ -1,6 +1,4 @@
 """The benchmarks that no other test runs stay alive: their quick modes run and check their own results."""
-import os
-import subprocess
 import sys
 
 import pytest
@@ -25,14 +23,24 @@ def test_every_benchmark_imports_and_reads_its_quick_flag(script, monkeypatch, c
         assert exit.value.code == 0 and "--quick" in capsys.readouterr().out
 
 
+def run_main(script: str, *args: str, monkeypatch, capsys):
+    """A benchmark's main() with these arguments, in this process (no second import of torch and transformers):
+    its return value and what it printed."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{script}.py", *args])
+    code = importlib.import_module(script).main()
+    return code, capsys.readouterr().out
+
+
 @pytest.mark.timeout(200)
-def test_rehearsal_quick_mode_switches_the_settings_line_and_reports_each_notebook():
-    out = subprocess.run([sys.executable, "benchmarks/rehearse.py", "--quick", "--notebooks", "00"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert 'with `MODEL = "tiny"; DEVICES = "3x4MiB"; DTYPE = torch.float32`' in out.stdout
-    assert "| 00_start_here.ipynb | yes |" in out.stdout
-    assert "| 01 from pytorch_model.bin | yes |" in out.stdout and "| 01 from the JAX slim layout | yes |" in out.stdout
+def test_rehearsal_quick_mode_switches_the_settings_line_and_reports_each_notebook(monkeypatch, capsys):
+    code, out = run_main("rehearse", "--quick", "--notebooks", "00", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, out[-2000:]
+    assert 'with `MODEL = "tiny"; DEVICES = "3x4MiB"; DTYPE = torch.float32`' in out
+    assert "| 00_start_here.ipynb | yes |" in out
+    assert "| 01 from pytorch_model.bin | yes |" in out and "| 01 from the JAX slim layout | yes |" in out
 
 
 def test_rehearsal_switches_only_the_model_line_and_refuses_a_cell_without_one():
@@ -59,13 +67,11 @@ def test_rehearsal_watchdog_ends_a_notebook_past_its_memory_limit():
 
 
 @pytest.mark.timeout(300)
-def test_quantization_quick_mode_times_every_format_and_measures_bytes_against_the_plan():
-    out = subprocess.run([sys.executable, "benchmarks/quantization.py", "--quick"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=280, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = {line.split("  ")[0]: line for line in out.stdout.splitlines()}
+def test_quantization_quick_mode_times_every_format_and_measures_bytes_against_the_plan(monkeypatch, capsys):
+    _, out = run_main("quantization", "--quick", monkeypatch=monkeypatch, capsys=capsys)
+    rows = {line.split("  ")[0]: line for line in out.splitlines()}
     for label in ("float32", "bfloat16", "int8 (torchao)", "int8 (bitsandbytes)", "nf4 (bitsandbytes)"):
         assert "matmul" in rows[label]  # each row times its format and names its kernel
-    assert "faster than bfloat16 here:" in out.stdout
-    peak = next(line for line in out.stdout.splitlines() if line.startswith("2 blocks: nf4 (bitsandbytes)"))
+    assert "faster than bfloat16 here:" in out
+    peak = next(line for line in out.splitlines() if line.startswith("2 blocks: nf4 (bitsandbytes)"))
     assert float(peak.split("ratio ")[1].split()[0]) == pytest.approx(1.0, abs=0.01)  # measured bytes = the plan
