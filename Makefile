@@ -20,7 +20,7 @@ WIDGETS7           := ipywidgets==7.7.1 ipython_genutils==0.2.0
 WIDGETS7_DIR       := $(VENV)/ipywidgets7.7.1
 
 
-.PHONY: demo test test-widgets7 test-floors lab venv notebooks tiny-model clean set-repo rehearse
+.PHONY: demo test test-old-versions test-widgets7 test-floors lab venv notebooks tiny-model clean set-repo rehearse
 
 venv: $(STAMP)
 
@@ -42,7 +42,13 @@ test: $(STAMP)  ## lint; every committed notebook checked by nbval, with the uni
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest --nbval notebooks tests --nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout=600 \
 	  -p no:cacheprovider --durations=15 $(XDIST)
-	$(MAKE) --no-print-directory test-widgets7 test-floors
+	$(MAKE) --no-print-directory test-old-versions
+
+test-old-versions: $(WIDGETS7_DIR)/.installed $(FLOORS_DIR)/.installed  ## test-widgets7 and test-floors in one process (torch imported once), as on Colab: old ipywidgets and transformers together
+	GPTJ_EXPECT_VERSIONS="$(WIDGETS7) $(FLOORS)" PYTHONPATH=$(WIDGETS7_DIR):$(FLOORS_DIR):$(CURDIR) $(PY) -m pytest \
+	  tests/test_widget.py $(FLOOR_TESTS) -m "widget or floor" -k "not 3stages and not three_ranks" \
+	  --deselect tests/test_widget.py::test_widget_in_a_real_browser -p no:cacheprovider \
+	  -W "ignore::DeprecationWarning:ipywidgets.widgets.widget"
 
 test-widgets7: $(WIDGETS7_DIR)/.installed  ## the prompt widget's unit tests on ipywidgets 7.7.1 (Colab's); the browser test needs 8
 	GPTJ_EXPECT_VERSIONS="$(WIDGETS7)" PYTHONPATH=$(WIDGETS7_DIR):$(CURDIR) $(PY) -m pytest tests/test_widget.py \

@@ -20,6 +20,8 @@ import torch
 import gptj_helpers as gh
 from conftest import ROOT
 
+pytestmark = pytest.mark.widget  # make test runs these again on ipywidgets 7.7.1 (Colab's)
+
 CHROMIUM = "/usr/bin/chromium"
 # the flags environment-notes.md found necessary for headless Chromium here
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
