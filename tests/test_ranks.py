@@ -10,6 +10,7 @@ import torch
 
 import gptj_helpers as gh
 import gptj_split.ranks
+from conftest import call_cli
 
 PROMPTS = ["The list", "A dictionary is a mapping of"]
 
@@ -153,3 +154,21 @@ def test_launch_options_are_checked():
         gh.LaunchOptions(timeout=0)
     with pytest.raises(ValueError, match="deadline=-1"):
         gh.LaunchOptions(deadline=-1)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command, kind", [("pipeline", "pipeline stage"), ("tensor-parallel", "tensor-parallel rank")])
+def test_under_torchrun_a_rank_that_fails_ends_the_command_naming_it(tiny_path, tmp_path, monkeypatch, command, kind):
+    """This process as the one rank of a torchrun launch (torchrun's variables set): the command's one line names
+    the rank in its own words. (torchrun itself stops the other ranks of a larger launch.)"""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(gh.free_port()))):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(gptj_split.ranks.FAULT_VARIABLE, "0:1:raise")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The list\n")
+    given = ["--prompts-file", prompts] if command == "pipeline" else ["--prompt", "The list"]
+    r = call_cli(command, "--model", tiny_path, "--devices", "cpu", *given, "--max-new-tokens", "3", "--greedy")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (f"error: {kind} 0 failed: RuntimeError: injected fault: {kind} 0 "
+                                                 "stops after 1 token(s)")

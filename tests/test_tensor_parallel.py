@@ -199,7 +199,8 @@ def run_torchrun(args, env=None):
 
 
 @pytest.mark.timeout(200)
-def test_torchrun_prints_what_generate_prints_and_a_dead_rank_ends_it(tiny_path):
+def test_torchrun_prints_what_generate_prints(tiny_path):
+    """A failed rank under torchrun: tests/test_ranks.py (the same serve_torchrun, in this process)."""
     flags = ["--prompt", PROMPTS[1], "--prompt", PROMPTS[0], "--max-new-tokens", str(NEW), "--stream", *sum(
         ([f"--{k.replace('_', '-')}", str(v)] for k, v in SAMPLING.items()), [])]
     common = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "0", "--monitor-interval", "0.5", "-m",
@@ -211,22 +212,6 @@ def test_torchrun_prints_what_generate_prints_and_a_dead_rank_ends_it(tiny_path)
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
     assert out == generate_stdout(tiny_path, *flags)
-    marker = "torchrun-fault-marker"
-    proc = run_torchrun([*common, "--prompt", marker, "--max-new-tokens", str(NEW)],
-                        env={gptj_split.ranks.FAULT_VARIABLE: "1:2:exit"})
-    fault_seen, lines = None, []
-    try:
-        for line in proc.stderr:  # read as it comes, to time the end from the fault
-            lines.append(line)
-            if fault_seen is None and "injected fault: tensor-parallel rank 1" in line:
-                fault_seen = time.time()
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    assert fault_seen is not None, "".join(lines)[-3000:]
-    assert time.time() - fault_seen < 30 and proc.returncode != 0
-    assert not [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])
-                and p.pid != os.getpid()]
 
 
 @pytest.mark.timeout(240)
