@@ -28,8 +28,9 @@ one file per chapter, each readable in one sitting; a file imports only files of
 
 Nothing runs at import: transformers and friends are imported inside the functions that need them
 (preload.py, imported only by that fork server, is the exception: importing it is its work).
-Patch a name in the file that defines it (`gptj_split.ranks.start_ranks`), not here: this module only
-re-exports, so a patch on `gh.NAME` changes nothing the package itself calls.
+Patch a name where the package looks it up (`gptj_split.pipeline.start_ranks`: pipeline.py calls the
+runtime's `start_ranks` by that name), not here: this module only re-exports, so a patch on `gh.NAME` changes
+nothing the package itself calls.
 """
 
 from __future__ import annotations

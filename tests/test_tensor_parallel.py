@@ -192,8 +192,8 @@ def test_self_launched_rank_that_dies_ends_run_naming_it(tiny_path, capsys, monk
     assert capsys.readouterr().out == ""
 
 
-def run_torchrun(args, env=None):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+def run_torchrun(args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
