@@ -7,12 +7,13 @@ BUILD  := build
 export PYTHONPATH := $(CURDIR)
 # `make test` runs some tests again on other versions, each installed (pure Python, --no-deps) into a folder that
 # goes first on PYTHONPATH; kept under .venv, so only a changed version downloads again.
-# 1. pyproject's lowest transformers and huggingface_hub (GPU images ship transformers 5.17)
+# 1. pyproject's lowest transformers, huggingface_hub and tokenizers (Colab ships transformers 5.15, GPU images 5.17)
 TRANSFORMERS_FLOOR := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml)
 HUB_FLOOR          := $(shell sed -n 's/^ *"huggingface_hub>=\([0-9.]*\).*/\1/p' pyproject.toml)
-FLOORS             := transformers==$(TRANSFORMERS_FLOOR) huggingface_hub==$(HUB_FLOOR)
+TOKENIZERS_FLOOR   := $(shell sed -n 's/^ *"tokenizers>=\([0-9.]*\).*/\1/p' pyproject.toml)
+FLOORS             := transformers==$(TRANSFORMERS_FLOOR) huggingface_hub==$(HUB_FLOOR) tokenizers==$(TOKENIZERS_FLOOR)
 FLOORS_PARENT      := $(VENV)/floors
-FLOORS_DIR         := $(FLOORS_PARENT)/transformers$(TRANSFORMERS_FLOOR)-hub$(HUB_FLOOR)
+FLOORS_DIR         := $(FLOORS_PARENT)/transformers$(TRANSFORMERS_FLOOR)-hub$(HUB_FLOOR)-tokenizers$(TOKENIZERS_FLOOR)
 FLOOR_TESTS        := tests/test_plan_and_place.py tests/test_generate.py tests/test_pipeline.py tests/test_tensor_parallel.py
 # 2. ipywidgets as Colab ships it (7 needs ipython_genutils; widgetsnbextension 3 is only the classic
 #    notebook's frontend, which the Python side never imports)

@@ -40,6 +40,36 @@ def safetensors_complete(folder: Path) -> bool:
     return files_complete(Path(folder), SAFETENSORS_INDEX, "model.safetensors")
 
 
+def safetensors_problem(file: Path) -> str | None:
+    """What is wrong with one safetensors file, read from its header alone (a few KiB), or None if it is whole: the
+    header's length, its JSON, and the byte ranges it promises against the file's size (notebook 01)."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or 8 + length > size:
+            return f"{size} bytes, too short for its own header: truncated"
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            return "its header is not readable JSON"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    needed = 8 + length + max(ends, default=0)
+    if size != needed:
+        return f"{size} bytes where its header promises {needed}: {'truncated' if size < needed else 'bytes added'}"
+    return None
+
+
+def check_safetensors(folder: Path) -> None:
+    """Refuse, by file, a damaged safetensors file of a model folder (a download or a copy cut short), before anything
+    loads from it, instead of safetensors' own error deep inside loading (notebook 01)."""
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            raise ValueError(f"{file} is damaged ({problem}): delete it, then download or convert it again "
+                             f"(notebook 01)")
+
+
 def bin_files(folder: Path) -> list[Path]:
     """The .bin weight files of a folder: those its index names (all present), else pytorch_model.bin, else the
     pytorch_model-*.bin shards; [] without any (notebook 01)."""
@@ -275,6 +305,7 @@ def placeable_folder(folder: str | Path, delete_bins: bool = False, progress: bo
     then delete the .bin files, after `check_conversion` (notebook 01)."""
     folder = Path(folder)
     if safetensors_complete(folder) and not delete_bins:
+        check_safetensors(folder)
         return folder
     files = bin_files(folder)
     if not files:

@@ -128,6 +128,30 @@ def check_card(name: str, budget: int, part: str) -> None:
                          f"{props.total_memory // 2**30}GiB, and keep room for the CUDA context")
 
 
+BFLOAT16_CAPABILITY = (8, 0)  # Ampere: the first cards that compute bfloat16 (a T4, 7.5, only emulates it)
+
+
+def card_capability(name: str) -> tuple[str, tuple[int, int]] | None:
+    """A CUDA device's card name and compute capability; None for the CPU or where this torch has no CUDA."""
+    if not name.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    dev = torch.device(name)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index))
+
+
+def check_dtype_on_devices(dtype: torch.dtype, names) -> None:
+    """Refuse bfloat16 on a GPU that does not compute it (compute capability below 8.0, like a T4 or a P100), even
+    though `torch.cuda.is_bf16_supported()` says True there: it counts emulation (notebooks 00, 02)."""
+    if dtype != torch.bfloat16:
+        return
+    for name in [str(getattr(n, "name", n)) for n in names]:
+        card = card_capability(name)
+        if card and card[1] < BFLOAT16_CAPABILITY:
+            raise ValueError(f"{name} is a {card[0]} (compute capability {card[1][0]}.{card[1][1]}), which does not "
+                             f"compute bfloat16 (it needs 8.0 or more): use dtype float16 there")
+
+
 def release_memory() -> None:
     """Hand memory back after `del model`: collect the garbage, trim the host heap, and empty CUDA's cache (notebooks
     04, 05)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .models import DTYPES, as_dtype, default_dtype, dtype_name, meta_model, module_sizes
-from .devices import Device, format_size, parse_devices, parse_size
+from .devices import Device, check_dtype_on_devices, format_size, parse_devices, parse_size
 from .hub import load_config
 
 
@@ -184,6 +184,7 @@ def plan_split(model_or_config, devices: str | list[Device], dtype: torch.dtype 
     devices = parse_devices(devices, check=False) if isinstance(devices, str) else list(devices)
     dtype = as_dtype(dtype) or (DTYPES.get(weights) if weights else None) or default_dtype(config, devices)
     weights = check_weights(weights, dtype)
+    check_dtype_on_devices(dtype, devices)
     reserve = parse_size(reserve) if isinstance(reserve, str) else int(reserve)
     sizes = planned_sizes(config, dtype, weights)
     kv = kv_cache_bytes_per_layer(config, dtype, prompt_tokens + max_new_tokens, batch_size)

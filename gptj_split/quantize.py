@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .devices import trim_host_heap
+from .devices import card_capability, trim_host_heap
 from .models import RANDOM_WEIGHTS, as_dtype, quiet_imports, quiet_progress, gptj_modeling
 from .hub import resolve_model
 from .plan import QUANTIZED_FORMATS, Plan
@@ -19,6 +19,7 @@ from .place import place_stages
 
 BACKENDS = {"int8": ("torchao", "bitsandbytes"), "nf4": ("bitsandbytes",)}  # weight format -> backends, default first
 BACKEND_DEVICES = {"torchao": ("cpu", "cuda"), "bitsandbytes": ("cpu", "cuda", "xpu")}  # device types each runs on
+INT8_CAPABILITY = (7, 5)  # bitsandbytes' LLM.int8 kernels (a P100 is 6.0)
 INSTALL_HINT = 'pip install "gptj-helpers[quant]" (or: pip install torchao bitsandbytes)'
 
 
@@ -69,6 +70,10 @@ def check_backend(weights: str, backend: str | None = None, devices=("cpu",)) ->
             raise ValueError(f"{backend} {module.__version__} cannot run {weights} weights on {device} "
                              f"(it runs on {', '.join(BACKEND_DEVICES[backend])}"
                              f"{'' if torch.cuda.is_available() else '; this torch has no CUDA'})")
+        card = card_capability(str(getattr(device, "name", device)))
+        if backend == "bitsandbytes" and weights == "int8" and card and card[1] < INT8_CAPABILITY:
+            raise ValueError(f"{device} is a {card[0]} (compute capability {card[1][0]}.{card[1][1]}): bitsandbytes' "
+                             f"LLM.int8 needs 7.5 or more; use weights='nf4', or int8 through torchao")
     return backend
 
 

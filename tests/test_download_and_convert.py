@@ -725,3 +725,24 @@ def test_measured_peak_is_the_child_own_not_the_parent(tmp_path):
     assert 0 < run["peak_over_baseline"] < held.numel() * 4 // 2
     with pytest.raises(RuntimeError, match="convert-jax .* failed: .*shard_0 is missing"):
         gh.measure_command(["convert-jax", str(tmp_path / "nowhere"), str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("keep", [0.5, 100, 4])
+def test_a_damaged_weight_file_is_named_in_one_line(tmp_path, keep):
+    """A `model.safetensors` cut short (half the file, inside its header, before its header's length) is refused by
+    name, with what to do, by every loader, instead of safetensors' "incomplete metadata" from deep inside."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(gh.resolve_model("tiny"), folder)
+    file = folder / "model.safetensors"
+    whole = file.read_bytes()
+    file.write_bytes(whole[:int(len(whole) * keep) if keep < 1 else keep])
+    wanted = rf"{re.escape(str(file))} is damaged \(.*truncated\): delete it, then download or convert it again"
+    plan = gh.plan_split("tiny", "2xcpu")
+    for load in (lambda: gh.load_model(str(folder)), lambda: gh.place_stages(str(folder), plan)):
+        with pytest.raises(ValueError, match=wanted):
+            load()
+    file.write_bytes(whole + b"\0")
+    with pytest.raises(ValueError, match="bytes added"):
+        gh.load_model(str(folder))

@@ -1,6 +1,5 @@
 """Notebook 04: the recorded timeline and memory of a run, the plots drawn from them, estimates, gpu_check's CPU
 mode."""
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -169,20 +168,43 @@ def test_random_stages_have_the_planned_placement_and_dtype(tiny):
     assert record.mode == "naive" and len(record.busy_seconds()) == 3
 
 
-def test_gpu_check_cpu_mode(monkeypatch, capsys):
-    """benchmarks/gpu_check.py's CPU mode, its main() run in this process."""
+def gpu_check_module(monkeypatch):
+    """benchmarks/gpu_check.py, imported into this process (its child processes stay processes)."""
     import importlib
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    monkeypatch.setattr(sys, "argv", ["benchmarks/gpu_check.py", "--mini", "--tokens", "8"])
-    assert importlib.import_module("gpu_check").main() == 0
+    return importlib.import_module("gpu_check")
+
+
+def test_gpu_check_runs_every_case_on_the_cpu(monkeypatch, capsys):
+    """`gpu_check.py --device cpu`: every case of the GPU check, at reduced size, each equality deciding it."""
+    assert gpu_check_module(monkeypatch).main(["--device", "cpu", "--tokens", "8"]) == 0
     text = capsys.readouterr().out
-    first = text.splitlines()[0]
-    assert first.startswith("mini (8 layers x 512, random weights) in float32 on 3x64MiB;"), first
-    assert first.endswith("no CUDA: CPU mode"), first
-    assert "tokens/s after it" in text and "busy ms" in text
-    assert text.count("KV cache  ") + text.count("KV cache ") >= 3 and "estimate vs measured" in text
-    assert all(f"stage {s} parameters" in text for s in range(3))
+    assert "FAILED" not in text and ": False" not in text
+    assert text.count(": passed in ") == 7, text  # naive, boundary, pipeline, tensor parallel, int8, nf4, device map
+    assert "7 of 7 case(s) passed; skipped (not counted): nccl" in text
+    assert all(f"slice {s} params within 1% of the plan: True" in text for s in range(3))
+    assert "estimate vs measured" in text and "busy ms" in text and "tokens/s after it" in text
+    assert "torch: backend gloo; tokens equal generate's: True" in text
+
+
+def test_gpu_check_fails_when_a_split_is_perturbed(monkeypatch, capsys):
+    """One weight of the split changed: the boundary case prints False, fails, and the command exits 1."""
+    gpu_check = gpu_check_module(monkeypatch)
+    place = gh.place_stages
+
+    def perturbed(*args, **kwargs):
+        model = place(*args, **kwargs)
+        with torch.no_grad():
+            model.transformer.h[-1].mlp.fc_out.weight[0] += 1.0
+        return model
+
+    monkeypatch.setattr(gh, "place_stages", perturbed)
+    assert gpu_check.main(["--device", "cpu", "--only", "boundary"]) == 1
+    text = capsys.readouterr().out
+    assert "greedy       split == unsplit: False" in text
+    assert "FAILED (greedy       split == unsplit is False)" in text
+    assert "0 of 1 case(s) passed; failed: boundary" in text
 
 
 def test_bandwidth_verdicts_follow_the_numbers_of_the_run():

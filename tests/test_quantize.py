@@ -259,3 +259,36 @@ def test_quality_rows_measure_each_format_against_float32():
         assert by[label]["positions"] == 2 * quality.WINDOW
     assert by["nf4 (bitsandbytes)"]["kl"] > by["int8 (torchao)"]["kl"]  # 4 bits lose more than 8
     assert "nf4 (bitsandbytes)" in quality.format_quality(rows)
+
+
+def pretend_card(monkeypatch, name: str, capability: tuple[int, int]) -> None:
+    """This process sees one CUDA card of the given name and compute capability (nothing runs on it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capability)
+
+
+@needs("bitsandbytes")
+def test_int8_through_bitsandbytes_is_refused_on_a_p100_by_name(monkeypatch):
+    gh.import_backend("bitsandbytes")  # imported for this CPU first: it probes CUDA on import
+    pretend_card(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0))
+    with pytest.raises(ValueError, match=r"cuda:0 is a Tesla P100-PCIE-16GB \(compute capability 6.0\).*"
+                                         r"needs 7.5.*use weights='nf4', or int8 through torchao"):
+        gh.check_backend("int8", "bitsandbytes", ["cuda:0"])
+    assert gh.check_backend("nf4", "bitsandbytes", ["cuda:0"]) == "bitsandbytes"  # the alternatives stay open
+    pretend_card(monkeypatch, "Tesla T4", (7, 5))
+    assert gh.check_backend("int8", "bitsandbytes", ["cuda:0"]) == "bitsandbytes"
+
+
+def test_bfloat16_is_refused_on_a_card_that_only_emulates_it(monkeypatch):
+    """A T4 says `is_bf16_supported()`, yet computes bfloat16 by emulation: the plan refuses it, by card."""
+    pretend_card(monkeypatch, "Tesla T4", (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    config = gh.load_config("gpt-j-6b-random")
+    with pytest.raises(ValueError, match=r"cuda:0 is a Tesla T4 \(compute capability 7.5\).*use dtype float16"):
+        gh.plan_split(config, "cuda:0=14GiB", dtype=torch.bfloat16)
+    assert gh.plan_split(config, "cuda:0=14GiB").dtype == "float16"  # the default never picks it
+    pretend_card(monkeypatch, "NVIDIA A100-SXM4-40GB", (8, 0))
+    assert gh.plan_split(config, "cuda:0=14GiB", dtype=torch.bfloat16).dtype == "bfloat16"
