@@ -47,10 +47,11 @@ from gptj_split.models import (GPTJ_6B_REPO, GPTJ_6B_REVISION, TINY_SEED, TINY_V
                                RANDOM_WEIGHTS, seeded_tensor)
 from gptj_split.devices import (UNITS, parse_size, format_size, Device, available_memory, list_devices,
                                 check_device_name, parse_devices, check_card, release_memory, trim_host_heap,
-                                describe_environment, reset_peak_rss, peak_rss)
+                                describe_environment, reset_peak_rss, peak_rss, card_capability, check_dtype_on_devices,
+                                BFLOAT16_CAPABILITY)
 from gptj_split.hub import (WEIGHT_PATTERNS, hub_id, resolve_model, load_config, load_tokenizer, load_model,
                             quiet_warnings, download_gptj, download_model, transport_errors, model_files_complete,
-                            check_online)
+                            check_online, WEIGHTS_VARIABLE, weights_dir, small_files)
 from gptj_split.convert import (GPTJ_6B_JAX_CONFIG, JAX_PIECES, jax_config_of, hf_config_of, JaxLeaf, jax_leaves,
                                 split_pieces, target_group, write_safetensors_shards, check_finite, refuse_existing,
                                 read_npz_array, convert_jax_checkpoint, write_jax_checkpoint)
@@ -62,7 +63,7 @@ from gptj_split.random_models import (write_random_model, random_gptj_folder, sa
                                       check_room, make_tiny_gptj, mini_gptj_folder, bench_config, write_bench_model)
 from gptj_split.plan import (StagePlan, Plan, kv_cache_bytes_per_layer, as_config, plan_split, explain_infeasible,
                              format_plan, accelerate_plan, map_device, QUANTIZED_FORMATS, check_weights, linear_bytes,
-                             planned_sizes)
+                             planned_sizes, check_free_memory)
 from gptj_split.records import (TimingEvent, MemoryRow, RunRecord, EventClock)
 from gptj_split.place import (stage_parameter_names, move_to, boundary_hook, WeightReader, place_stages, hook_stages,
                               plan_of, tensor_bytes, stored_bytes, kv_bytes, measure_memory, SplitCheck, check_split,

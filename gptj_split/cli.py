@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .models import DTYPES, GPTJ_6B_REPO, GPTJ_6B_REVISION, TINY_SEED, as_dtype, build_atomically, default_dtype
 from .devices import list_devices, parse_devices
-from .hub import download_gptj, load_config, load_tokenizer, resolve_model
+from .hub import download_gptj, load_config, load_tokenizer, resolve_model, weights_dir
 from .convert import convert_jax_checkpoint
 from .random_models import make_tiny_gptj
 from .convert_bin import convert_to_safetensors
@@ -81,7 +81,8 @@ def cmd_make_tiny(args: argparse.Namespace) -> None:
 def cmd_download(args: argparse.Namespace) -> None:
     """download [REPO] --revision R --local-dir DIR: fetch config, tokenizer and one copy of the weights (.bin files
     converted to safetensors beside them; --delete-bin: then deleted)."""
-    print(download_gptj(args.repo_id, revision=args.revision, local_dir=args.local_dir, endpoint=args.endpoint,
+    print(download_gptj(args.repo_id, revision=args.revision, local_dir=args.local_dir or weights_dir(),
+                        endpoint=args.endpoint,
                         delete_bin=args.delete_bin))
 
 
@@ -277,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="download GPT-J (or another hub model) with huggingface_hub")
     p.add_argument("repo_id", nargs="?", default=GPTJ_6B_REPO)
     p.add_argument("--revision", default=GPTJ_6B_REVISION, help="branch or commit (default: float16)")
-    p.add_argument("--local-dir", help="put the files here instead of the hub cache")
+    p.add_argument("--local-dir", help="put the files here instead of the hub cache (default: $GPTJ_WEIGHTS if set)")
     p.add_argument("--endpoint", help="hub URL (default: huggingface.co or $HF_ENDPOINT)")
     p.add_argument("--delete-bin", action="store_true", help=DELETE_BIN_HELP)
     p.set_defaults(func=cmd_download)

@@ -7,6 +7,7 @@ safetensors the split can place: .bin files are converted once, beside themselve
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -17,6 +18,21 @@ from .convert_bin import BIN_INDEX, SAFETENSORS_INDEX, files_complete, placeable
 from .random_models import build_seeded_model, random_gptj_folder
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # first match wins: never fetch both copies
+SMALL_FILES = ["*.json", "*.txt", "*.model"]  # config, tokenizer, generation settings: never the weights
+WEIGHTS_VARIABLE = "GPTJ_WEIGHTS"  # a folder for downloaded weights that outlives the session (Drive on Colab)
+
+
+def weights_dir() -> Path | None:
+    """Where hub downloads go: the folder named by $GPTJ_WEIGHTS (for example on a mounted Google Drive, so the
+    12.1 GB survive a Colab session), else None: huggingface_hub's cache, shared by every notebook (notebook 01)."""
+    folder = os.environ.get(WEIGHTS_VARIABLE)
+    return Path(folder).expanduser() if folder else None
+
+
+def is_local_name(name: str) -> bool:
+    """True for names that never reach the hub: the tiny default, the random GPT-J, an existing folder or a path."""
+    return (name in ("tiny", GPTJ_6B_RANDOM) or Path(name).expanduser().exists() or name.count("/") > 1
+            or name.startswith((".", "/", "~")))
 
 
 def hub_id(name: str) -> tuple[str, str | None]:
@@ -43,7 +59,7 @@ def resolve_model(name: str = "tiny", delete_bin: bool = False) -> Path:
     if name.count("/") > 1 or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder {path} does not exist")
     repo_id, revision = hub_id(name)
-    return download_gptj(repo_id, revision=revision, delete_bin=delete_bin)
+    return download_gptj(repo_id, revision=revision, local_dir=weights_dir(), delete_bin=delete_bin)
 
 
 def load_config(name: str = "tiny"):
@@ -56,10 +72,28 @@ def load_config(name: str = "tiny"):
 
 
 def load_tokenizer(name: str = "tiny"):
-    """The model's tokenizer, via the same transformers class that loads GPT-J's (notebook 00)."""
+    """The model's tokenizer, via the same transformers class that loads GPT-J's; for a hub id only the small files
+    are fetched, into the folder where its weights go, never the weights (notebook 00)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_model(name)))
+    return AutoTokenizer.from_pretrained(str(resolve_model(name) if is_local_name(name) else small_files(name)))
+
+
+def small_files(name: str, endpoint: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """A hub model's config and tokenizer files (a few MB), in the folder where `download_gptj` puts its weights, from
+    disk when they are there already (notebook 00)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, revision = hub_id(name)
+    kwargs = dict(repo_id=repo_id, revision=revision, endpoint=endpoint, cache_dir=cache_dir, local_dir=weights_dir(),
+                  allow_patterns=SMALL_FILES)
+    with contextlib.suppress(LocalEntryNotFoundError):
+        path = Path(snapshot_download(**kwargs, local_files_only=True))
+        if (path / "config.json").exists():
+            return path
+    check_online(endpoint)
+    return Path(snapshot_download(**kwargs))
 
 
 def load_model(name: str = "tiny", dtype: torch.dtype | None = None, device: str = "cpu", blocks: int | None = None):
@@ -118,11 +152,16 @@ def download_gptj(repo_id: str = GPTJ_6B_REPO, revision: str | None = GPTJ_6B_RE
         if model_files_complete(path):
             return placeable_folder(path, delete_bin)
     check_online(endpoint)
-    files = HfApi(endpoint=endpoint).list_repo_files(repo_id, revision=revision)
-    weights = next((p for p in WEIGHT_PATTERNS if any(fnmatch(f, p) for f in files)), None)
+    sizes = {f.path: getattr(f, "size", 0) or 0
+             for f in HfApi(endpoint=endpoint).list_repo_tree(repo_id, revision=revision, recursive=True)}
+    weights = next((p for p in WEIGHT_PATTERNS if any(fnmatch(f, p) for f in sizes)), None)
     if weights is None:
         raise FileNotFoundError(f"{repo_id}@{revision} has no safetensors or pytorch_model.bin weights")
-    patterns = ["*.json", "*.txt", "*.model", weights]
+    patterns = SMALL_FILES + [weights]
+    wanted = [f for f in sizes if any(fnmatch(f, p) for p in patterns)]
+    print(f"downloading {repo_id}@{revision}: {len(wanted)} files, {sum(sizes[f] for f in wanted) / 1e9:.2f} GB "
+          f"(weights: {weights}) into {local_dir or cache_dir or 'the huggingface_hub cache'}; files already there "
+          "are kept", flush=True)
     try:
         path = Path(snapshot_download(**kwargs, allow_patterns=patterns))
     except transport_errors() as err:  # a dropped connection, after the hub's own retries

@@ -14,7 +14,7 @@ import torch
 from .models import as_dtype, default_dtype, dtype_name, gptj_modeling
 from .devices import Device, peak_rss, reset_peak_rss
 from .hub import load_config, load_tokenizer, resolve_model
-from .plan import Plan, plan_split
+from .plan import Plan, check_free_memory, plan_split
 from .records import EventClock, RunRecord
 from .sampling import Sampling, as_sampling
 from .generate import make_streamer
@@ -139,6 +139,7 @@ def run_pipeline_jobs(model, devices: str | list[Device] | None, jobs: list[Pipe
     if plan.quantized and options.transform is None:
         raise ValueError(f"the plan stores the blocks in {plan.weights}: pass options=gh.LaunchOptions(transform="
                          "gh.quantizer_for(plan)), which quantizes each block as its stage loads it (notebook 08)")
+    check_free_memory(plan, "the pipeline's stage processes")
     settings = pipeline_settings(model_path, plan=plan, jobs=jobs, dtype=dtype, relay=relay)
     return start_ranks(pipeline_job(settings, options), model_path)
 

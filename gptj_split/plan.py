@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .models import DTYPES, as_dtype, default_dtype, dtype_name, meta_model, module_sizes
-from .devices import Device, check_dtype_on_devices, format_size, parse_devices, parse_size
+from .devices import Device, available_memory, check_dtype_on_devices, format_size, parse_devices, parse_size
 from .hub import load_config
 
 
@@ -277,6 +277,23 @@ def explain_infeasible(config, devices: list[Device], dtype: torch.dtype, reserv
     if reserve and fits(devices, res=0):
         ideas.append("lower the per-device reserve")
     return msg + (": " + ", or ".join(ideas) if ideas else "") + "."
+
+
+def check_free_memory(plan: Plan, who: str = "the stages") -> None:
+    """Refuse, before any process starts, a launch whose stages need more than their devices have free right now
+    (a split model still held by this kernel, say): named by device, with what is free and what is needed
+    (notebooks 05 to 07)."""
+    need: dict[str, int] = {}
+    for st in plan.devices:
+        if st.device != "cuda":  # bare "cuda": each torchrun rank's own GPU, not this process's to look at
+            need[st.device] = need.get(st.device, 0) + st.total_bytes
+    for name, nbytes in need.items():
+        free = available_memory(name)
+        if nbytes > free:
+            where = "the host" if name == "cpu" else name
+            raise MemoryError(f"{who} need {format_size(nbytes)} on {where}, which has {format_size(free)} free now: "
+                              "a model this kernel still holds may take it (del it, then gh.release_memory()), or "
+                              "plan for less")
 
 
 def format_plan(plan: Plan) -> str:

@@ -51,4 +51,9 @@ def settings_comment() -> str:
     width = max(len(name) for name in SETUPS if SETUPS[name][0] != "tiny") + 1
     lines = ["# For GPT-J-6B, replace the MODEL line below by your setup's line (README: Which setup do I have?):"]
     lines += [f"#   {name + ':':{width}} {settings_line(name)}" for name in SETUPS if SETUPS[name][0] != "tiny"]
+    lines += [
+        "# Weights are downloaded once per machine (00 and 01 put them where every notebook finds them). Colab and",
+        "# Kaggle start each session with an empty disk: keep them on your Google Drive with",
+        '# os.environ["GPTJ_WEIGHTS"] = "/content/drive/MyDrive/gpt-j-6b" (after mounting it), or set MODEL to the',
+        '# folder of a Kaggle dataset that holds them, like MODEL = "/kaggle/input/gpt-j-6b".']
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import torch
 from .models import as_dtype, dtype_name, gptj_modeling
 from .devices import Device, peak_rss, reset_peak_rss
 from .hub import load_config, load_tokenizer, resolve_model
-from .plan import Plan
+from .plan import Plan, check_free_memory
 from .records import MemoryRow, RunRecord
 from .place import kv_bytes
 from .sampling import Sampling, as_sampling
@@ -246,6 +246,7 @@ def run_tensor_parallel_jobs(model, devices: str | list[Device] | None, jobs: li
     parsed = run_devices(devices)  # the spec parsed once, here
     plan = plan_for_jobs(config, parsed, jobs, as_dtype(dtype), str(model))
     check_variant_backend(jobs, [d.name for d in parsed])
+    check_free_memory(plan, "the tensor-parallel ranks")
     settings = tensor_parallel_settings(model_path, plan=plan, jobs=jobs, dtype=dtype, relay=relay)
     return start_ranks(tensor_parallel_rank_job(settings, options), model_path)
 

@@ -195,7 +195,8 @@ def test_interrupted_download_fails_clearly_then_completes(hub, tmp_path, tiny_p
 @pytest.mark.timeout(120)
 def test_dropped_large_file_resumes_with_range(hub, tmp_path):
     endpoint, handler = hub
-    big = np.random.default_rng(0).bytes(12 * 2**20)  # past huggingface_hub's first 10 MiB chunk
+    noise = np.frombuffer(np.random.default_rng(0).bytes(12 * 2**20), dtype=np.uint8)  # past the first 10 MiB chunk
+    big = save({"noise": torch.from_numpy(noise.copy())})  # a whole safetensors file: the folder is checked
     handler.files["model.safetensors"] = big
     handler.drop["model.safetensors"] = (11 * 2**20, 1)
     path = gh.download_gptj(REPO, revision="float16", endpoint=endpoint, cache_dir=tmp_path / "hub")
@@ -746,3 +747,30 @@ def test_a_damaged_weight_file_is_named_in_one_line(tmp_path, keep):
     file.write_bytes(whole + b"\0")
     with pytest.raises(ValueError, match="bytes added"):
         gh.load_model(str(folder))
+
+
+@pytest.mark.timeout(120)
+def test_a_tokenizer_fetches_only_small_files_into_the_weights_folder(hub, tmp_path, tiny, monkeypatch):
+    """load_tokenizer("gpt-j-6b") fetches config and tokenizer files, never weights, into $GPTJ_WEIGHTS; the weights
+    then go to the same folder, announced with their size first, and nothing is fetched twice."""
+    import huggingface_hub.constants as constants
+
+    endpoint, handler = hub
+    handler.repos["EleutherAI/gpt-j-6b"] = handler.files
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv(gh.WEIGHTS_VARIABLE, str(tmp_path / "drive" / "gpt-j-6b"))
+    tokenizer = gh.load_tokenizer("gpt-j-6b")
+    assert tokenizer("The list")["input_ids"] == tiny[1]("The list")["input_ids"]
+    fetched = {entry[1].rsplit("/", 1)[1] for entry in handler.log if entry[0] == "GET" and "/resolve/" in entry[1]}
+    assert fetched and not any(name.endswith((".safetensors", ".bin", ".msgpack")) for name in fetched), fetched
+    assert (tmp_path / "drive" / "gpt-j-6b" / "tokenizer.json").exists()
+    assert not [f for f in (tmp_path / "hub").rglob("*") if f.is_file() and f.parent.name != "refs"]  # no copy there
+    requests = len(handler.log)
+    gh.load_tokenizer("gpt-j-6b")
+    assert len(handler.log) == requests  # there already: no network
+    path = gh.resolve_model("gpt-j-6b")
+    assert path == tmp_path / "drive" / "gpt-j-6b" and (path / "model.safetensors").exists()
+    assert not [f for f in (tmp_path / "hub").rglob("*") if f.is_file() and f.parent.name != "refs"]
+    assert len(gets(handler, "tokenizer.json")) == 1 and len(gets(handler, "model.safetensors")) == 1

@@ -126,6 +126,26 @@ def test_pipeline_drives_the_widget_streaming_and_stopping(tiny, tiny_path):
     assert widget.text == prefix[0] and len([u for u in updates if u]) >= 1
 
 
+def test_pipeline_widget_refuses_while_this_kernel_holds_the_devices(tiny, monkeypatch):
+    """Generate on the pipeline widget while a split model fills the device: one message naming the device, what is
+    free and what the stages need, and no stage process started."""
+    import gptj_split.plan
+    import gptj_split.pipeline
+
+    _, tokenizer = tiny
+    monkeypatch.setattr(gptj_split.plan, "available_memory", lambda name: 2**20)  # 1 MiB free: a model holds the rest
+    started = []
+    monkeypatch.setattr(gptj_split.pipeline, "start_ranks", lambda *a, **k: started.append(a))
+    widget = gh.prompt_widget("tiny", tokenizer, generate=gh.pipeline_generate("cpu,cpu"))
+    set_controls(widget, "The list", max_new_tokens=4, seed=1)
+    widget.generate_button.click()
+    assert widget.wait(timeout=60)
+    assert isinstance(widget.error, MemoryError) and not started
+    assert re.search(r"the pipeline's stage processes need [\d.]+ MiB on the host, which has 1.00 MiB free now: a "
+                     r"model this kernel still holds may take it \(del it, then gh.release_memory\(\)\)",
+                     str(widget.error)), widget.error
+
+
 @pytest.mark.parametrize("values, message", [
     (dict(temperature=0.0), "temperature=0.0: sampling needs a temperature above 0"),
     (dict(top_p=0.0), "top_p=0.0: it must be in (0, 1]"),
