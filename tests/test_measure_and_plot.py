@@ -190,16 +190,17 @@ def test_gpu_check_runs_every_case_on_the_cpu(monkeypatch, capsys):
 
 def test_gpu_check_fails_when_a_split_is_perturbed(monkeypatch, capsys):
     """One weight of the split changed: the boundary case prints False, fails, and the command exits 1."""
-    gpu_check = gpu_check_module(monkeypatch)
-    place = gh.place_stages
+    import gptj_split.place
 
-    def perturbed(*args, **kwargs):
-        model = place(*args, **kwargs)
+    gpu_check = gpu_check_module(monkeypatch)
+    hook = gptj_split.place.hook_stages  # every split passes here once its weights are in place
+
+    def perturbed(model, *args, **kwargs):
         with torch.no_grad():
             model.transformer.h[-1].mlp.fc_out.weight[0] += 1.0
-        return model
+        return hook(model, *args, **kwargs)
 
-    monkeypatch.setattr(gh, "place_stages", perturbed)
+    monkeypatch.setattr(gptj_split.place, "hook_stages", perturbed)
     assert gpu_check.main(["--device", "cpu", "--only", "boundary"]) == 1
     text = capsys.readouterr().out
     assert "greedy       split == unsplit: False" in text
