@@ -14,7 +14,8 @@ TOKENIZERS_FLOOR   := $(shell sed -n 's/^ *"tokenizers>=\([0-9.]*\).*/\1/p' pypr
 FLOORS             := transformers==$(TRANSFORMERS_FLOOR) huggingface_hub==$(HUB_FLOOR) tokenizers==$(TOKENIZERS_FLOOR)
 FLOORS_PARENT      := $(VENV)/floors
 FLOORS_DIR         := $(FLOORS_PARENT)/transformers$(TRANSFORMERS_FLOOR)-hub$(HUB_FLOOR)-tokenizers$(TOKENIZERS_FLOOR)
-FLOOR_TESTS        := tests/test_plan_and_place.py tests/test_generate.py tests/test_pipeline.py tests/test_tensor_parallel.py
+FLOOR_TESTS        := tests/test_plan_and_place.py tests/test_generate.py tests/test_pipeline.py tests/test_tensor_parallel.py \
+                      tests/test_compiled.py
 # 2. ipywidgets as Colab ships it (7 needs ipython_genutils; widgetsnbextension 3 is only the classic
 #    notebook's frontend, which the Python side never imports)
 WIDGETS7           := ipywidgets==7.7.1 ipython_genutils==0.2.0

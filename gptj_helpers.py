@@ -24,6 +24,7 @@ one file per chapter, each readable in one sitting; a file imports only files of
 |                              | tp_compare.py (naive split, pipeline and tensor parallel, measured side by side) |
 | 08 quantization              | quantize.py (backends, per-block quantize-after-load, from_pretrained),          |
 |                              | quality.py (quality and speed of each weight format)                             |
+| 09 how fast one prompt goes  | compiled.py (the decode step compiled over a static KV cache)                    |
 | command line, notebook runs  | cli.py (`python -m gptj_helpers --help`)                                         |
 
 Nothing runs at import: transformers and friends are imported inside the functions that need them
@@ -72,7 +73,7 @@ from gptj_split.setups import (SETUPS, setups_markdown, settings_line, settings_
 from gptj_split.sampling import (SAMPLING_DEFAULTS, Sampling, as_sampling, check_max_new_tokens, check_sampling,
                                  check_prompts, check_generation, pad_left, position_ids)
 from gptj_split.generate import (plan_modules, stage_modules, StageRecorder, TokenTimes, make_streamer, generate_text,
-                                 seeded, format_timing)
+                                 seeded, format_timing, run_generate)
 from gptj_split.measure import (measure_command, utilisation, prompt_of_length, measure_scaling, copy_seconds,
                                 compare_estimates, format_estimates, decode_read_bytes, measure_weight_bandwidth,
                                 format_bandwidth)
@@ -113,6 +114,7 @@ from gptj_split.quality import (FORMAT_ROWS, GREEDY_PROMPTS, PUBLISHED_QUALITY, 
                                 window_logits, greedy_ids, tokens_before_divergence, compare_logits, measure_quality,
                                 format_quality, DecodeTime, KERNELS, time_decode, format_decode, MEMORY_SETUPS,
                                 memory_table)
+from gptj_split.compiled import (MAX_GRAPHS, CompiledDecode, compile_problem, compile_stages, generate_compiled)
 from gptj_split.cli import (run_notebooks, run_notebook, cmd_make_tiny, cmd_download, cmd_convert_jax, cmd_convert_bin,
                             cmd_devices, cmd_run_notebooks, cmd_plan, cmd_generate, cmd_setups, read_prompts,
                             under_torchrun, launch_ranks, cmd_pipeline, cmd_tensor_parallel, sampling_of,

@@ -43,8 +43,8 @@ class StageRecorder:
     every module also note tensor sizes, for an estimate of each stage's peak activation memory (notebook 04).
     """
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, hooks: bool = True):
+        self.model, self.hooks = model, hooks  # hooks=False: the clock alone (a compiled forward, notebook 09)
         self.stages = stage_modules(model)
         self.cuda = sorted({d for _, d in self.stages if d.type == "cuda"}, key=str)
         self.step = -1
@@ -66,6 +66,8 @@ class StageRecorder:
         self.clock = EventClock()
         for d in self.cuda:
             self.clock.stamp(d)  # each device's zero
+        if not self.hooks:
+            return self
 
         def count_step(module, args):
             self.step += 1
@@ -166,6 +168,13 @@ def generate_text(model, tokenizer, prompts: str | list[str], max_new_tokens: in
     if sampling is not None and given != dataclasses.asdict(Sampling()):
         raise ValueError("give either sampling=Sampling(...) or greedy/temperature/top_p/top_k/seed, not both")
     sampling = sampling if sampling is not None else Sampling(**given)
+    return run_generate(model, tokenizer, prompts, max_new_tokens, sampling, stream, stopping_criteria)
+
+
+def run_generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int, sampling: Sampling, stream=False,
+                 stopping_criteria=None, hooks: bool = True, **generate_kwargs) -> tuple[list[str], RunRecord]:
+    """generate_text's work once its sampling is settled; `hooks=False` times the whole run only (a compiled forward
+    must not call back into Python), `generate_kwargs` go to `generate` (a static cache, notebook 09)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids = check_prompts(model.config, tokenizer, prompts, max_new_tokens)
     stream = make_streamer(tokenizer, prompts, stream)
@@ -177,11 +186,11 @@ def generate_text(model, tokenizer, prompts: str | list[str], max_new_tokens: in
         from transformers import StoppingCriteriaList
 
         extra["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
-    with StageRecorder(model) as recorder, seeded(sampling.seed, recorder.cuda):
+    with StageRecorder(model, hooks) as recorder, seeded(sampling.seed, recorder.cuda):
         times = TokenTimes(recorder.now, inner=stream)
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              pad_token_id=eos, streamer=times, return_dict_in_generate=True,
-                             **sampling.generate_kwargs(), **extra)
+                             **sampling.generate_kwargs(), **extra, **generate_kwargs)
         total = recorder.now()
     cache = getattr(out, "cache", None)
     if cache is None:  # older transformers call it past_key_values
