@@ -24,7 +24,8 @@ one file per chapter, each readable in one sitting; a file imports only files of
 |                              | tp_compare.py (naive split, pipeline and tensor parallel, measured side by side) |
 | 08 quantization              | quantize.py (backends, per-block quantize-after-load, from_pretrained),          |
 |                              | quality.py (quality and speed of each weight format)                             |
-| 09 how fast one prompt goes  | compiled.py (the decode step compiled over a static KV cache)                    |
+| 09 how fast one prompt goes  | roofline.py (bytes per token against bandwidth, where a step's time goes),       |
+|                              | compiled.py (the decode step compiled over a static KV cache)                    |
 | command line, notebook runs  | cli.py (`python -m gptj_helpers --help`)                                         |
 
 Nothing runs at import: transformers and friends are imported inside the functions that need them
@@ -114,7 +115,10 @@ from gptj_split.quality import (FORMAT_ROWS, GREEDY_PROMPTS, PUBLISHED_QUALITY, 
                                 window_logits, greedy_ids, tokens_before_divergence, compare_logits, measure_quality,
                                 format_quality, DecodeTime, KERNELS, time_decode, format_decode, MEMORY_SETUPS,
                                 memory_table)
-from gptj_split.compiled import (MAX_GRAPHS, CompiledDecode, compile_problem, compile_stages, generate_compiled)
+from gptj_split.compiled import (MAX_GRAPHS, CompiledDecode, compile_problem, compile_stages, generate_compiled,
+                                 compare_runs)
+from gptj_split.roofline import (read_bandwidth, bytes_per_token, decode_limit, format_roofline, profile_decode,
+                                 quiet_native_stderr)
 from gptj_split.cli import (run_notebooks, run_notebook, cmd_make_tiny, cmd_download, cmd_convert_jax, cmd_convert_bin,
                             cmd_devices, cmd_run_notebooks, cmd_plan, cmd_generate, cmd_setups, read_prompts,
                             under_torchrun, launch_ranks, cmd_pipeline, cmd_tensor_parallel, sampling_of,

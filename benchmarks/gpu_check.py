@@ -12,9 +12,12 @@ With --full-size (one command, about 4 minutes on one 80 GB GPU; `PYTHONPATH=. p
 --full-size`), on CUDA only, every case: GPT-J-6B with seeded random weights in float16 as three budget slices of the
 GPU, naive split and `generate`: per slice the planned bytes against the measured ones and
 `torch.cuda.max_memory_allocated`, decode tokens/s against the card's measured copy bandwidth, and the host's peak RSS
-(Colab has 12.7 GB). Budget slices of one GPU never cross a device boundary, so it also splits the tiny model across
-cuda:0 and the CPU and checks greedy, sampled and beam-search output against the unsplit model, and runs the pipeline
-with 2 processes on that GPU (over gloo), and tensor parallelism with 2 ranks on that GPU (over gloo; notebook 07).
+(Colab has 12.7 GB); the same split with its decode step compiled over a static cache (notebook 09; CUDA graphs),
+tokens/s and the fraction of the copy's read rate against eager in the same run, with the first divergence and the
+largest logit difference (float16 may part ways). Budget slices of one GPU never cross a device boundary, so it
+also splits the tiny model across cuda:0 and the CPU and checks greedy, sampled and beam-search output against the
+unsplit model, and runs the pipeline with 2 processes on that GPU (over gloo), and tensor parallelism with 2 ranks on
+that GPU (over gloo; notebook 07).
 With 2 or more GPUs it also runs the pipeline and tensor parallelism over NCCL, one GPU per process. Notebook 08's
 cases: GPT-J-6B with int8 and nf4 weights on the GPU (memory against the plan, peak while quantizing, decode tokens/s
 against float16), and the tiny model through stock `from_pretrained(device_map=plan.device_map())` against this
@@ -167,6 +170,41 @@ def full_size_naive(tokens: int, device: str = "cuda:0", full_size: bool = True)
 
 
 FLOAT16_TOKENS_PER_SECOND: list[float] = []  # set by the naive case, read by the quantized ones
+
+
+@case("naive split in three budget slices of one device, decode compiled over a static cache, against eager (09)")
+def compiled_case(tokens: int, device: str = "cuda:0", full_size: bool = True) -> None:
+    model_name, tokenizer_name, dtype, budget = sized(full_size, device)
+    tokenizer = gh.load_tokenizer(tokenizer_name)
+    prompt_tokens = len(tokenizer(PROMPT)["input_ids"])
+    read_rate = copy_bandwidth(device, GIB if full_size else GIB // 8) / 2
+    # the plan counts the static cache at its full length: every position of it is allocated
+    plan = gh.plan_split(model_name, f"3x{device}={budget}", dtype=dtype, prompt_tokens=prompt_tokens,
+                         max_new_tokens=tokens)
+    model = gh.place_stages(model_name, plan)
+    compiled = gh.compile_stages(model, max_cache_len=prompt_tokens + tokens)
+    check("compile_stages compiled the split (one device: one region)", compiled is not None)
+    greedy = gh.Sampling(greedy=True)
+    gh.generate_text(model, tokenizer, PROMPT, max_new_tokens=4, greedy=True)  # warm-up
+    start = time.perf_counter()
+    gh.generate_compiled(compiled, tokenizer, PROMPT, max_new_tokens=tokens, greedy=True)
+    print(f"first compiled run (compiling): {time.perf_counter() - start:.1f} s", flush=True)
+    _, eager = gh.run_generate(model, tokenizer, PROMPT, tokens, greedy, output_logits=True)
+    _, fast = gh.generate_compiled(compiled, tokenizer, PROMPT, max_new_tokens=tokens, greedy=True, keep_logits=True)
+    check(f"generated {tokens} tokens compiled", fast.new_tokens == tokens and fast.mode == "compiled")
+    weights = gh.decode_limit(model, prompt_tokens + tokens // 2, read_rate)["bytes"]
+    for label, record in (("eager", eager), ("compiled", fast)):
+        rate = weights * record.tokens_per_second
+        print(f"{label:8} decode {record.tokens_per_second:7.1f} tokens/s; {gh.format_size(weights)} read per token "
+              f"-> {rate / 1e9:.0f} GB/s = {rate / read_rate:.2f} x the copy's read rate")
+    print(f"compiled decode speedup: {fast.tokens_per_second / eager.tokens_per_second:.2f}x")
+    diff = gh.compare_runs(eager, fast)
+    print(f"first divergence: {diff['first_divergence']} (None: none in {diff['steps']} tokens); largest logit "
+          f"difference before it {diff['largest_logit_difference']:.2e}")
+    if not device.startswith("cuda"):  # float32 on the CPU: the same tokens; float16 on CUDA may part ways, reported
+        check("compiled tokens equal eager's (float32)", diff["first_divergence"] is None)
+    del model, compiled
+    gh.release_memory()
 
 
 def backend_missing(weights: str, backend: str | None = None, device: str = "cuda:0") -> str | None:
@@ -333,6 +371,7 @@ def tensor_parallel_over_nccl() -> None:
 
 CASES = {  # name -> run(device, tokens, full_size): True passed, False failed, None skipped (said why)
     "naive": lambda d, t, f: full_size_naive(t, d, f),
+    "compiled": lambda d, t, f: compiled_case(t, d, f),
     "boundary": lambda d, t, f: tiny_across_a_real_boundary(d),
     "pipeline": lambda d, t, f: pipeline_on_one_gpu(d),
     "tensor-parallel": lambda d, t, f: tensor_parallel_on_one_gpu(d),

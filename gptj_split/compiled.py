@@ -113,10 +113,11 @@ def compile_stages(model, max_cache_len: int | None = None, mode: str | None = N
 def generate_compiled(compiled: CompiledDecode, tokenizer, prompts: str | list[str], max_new_tokens: int = 50,
                       greedy: bool = False, temperature: float = 1.0, top_p: float = 0.7, top_k: int = 0,
                       seed: int | None = None, stream=False, stopping_criteria=None,
-                      sampling: Sampling | None = None) -> tuple[list[str], RunRecord]:
+                      sampling: Sampling | None = None, keep_logits: bool = False) -> tuple[list[str], RunRecord]:
     """generate_text through the compiled decode step and its static cache: the same arguments and `(texts, record)`,
     the record timing the whole run (no per-stage hooks inside a compiled region); refuses, before anything runs, a
-    prompt that does not fit the static cache (notebook 09)."""
+    prompt that does not fit the static cache. `keep_logits`: `record.logits` holds every step's logits, to compare
+    with eager's (`run_generate(..., output_logits=True)`) (notebook 09)."""
     sampling = sampling or Sampling(greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids = check_prompts(compiled.model.config, tokenizer, prompts, max_new_tokens)
@@ -129,6 +130,20 @@ def generate_compiled(compiled: CompiledDecode, tokenizer, prompts: str | list[s
     with compiled.installed():
         texts, record = run_generate(compiled.model, tokenizer, prompts, max_new_tokens, sampling, stream,
                                      stopping_criteria, hooks=False, disable_compile=True,  # ours, not generate's
-                                     **{compiled.keyword: compiled.cache_for(len(prompts))})
+                                     output_logits=keep_logits, **{compiled.keyword: compiled.cache_for(len(prompts))})
     record.mode = "compiled"
     return texts, record
+
+
+def compare_runs(eager: RunRecord, compiled: RunRecord) -> dict:
+    """Compiled against eager, both run with their logits kept: the first new token where they differ (None: equal
+    throughout) and the largest logit difference over the steps before it, where both saw the same tokens
+    (notebook 09)."""
+    start = len(eager.output_ids[0]) - eager.logits.shape[1]
+    a, b = eager.output_ids[:, start:], compiled.output_ids[:, start:]
+    steps = min(a.shape[1], b.shape[1])
+    differ = (a[:, :steps] != b[:, :steps]).any(dim=0).nonzero()
+    first = int(differ[0, 0]) if len(differ) else None
+    upto = steps if first is None else first + 1  # the step that picked differently still saw the same tokens
+    diff = (eager.logits[:, :upto].float() - compiled.logits[:, :upto].float()).abs().max().item()
+    return {"first_divergence": first, "largest_logit_difference": diff, "steps": steps}

@@ -210,6 +210,8 @@ def run_generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int
         output_ids=out.sequences.cpu(),
         settings={"max_new_tokens": max_new_tokens, **sampling.settings(), "batch_size": len(prompts),
                   "prompt_tokens": [len(x) for x in ids]})
+    if getattr(out, "logits", None) is not None:  # output_logits=True: every step's, (batch, steps, vocab)
+        record.logits = torch.stack(out.logits, dim=1).cpu()
     return texts, record
 
 

@@ -68,3 +68,44 @@ def test_what_cannot_compile_falls_back_with_one_line(tiny, monkeypatch, capsys)
     monkeypatch.setattr(gptj_split.compiled.shutil, "which", lambda name: None)
     assert gh.compile_stages(model) is None
     assert "needs a C++ compiler (g++ or clang++)" in capsys.readouterr().out
+
+
+def test_compare_runs_names_the_first_divergence(tiny, compiled_split):
+    model, compiled = compiled_split
+    _, eager = gh.run_generate(model, tiny[1], "The list", 10, gh.Sampling(greedy=True), output_logits=True)
+    _, fast = gh.generate_compiled(compiled, tiny[1], "The list", 10, greedy=True, keep_logits=True)
+    same = gh.compare_runs(eager, fast)
+    assert same["first_divergence"] is None and same["steps"] == 10 and same["largest_logit_difference"] < 1e-4
+    fast.output_ids[0, -4] += 1  # the 7th new token picked differently
+    assert gh.compare_runs(eager, fast)["first_divergence"] == 6
+
+
+def test_the_limit_counts_every_weight_read_once_and_the_cache(tiny):
+    model = tiny[0]
+    limit = gh.decode_limit(model, 100, bandwidth=1e9)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    wte = model.transformer.wte.weight
+    assert limit["weights"] == params - wte.numel() * 4 + wte.shape[1] * 4  # one row of the embedding
+    assert limit["kv_cache"] == 2 * 8 * 128 * 4 * 100  # keys and values, 8 blocks, width 128, float32, 100 positions
+    assert limit["tokens_per_second"] == pytest.approx(1e9 / (limit["weights"] + limit["kv_cache"]))
+
+
+def test_profile_decode_splits_a_step_and_prints_nothing(tiny, capfd):
+    model, tokenizer = tiny
+    where = gh.profile_decode(lambda n: gh.generate_text(model, tokenizer, "The list", max_new_tokens=n, greedy=True),
+                              steps=2)
+    assert where["where"] == "CPU" and where["ops"] > 100 and where["kernel_ms"] > 0 and where["wall_ms"] > 0
+    assert where["rest_ms"] == pytest.approx(max(0.0, where["wall_ms"] - where["kernel_ms"]))
+    out, err = capfd.readouterr()
+    assert "profiler_start" not in out + err  # the profiler's native lines stay out of a notebook
+
+
+def test_the_compiled_decode_benchmark_parses_its_arguments(monkeypatch, capsys):
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(gh.REPO_DIR / "benchmarks"))
+    module = importlib.import_module("compiled_decode")
+    with pytest.raises(SystemExit) as done:
+        module.main(["--help"])
+    assert done.value.code == 0 and "--rounds" in capsys.readouterr().out and "compiled_decode" in sys.modules

@@ -181,8 +181,9 @@ def test_gpu_check_runs_every_case_on_the_cpu(monkeypatch, capsys):
     assert gpu_check_module(monkeypatch).main(["--device", "cpu", "--tokens", "8"]) == 0
     text = capsys.readouterr().out
     assert "FAILED" not in text and ": False" not in text
-    assert text.count(": passed in ") == 7, text  # naive, boundary, pipeline, tensor parallel, int8, nf4, device map
-    assert "7 of 7 case(s) passed; skipped (not counted): nccl" in text
+    assert text.count(": passed in ") == 8, text  # naive, compiled, boundary, pipeline, tensor parallel, int8, nf4,
+    assert "8 of 8 case(s) passed; skipped (not counted): nccl" in text  # device map
+    assert "compiled tokens equal eager's (float32): True" in text
     assert all(f"slice {s} params within 1% of the plan: True" in text for s in range(3))
     assert "estimate vs measured" in text and "busy ms" in text and "tokens/s after it" in text
     assert "torch: backend gloo; tokens equal generate's: True" in text
