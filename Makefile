@@ -72,7 +72,7 @@ $(WIDGETS7_DIR)/.installed: | $(STAMP)
 	touch $@
 
 notebooks: $(STAMP)  ## re-execute the committed notebooks in place (after changing the helpers), and the README's picture
-	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --inplace
+	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --inplace $(if $(FORCE),--force)
 	$(PY) -m gptj_helpers notebook-figure notebooks/05_pipeline_parallelism.ipynb 05_timelines assets/readme_timeline.png
 
 rehearse: $(STAMP)  ## every notebook at GPT-J-6B's size (random weights) on the CPU: 20 to 40 minutes, 14 GiB of RAM

@@ -77,7 +77,7 @@ from gptj_split.generate import (plan_modules, stage_modules, StageRecorder, Tok
                                  seeded, format_timing, run_generate)
 from gptj_split.measure import (measure_command, utilisation, prompt_of_length, measure_scaling, copy_seconds,
                                 compare_estimates, format_estimates, decode_read_bytes, measure_weight_bandwidth,
-                                format_bandwidth)
+                                format_bandwidth, QUIET_SHARE, cpu_snapshot, others_load)
 from gptj_split.plots import (size_unit, MEMORY_COLORS, plot_plan, plot_memory, TIMELINE_COLORS, timeline_events,
                               shared_span_ms, draw_timeline, plot_timeline, plot_timelines, plot_utilisation,
                               plot_scaling, output_dir, show_figure, save_notebook_figure)
@@ -119,7 +119,8 @@ from gptj_split.compiled import (MAX_GRAPHS, CompiledDecode, compile_problem, co
                                  compare_runs)
 from gptj_split.roofline import (read_bandwidth, bytes_per_token, decode_limit, format_roofline, profile_decode,
                                  quiet_native_stderr)
-from gptj_split.cli import (run_notebooks, run_notebook, cmd_make_tiny, cmd_download, cmd_convert_jax, cmd_convert_bin,
+from gptj_split.cli import (run_notebooks, run_notebook, check_quiet, cmd_make_tiny, cmd_download, cmd_convert_jax,
+                            cmd_convert_bin,
                             cmd_devices, cmd_run_notebooks, cmd_plan, cmd_generate, cmd_setups, read_prompts,
                             under_torchrun, launch_ranks, cmd_pipeline, cmd_tensor_parallel, sampling_of,
                             add_sampling_arguments, DELETE_BIN_HELP, build_parser, main)

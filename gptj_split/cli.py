@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from .models import DTYPES, GPTJ_6B_REPO, GPTJ_6B_REVISION, TINY_SEED, as_dtype, build_atomically, default_dtype
@@ -21,6 +22,7 @@ from .place import place_stages
 from .sampling import SAMPLING_DEFAULTS, Sampling, check_prompts
 from .generate import format_timing, generate_text
 from .plots import save_notebook_figure
+from .measure import QUIET_SHARE, cpu_snapshot, others_load
 from .relay import PrintRelay
 from .ranks import DEFAULT_TIMEOUT, LaunchOptions, RankError, leave_process, serve_torchrun
 from .jobs import prompt_jobs
@@ -30,16 +32,21 @@ from .tensor_parallel import (run_tensor_parallel, run_tensor_parallel_jobs, ten
 
 
 def run_notebooks(paths: list[str | Path], out_dir: str | Path | None = None, inplace: bool = False,
-                  timeout: int = 900) -> list[tuple[Path, float]]:
+                  timeout: int = 900, force: bool = False, watch: float = 60.0) -> list[tuple[Path, float]]:
     """Execute notebooks in order, headless; write copies to `out_dir`, or back in place, cleaned; the environment
-    variable that points the kernels at `out_dir` is restored afterwards."""
+    variable that points the kernels at `out_dir` is restored afterwards. In place (committed outputs), the machine
+    must be quiet: other processes' CPU is measured for `watch` seconds before and during each notebook, and past
+    QUIET_SHARE of the cores the run stops (unless `force`); what was seen goes into each notebook's metadata."""
+    if inplace:
+        load = check_quiet(watch, force)
     old = os.environ.get("GPTJ_HELPERS_OUT")
     if out_dir is not None:
         out_dir = Path(out_dir).resolve()
         (out_dir / "figures").mkdir(parents=True, exist_ok=True)
         os.environ["GPTJ_HELPERS_OUT"] = str(out_dir / "figures")  # the kernels inherit it: figures land there
     try:
-        return [run_notebook(path, out_dir, inplace, timeout) for path in map(Path, sorted(paths))]
+        return [run_notebook(path, out_dir, inplace, timeout, {"before": load, "force": force} if inplace else None)
+                for path in map(Path, sorted(paths))]
     finally:
         if old is None:
             os.environ.pop("GPTJ_HELPERS_OUT", None)
@@ -47,19 +54,42 @@ def run_notebooks(paths: list[str | Path], out_dir: str | Path | None = None, in
             os.environ["GPTJ_HELPERS_OUT"] = old
 
 
-def run_notebook(path: Path, out_dir: Path | None, inplace: bool, timeout: int) -> tuple[Path, float]:
-    """Execute one notebook headless in its folder; write it to `out_dir` or back in place, without widget state."""
-    import time
+def check_quiet(seconds: float, force: bool = False) -> float:
+    """Other processes' share of the cores over the next `seconds`; a busy machine stops the run unless `force`."""
+    before = cpu_snapshot()
+    time.sleep(seconds)
+    load = others_load(before, cpu_snapshot())
+    print(f"other processes used {load:.0%} of the cores in the last {seconds:.0f} s", flush=True)
+    if load > QUIET_SHARE and not force:
+        raise RuntimeError(f"the machine is busy: other processes used {load:.0%} of its cores (more than "
+                           f"{QUIET_SHARE:.0%}); committed outputs are recorded on a quiet machine. Stop them, or "
+                           "force it (make notebooks FORCE=1, --force) and the notebooks record the load they saw")
+    return load
 
+
+def run_notebook(path: Path, out_dir: Path | None, inplace: bool, timeout: int,
+                 quiet: dict | None = None) -> tuple[Path, float]:
+    """Execute one notebook headless in its folder; write it to `out_dir` or back in place, without widget state;
+    `quiet`: the load seen before the run, checked again during it and recorded in the notebook's metadata."""
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
+    snapshot = cpu_snapshot()
     start = time.perf_counter()
     NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                   extra_arguments=["--IPKernelApp.log_level=ERROR"],  # not its TCP notice, once per notebook
                    resources={"metadata": {"path": str(path.parent.resolve())}}).execute()
     seconds = time.perf_counter() - start
     nb.metadata.pop("widgets", None)  # widget state blobs are noise in a committed notebook
+    if quiet is not None:
+        during = others_load(snapshot, cpu_snapshot())
+        if during > QUIET_SHARE and not quiet["force"]:
+            raise RuntimeError(f"{path.name}: other processes used {during:.0%} of the cores while it ran (more than "
+                               f"{QUIET_SHARE:.0%}); its outputs were not written. Run again on a quiet machine, or "
+                               "force it (make notebooks FORCE=1)")
+        nb.metadata["recorded"] = {"others_cpu_share_before": round(quiet["before"], 3),
+                                   "others_cpu_share_during": round(during, 3), "forced": quiet["force"]}
     target = path if inplace else (out_dir / path.name if out_dir else None)
     if target is not None:
         tmp = target.with_suffix(".tmp")
@@ -107,7 +137,7 @@ def cmd_run_notebooks(args: argparse.Namespace) -> None:
     """run-notebooks NB...: execute notebooks headless, copies under --out (or --inplace)."""
     if not args.inplace and not args.out:
         raise ValueError("run-notebooks needs --out DIR or --inplace")
-    times = run_notebooks(args.notebooks, out_dir=args.out, inplace=args.inplace)
+    times = run_notebooks(args.notebooks, out_dir=args.out, inplace=args.inplace, force=args.force)
     print(f"all {len(times)} notebooks: {sum(t for _, t in times):.1f} s")
     if args.out:
         print(f"executed notebooks are in {Path(args.out).resolve()}/, figures in {Path(args.out).resolve()}/figures/")
@@ -344,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run-notebooks", help="execute notebooks headless (make demo, make notebooks)")
     p.add_argument("notebooks", nargs="+")
     p.add_argument("--out", help="folder for the executed copies and their figures")
-    p.add_argument("--inplace", action="store_true", help="write the outputs back into the notebooks")
+    p.add_argument("--inplace", action="store_true", help="write the outputs back into the notebooks (after a minute "
+                   "that checks the machine is quiet)")
+    p.add_argument("--force", action="store_true", help="--inplace on a busy machine: the load goes into the metadata")
     p.set_defaults(func=cmd_run_notebooks)
 
     p = sub.add_parser("notebook-figure", help="save the figure an executed notebook shows (the README's picture)")

@@ -200,3 +200,35 @@ def measure_command(argv: list[str], timeout: float = 3600) -> dict:
     if result["rc"] != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.strip()[-2000:]}")
     return {**result, "peak_over_baseline": result["peak"] - result["baseline"]}
+
+
+QUIET_SHARE = 0.10  # of the machine's cores: more CPU than this used by other processes is a busy machine
+
+
+def cpu_snapshot() -> tuple[float, float, float]:
+    """(monotonic seconds, busy CPU seconds of the whole machine, CPU seconds of this process and every process it
+    started, ended or alive): the difference of two tells what other processes used in between (`make notebooks`)."""
+    import time
+
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+    own = os.times()
+    mine = own.user + own.system + own.children_user + own.children_system  # ended children count once reaped
+    for child in psutil.Process().children(recursive=True):
+        try:
+            c = child.cpu_times()
+            mine += c.user + c.system
+        except psutil.Error:
+            pass
+    return time.monotonic(), busy, mine
+
+
+def others_load(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Other processes' share of the machine's cores between two `cpu_snapshot`s (0.25: a quarter of all cores)."""
+    import psutil
+
+    wall = max(after[0] - before[0], 1e-9)
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, others) / wall / (psutil.cpu_count() or 1)

@@ -339,3 +339,37 @@ def test_models_module_stays_importable_first():
     """models.py (chapter 00) imports nothing from the package."""
     assert package_imports(PACKAGE / "models.py") == set()
     assert gptj_split.models.TINY_TRAINED.parent == PACKAGE
+
+
+def test_others_load_is_the_machines_busy_time_less_ours():
+    import psutil
+
+    cores = psutil.cpu_count()
+    assert gh.others_load((0.0, 10.0, 5.0), (2.0, 10.0 + 2 * cores, 5.0 + cores)) == pytest.approx(0.5)
+    assert gh.others_load((0.0, 10.0, 5.0), (1.0, 10.5, 6.0)) == 0  # ours can exceed the machine's sampled count
+
+
+@pytest.mark.timeout(60)
+def test_in_place_runs_refuse_a_busy_machine_unless_forced(tmp_path):
+    """`make notebooks` on a machine where another process spins: refused before any notebook runs, and forced, the
+    notebook records the load it saw."""
+    import signal
+    import subprocess
+
+    import nbformat
+
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(1)")]), path)
+    before = path.read_text()
+    spin = subprocess.run(["sh", "-c", f"'{sys.executable}' -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
+                          capture_output=True, text=True, timeout=10)
+    pid = int(spin.stdout)  # its shell has exited: not a process of ours, so it counts as another's
+    try:
+        with pytest.raises(RuntimeError, match=r"the machine is busy: other processes used \d+% of its cores"):
+            gh.run_notebooks([path], inplace=True, watch=1.5)
+        assert path.read_text() == before
+        gh.run_notebooks([path], inplace=True, watch=1.5, force=True)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    recorded = nbformat.read(path, as_version=4).metadata["recorded"]
+    assert recorded["forced"] and recorded["others_cpu_share_before"] > gh.QUIET_SHARE
