@@ -156,13 +156,16 @@ def measure_pipeline_speedup(model_path: str | Path, prefill_ids: torch.Tensor, 
 
 
 def prefill_bubble(record: RunRecord) -> dict[str, float]:
-    """The prefill's measured bubble beside GPipe's (p-1)/(m+p-1), with p and m read from the run, and the time
-    per slot that is not compute (sends, receives, Python) (notebook 05)."""
+    """The prefill's measured bubble beside GPipe's (p-1)/(m+p-1), with p and m read from the run; the time per slot
+    that is not a stage's mean compute ("the rest": sends, receives, Python, and waiting for a slower stage), and
+    each stage's own compute per slot, whose spread is that waiting (notebook 05)."""
     p, m = len(record.memory), int(record.settings.get("micro_batches", 1))
     wall = record.time_to_first_token
-    compute = [e.end - e.start for e in record.events if e.step == 0 and e.kind == "compute"]
+    events = [e for e in record.events if e.step == 0 and e.kind == "compute"]
+    compute = [e.end - e.start for e in events]
     busy = sum(compute)
     per_slot = statistics.mean(compute)
     slot = wall / (m + p - 1)  # the formula's time slot, as measured
+    stages = [statistics.mean([e.end - e.start for e in events if e.stage == s] or [0.0]) * 1e3 for s in range(p)]
     return {"p": p, "m": m, "measured": 1 - busy / (p * wall), "formula": (p - 1) / (m + p - 1),
-            "compute_ms": per_slot * 1e3, "overhead_ms": (slot - per_slot) * 1e3}
+            "compute_ms": per_slot * 1e3, "overhead_ms": (slot - per_slot) * 1e3, "stage_compute_ms": stages}

@@ -23,7 +23,7 @@ FORMAT_ROWS = {  # row label -> (compute dtype, weight format, backend)
     "nf4 (bitsandbytes)": ("float32", "nf4", "bitsandbytes"),
 }
 GREEDY_PROMPTS = ("The list", "A dictionary is", "import os", "Hello, world", "The with statement", "class Foo:")
-PUBLISHED_QUALITY = (  # GPT-J-scale quality from the papers: not measured here
+PUBLISHED_QUALITY = (  # quality from the papers, on other models of GPT-J's scale (not GPT-J-6B): not measured here
     "LLM.int8() (Dettmers et al. 2022, arXiv:2208.07339), Table 1: C4 validation perplexity of dense models trained "
     "by the authors; at 6.7B parameters 13.30 in 32-bit float and 13.24 with LLM.int8() (bitsandbytes' int8), "
     "while plain int8 absmax rose to 14.59.",
