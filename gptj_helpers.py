@@ -77,7 +77,7 @@ from gptj_split.generate import (plan_modules, stage_modules, StageRecorder, Tok
                                  seeded, format_timing, run_generate)
 from gptj_split.measure import (measure_command, utilisation, prompt_of_length, measure_scaling, copy_seconds,
                                 compare_estimates, format_estimates, decode_read_bytes, measure_weight_bandwidth,
-                                format_bandwidth, QUIET_SHARE, cpu_snapshot, others_load)
+                                format_bandwidth, QUIET_SHARE, LoadWatch)
 from gptj_split.plots import (size_unit, MEMORY_COLORS, plot_plan, plot_memory, TIMELINE_COLORS, timeline_events,
                               shared_span_ms, draw_timeline, plot_timeline, plot_timelines, plot_utilisation,
                               plot_scaling, output_dir, show_figure, save_notebook_figure)

@@ -22,7 +22,7 @@ from .place import place_stages
 from .sampling import SAMPLING_DEFAULTS, Sampling, check_prompts
 from .generate import format_timing, generate_text
 from .plots import save_notebook_figure
-from .measure import QUIET_SHARE, cpu_snapshot, others_load
+from .measure import QUIET_SHARE, LoadWatch
 from .relay import PrintRelay
 from .ranks import DEFAULT_TIMEOUT, LaunchOptions, RankError, leave_process, serve_torchrun
 from .jobs import prompt_jobs
@@ -56,9 +56,9 @@ def run_notebooks(paths: list[str | Path], out_dir: str | Path | None = None, in
 
 def check_quiet(seconds: float, force: bool = False) -> float:
     """Other processes' share of the cores over the next `seconds`; a busy machine stops the run unless `force`."""
-    before = cpu_snapshot()
-    time.sleep(seconds)
-    load = others_load(before, cpu_snapshot())
+    with LoadWatch() as watch:
+        time.sleep(seconds)
+    load = watch.share()
     print(f"other processes used {load:.0%} of the cores in the last {seconds:.0f} s", flush=True)
     if load > QUIET_SHARE and not force:
         raise RuntimeError(f"the machine is busy: other processes used {load:.0%} of its cores (more than "
@@ -75,15 +75,15 @@ def run_notebook(path: Path, out_dir: Path | None, inplace: bool, timeout: int,
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    snapshot = cpu_snapshot()
     start = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
-                   extra_arguments=["--IPKernelApp.log_level=ERROR"],  # not its TCP notice, once per notebook
-                   resources={"metadata": {"path": str(path.parent.resolve())}}).execute()
+    with LoadWatch() as watch:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                       extra_arguments=["--IPKernelApp.log_level=ERROR"],  # not its TCP notice, once per notebook
+                       resources={"metadata": {"path": str(path.parent.resolve())}}).execute()
     seconds = time.perf_counter() - start
     nb.metadata.pop("widgets", None)  # widget state blobs are noise in a committed notebook
     if quiet is not None:
-        during = others_load(snapshot, cpu_snapshot())
+        during = watch.share()
         if during > QUIET_SHARE and not quiet["force"]:
             raise RuntimeError(f"{path.name}: other processes used {during:.0%} of the cores while it ran (more than "
                                f"{QUIET_SHARE:.0%}); its outputs were not written. Run again on a quiet machine, or "

@@ -205,30 +205,62 @@ def measure_command(argv: list[str], timeout: float = 3600) -> dict:
 QUIET_SHARE = 0.10  # of the machine's cores: more CPU than this used by other processes is a busy machine
 
 
-def cpu_snapshot() -> tuple[float, float, float]:
-    """(monotonic seconds, busy CPU seconds of the whole machine, CPU seconds of this process and every process it
-    started, ended or alive): the difference of two tells what other processes used in between (`make notebooks`)."""
-    import time
+class LoadWatch:
+    """Other processes' CPU use while the block runs (`make notebooks`): every process of the machine is sampled every
+    `every` seconds; this process's descendants are ours, and stay ours once seen (a stage process whose parent has
+    ended is orphaned, not someone else's). A process born and ended between two samples goes unseen."""
 
-    import psutil
+    def __init__(self, every: float = 0.5):
+        import threading
 
-    t = psutil.cpu_times()
-    busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
-    own = os.times()
-    mine = own.user + own.system + own.children_user + own.children_system  # ended children count once reaped
-    for child in psutil.Process().children(recursive=True):
-        try:
-            c = child.cpu_times()
-            mine += c.user + c.system
-        except psutil.Error:
-            pass
-    return time.monotonic(), busy, mine
+        self.every, self.ours, self.first, self.last = every, set(), {}, {}
+        self.started, self.wall = False, 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
 
+    def sample(self) -> None:
+        """One look at every process: mark ours, note each one's CPU seconds so far."""
+        import psutil
 
-def others_load(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
-    """Other processes' share of the machine's cores between two `cpu_snapshot`s (0.25: a quarter of all cores)."""
-    import psutil
+        procs = {}
+        for proc in psutil.process_iter(["pid", "ppid", "cpu_times", "create_time"]):
+            if proc.info["cpu_times"] is not None:
+                procs[proc.info["pid"]] = proc.info
+        me = os.getpid()
+        for pid, info in procs.items():
+            key, walk, hops = (pid, info["create_time"]), pid, 0
+            while key not in self.ours and walk in procs and hops < 64:
+                if walk == me or (walk, procs[walk]["create_time"]) in self.ours:
+                    self.ours.add(key)
+                walk, hops = procs[walk]["ppid"], hops + 1
+            cpu = info["cpu_times"].user + info["cpu_times"].system
+            self.first.setdefault(key, cpu if not self.started else 0.0)  # born during the watch: all of it counts
+            self.last[key] = cpu
+        self.started = True
 
-    wall = max(after[0] - before[0], 1e-9)
-    others = (after[1] - before[1]) - (after[2] - before[2])
-    return max(0.0, others) / wall / (psutil.cpu_count() or 1)
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.sample()
+
+    def __enter__(self) -> LoadWatch:
+        import time
+
+        self.start = time.monotonic()
+        self.sample()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import time
+
+        self.stop.set()
+        self.thread.join()
+        self.sample()
+        self.wall = time.monotonic() - self.start
+
+    def share(self) -> float:
+        """Other processes' CPU seconds over the watch, as a share of all the machine's cores (0.25: a quarter)."""
+        import psutil
+
+        others = sum(self.last[k] - self.first[k] for k in self.last if k not in self.ours)
+        return max(0.0, others) / max(self.wall, 1e-9) / (psutil.cpu_count() or 1)

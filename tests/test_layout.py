@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -341,12 +342,27 @@ def test_models_module_stays_importable_first():
     assert gptj_split.models.TINY_TRAINED.parent == PACKAGE
 
 
-def test_others_load_is_the_machines_busy_time_less_ours():
-    import psutil
+@pytest.mark.timeout(60)
+def test_load_watch_tells_our_processes_from_others():
+    """A process we started is ours; one whose shell ended before the watch began is someone else's, and its CPU is
+    the others' share."""
+    import signal
+    import subprocess
 
-    cores = psutil.cpu_count()
-    assert gh.others_load((0.0, 10.0, 5.0), (2.0, 10.0 + 2 * cores, 5.0 + cores)) == pytest.approx(0.5)
-    assert gh.others_load((0.0, 10.0, 5.0), (1.0, 10.5, 6.0)) == 0  # ours can exceed the machine's sampled count
+    theirs = subprocess.run(["sh", "-c", f"'{sys.executable}' -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
+                            capture_output=True, text=True, timeout=10)
+    other = int(theirs.stdout)  # orphaned at once: not a descendant of this process
+    ours = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        with gh.LoadWatch(every=0.2) as watch:
+            time.sleep(1.5)
+    finally:
+        ours.kill()
+        ours.wait(10)
+        os.kill(other, signal.SIGKILL)
+    pids = {pid for pid, _ in watch.ours}
+    assert ours.pid in pids and os.getpid() in pids and other not in pids
+    assert watch.share() > gh.QUIET_SHARE  # the other spinner alone is a core's worth
 
 
 @pytest.mark.timeout(60)
