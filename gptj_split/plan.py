@@ -285,8 +285,11 @@ def check_free_memory(plan: Plan, who: str = "the stages") -> None:
     (notebooks 05 to 07)."""
     need: dict[str, int] = {}
     for st in plan.devices:
-        if st.device != "cuda":  # bare "cuda": each torchrun rank's own GPU, not this process's to look at
-            need[st.device] = need.get(st.device, 0) + st.total_bytes
+        if st.device == "cuda":  # bare "cuda": each torchrun rank's own GPU, not this process's to look at
+            continue
+        if st.device.startswith("cuda") and not torch.cuda.is_initialized():
+            continue  # this process holds nothing on the GPUs, and asking would create a CUDA context on each
+        need[st.device] = need.get(st.device, 0) + st.total_bytes
     for name, nbytes in need.items():
         free = available_memory(name)
         if nbytes > free:
