@@ -26,7 +26,7 @@ one file per chapter, each readable in one sitting; a file imports only files of
 |                              | quality.py (quality and speed of each weight format)                             |
 | 09 how fast one prompt goes  | roofline.py (bytes per token against bandwidth, where a step's time goes),       |
 |                              | compiled.py (the decode step compiled over a static KV cache)                    |
-| command line, notebook runs  | cli.py (`python -m gptj_helpers --help`)                                         |
+| command line, notebook runs  | cli.py (`python -m gptj_helpers --help`), runner.py (notebooks run headless)     |
 
 Nothing runs at import: transformers and friends are imported inside the functions that need them
 (preload.py, imported only by that fork server, is the exception: importing it is its work).
@@ -119,7 +119,8 @@ from gptj_split.compiled import (MAX_GRAPHS, CompiledDecode, compile_problem, co
                                  compare_runs)
 from gptj_split.roofline import (read_bandwidth, bytes_per_token, decode_limit, format_roofline, profile_decode,
                                  quiet_native_stderr)
-from gptj_split.cli import (run_notebooks, run_notebook, check_quiet, cmd_make_tiny, cmd_download, cmd_convert_jax,
+from gptj_split.runner import run_notebooks, run_notebook, check_quiet
+from gptj_split.cli import (cmd_make_tiny, cmd_download, cmd_convert_jax,
                             cmd_convert_bin,
                             cmd_devices, cmd_run_notebooks, cmd_plan, cmd_generate, cmd_setups, read_prompts,
                             under_torchrun, launch_ranks, cmd_pipeline, cmd_tensor_parallel, sampling_of,

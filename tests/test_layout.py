@@ -24,7 +24,7 @@ CHAPTERS = {"models": 0, "devices": 0, "hub": 1, "convert": 1, "convert_bin": 1,
             "sampling": 3, "generate": 3, "measure": 4, "plots": 4, "ranks": 5, "jobs": 5, "stage": 5,
             "pipeline": 5, "relay": 5, "compare": 5, "widget": 6, "shards": 7, "tensor_parallel": 7, "tp_compare": 7,
             "preload": 7,
-            "quantize": 8, "quality": 8, "compiled": 9, "roofline": 9, "cli": 10}
+            "quantize": 8, "quality": 8, "compiled": 9, "roofline": 9, "runner": 10, "cli": 10}
 
 
 def package_imports(path):
