@@ -31,10 +31,7 @@ PROMPT = "The list of"
 
 def blocks_model(layers: int = 4, width: int = 4096):
     """`layers` GPT-J blocks (heads of 256, rotary 64) with a 1024-token vocabulary, bfloat16, seeded weights."""
-    from transformers import GPTJConfig
-
-    config = GPTJConfig(vocab_size=1024, n_embd=width, n_layer=layers, n_head=width // 256, rotary_dim=64,
-                        n_positions=2048, bos_token_id=0, eos_token_id=0)
+    config = gh.bench_config(layers, width, vocab=1024)
     return gh.place_stages(config, gh.plan_split(config, "cpu", dtype=torch.bfloat16))
 
 

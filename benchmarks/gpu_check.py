@@ -70,27 +70,6 @@ def check(label: str, ok: bool) -> None:
         raise CheckFailed(label)
 
 
-def synchronize(device: str) -> None:
-    """Wait for a CUDA device's queued work (nothing to wait for on the CPU)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: str, nbytes: int = GIB, reps: int = 5) -> float:
-    """Bytes moved per second (read + written) copying one large tensor on `device`; the best of `reps`."""
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(reps + 1):  # the first copy warms up
-        synchronize(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    del src, dst
-    return 2 * nbytes / best
-
-
 def case(title: str):
     """Run one case; a failed check or an error is printed (with its traceback) and the next case runs."""
     def wrap(fn):
@@ -133,9 +112,9 @@ def check_params(plan, record, rel: float = 0.01) -> None:
 def full_size_naive(tokens: int, device: str = "cuda:0", full_size: bool = True) -> None:
     model_name, tokenizer_name, dtype, budget = sized(full_size, device)
     tokenizer = gh.load_tokenizer(tokenizer_name)
-    bandwidth = copy_bandwidth(device, GIB if full_size else GIB // 8)
+    read_rate = gh.read_bandwidth(device, GIB if full_size else GIB // 8)  # half of what the copy moves
     print(f"copy bandwidth on {device} ({'1 GiB' if full_size else '128 MiB'}, read + write): "
-          f"{bandwidth / 1e9:.0f} GB/s")
+          f"{2 * read_rate / 1e9:.0f} GB/s")
     base_rss = gh.reset_peak_rss()
     plan = gh.plan_split(model_name, f"3x{device}={budget}", dtype=dtype,
                          prompt_tokens=len(tokenizer(PROMPT)["input_ids"]), max_new_tokens=tokens)
@@ -161,7 +140,7 @@ def full_size_naive(tokens: int, device: str = "cuda:0", full_size: bool = True)
     seconds = 1 / record.tokens_per_second
     rate = weights / seconds
     print(f"decode {record.tokens_per_second:.1f} tokens/s = {seconds * 1000:.1f} ms/token; weights read per token "
-          f"{gh.format_size(weights)} -> {rate / 1e9:.0f} GB/s = {rate / (bandwidth / 2):.2f} x the copy's read rate")
+          f"{gh.format_size(weights)} -> {rate / 1e9:.0f} GB/s = {rate / read_rate:.2f} x the copy's read rate")
     rss = gh.peak_rss()
     if base_rss is not None and rss is not None:
         print(f"host peak RSS over this case's start: {gh.format_size(rss - base_rss)} (Colab has 12.7 GB in all)")
@@ -177,7 +156,7 @@ def compiled_case(tokens: int, device: str = "cuda:0", full_size: bool = True) -
     model_name, tokenizer_name, dtype, budget = sized(full_size, device)
     tokenizer = gh.load_tokenizer(tokenizer_name)
     prompt_tokens = len(tokenizer(PROMPT)["input_ids"])
-    read_rate = copy_bandwidth(device, GIB if full_size else GIB // 8) / 2
+    read_rate = gh.read_bandwidth(device, GIB if full_size else GIB // 8)
     # the plan counts the static cache at its full length: every position of it is allocated
     plan = gh.plan_split(model_name, f"3x{device}={budget}", dtype=dtype, prompt_tokens=prompt_tokens,
                          max_new_tokens=tokens)
