@@ -75,7 +75,7 @@ notebooks: $(STAMP)  ## re-execute the committed notebooks in place (after chang
 	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --inplace $(if $(FORCE),--force)
 	$(PY) -m gptj_helpers notebook-figure notebooks/05_pipeline_parallelism.ipynb 05_timelines assets/readme_timeline.png
 
-rehearse: $(STAMP)  ## every notebook at GPT-J-6B's size (random weights) on the CPU: 20 to 40 minutes, 14 GiB of RAM
+rehearse: $(STAMP)  ## every notebook at GPT-J-6B's size (random weights) in README's setups, on the CPU: about an hour, 16 GiB of RAM, 12 GB of disk
 	$(PY) benchmarks/rehearse.py
 
 tiny-model: $(STAMP)  ## retrain the tiny default that speaks into gptj_split/tiny-gptj (about 10 minutes on 2 CPU cores)

@@ -61,8 +61,9 @@ from gptj_split.convert_bin import (BIN_INDEX, SAFETENSORS_INDEX, MASK_BUFFERS, 
                                     safetensors_complete, bin_files, read_bin, bin_sources, bin_groups, files_label,
                                     copy_modes, copy_side_files, convert_to_safetensors, writable, converted_copy,
                                     check_disk, convert_in_place, check_conversion, delete_bin, placeable_folder)
-from gptj_split.random_models import (write_random_model, random_gptj_folder, save_tokenizer, build_seeded_model,
-                                      check_room, make_tiny_gptj, mini_gptj_folder, bench_config, write_bench_model)
+from gptj_split.random_models import (write_random_model, random_gptj_folder, random_gptj_files, write_seeded_files,
+                                      save_tokenizer, build_seeded_model, check_room, make_tiny_gptj, mini_gptj_folder,
+                                      bench_config, write_bench_model)
 from gptj_split.plan import (StagePlan, Plan, kv_cache_bytes_per_layer, as_config, plan_split, explain_infeasible,
                              format_plan, accelerate_plan, map_device, QUANTIZED_FORMATS, check_weights, linear_bytes,
                              planned_sizes, check_free_memory)

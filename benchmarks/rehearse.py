@@ -1,17 +1,22 @@
-"""The full-size rehearsal (`make rehearse`): does switching each notebook's settings line to GPT-J-6B fit?
+"""The full-size rehearsal (`make rehearse`): does switching each notebook's settings line to GPT-J-6B fit, on
+the setups of README's table?
 
-Every notebook but 01 is executed headless with only its settings cell changed: the MODEL line becomes the
-rehearsal line of `gh.SETUPS` (GPT-J-6B's shapes with seeded random weights, bfloat16, two CPU budgets) and
-MAX_NEW_TOKENS becomes 4. A watchdog sums the RSS of every process the notebook starts (its kernel, and the
-kernel's stage processes) twice a second, and ends the notebook before the machine runs out of memory.
-Notebook 01 downloads or converts 12 GB, so instead a GPT-J-6B-width checkpoint of 2 blocks (real tensor
-shapes) is converted from a single pytorch_model.bin and from the JAX slim layout, each in a fresh process.
+Each setup's line is mapped onto the CPU with the same number of devices and the same budgets (Colab's
+`cuda:0=14GiB` becomes `cpu=14GiB`), with GPT-J-6B's shapes and seeded random weights, written once as safetensors
+under the cache folder (`gh.random_gptj_files`), so stock `from_pretrained` reads them as it reads the real ones.
+Every notebook but 01 runs in Colab's shape; 02 to 07 also in Kaggle's (two devices) and in 4 x 8 GB's.
+Each runs headless with only its settings cell changed (that line, and MAX_NEW_TOKENS = 4), with the ledger of
+`benchmarks/ledger.py`: per device of the plan, the bytes the kernel's placed models hold against its budget; the
+host's bytes outside them against Colab's 12.7 GB; each stage or rank process against its device's budget. A
+notebook fails if it exceeds any of them. Notebook 01 downloads or converts 12 GB, so instead a GPT-J-6B-width
+checkpoint of 2 blocks is converted from a single pytorch_model.bin and from the JAX slim layout.
 
-Goals: every notebook completes within 1.0 x the model's bytes + 0.6 GiB per process it runs; the conversions
-stay within 3 x the largest tensor over their baseline; all of it within 40 minutes on 2 cores.
+Goals: every notebook within its devices' budgets and the host's 12.7 GB; the conversions within 3 x the largest
+tensor over their baseline; all setups within 90 minutes on 2 cores.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/rehearse.py            # the real thing: 20 to 40 minutes, 14 GiB
-    PYTHONPATH=. .venv/bin/python benchmarks/rehearse.py --quick    # the machinery on the tiny default, a minute
+    PYTHONPATH=. .venv/bin/python benchmarks/rehearse.py                      # every setup: about an hour, 16 GiB
+    PYTHONPATH=. .venv/bin/python benchmarks/rehearse.py --setup Kaggle       # one setup on its own
+    PYTHONPATH=. .venv/bin/python benchmarks/rehearse.py --quick              # the machinery on the tiny default
 """
 import argparse
 import atexit
@@ -21,7 +26,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -30,10 +34,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import gptj_helpers as gh  # noqa: E402
+from ledger import LEDGER_CELL, LEDGER_VARIABLE, Watchdog, placed_bytes, read_ledger  # noqa: E402
 
-REHEARSAL = "CPU only, rehearsal (random weights)"
 GIB = 2**30
+HOST_LIMIT = 12.7e9  # Colab's RAM on the free tier: the smallest host of README's setups
+TORCH_PROCESS = 0.6 * GIB  # what a stage or rank process holds beside its share: torch itself
+SECOND_SETUPS = ("02", "03", "04", "05", "06", "07")
+REHEARSED = {  # README's setup -> the notebooks rehearsed in its shape (None: all but 01)
+    "Colab, 1 x T4 16 GB": None,
+    "Kaggle, 2 x T4 16 GB": SECOND_SETUPS,
+    "4 x 8 GB": SECOND_SETUPS,
+}
 
 
 def rehearsal_source(source: str, line: str, max_new_tokens: int) -> str:
@@ -44,63 +57,109 @@ def rehearsal_source(source: str, line: str, max_new_tokens: int) -> str:
     return re.sub(r"^MAX_NEW_TOKENS = \d+", f"MAX_NEW_TOKENS = {max_new_tokens}", source, flags=re.M)
 
 
-class Watchdog:
-    """Samples the summed RSS of this process's descendants; past `limit` bytes it kills them (the notebook fails)."""
+def cpu_devices(spec: str, quick: bool) -> str:
+    """A README line's devices on the CPU: as many, with the same budgets (with --quick, budgets the tiny model
+    fills as GPT-J-6B fills the real ones)."""
+    budgets = [d.budget_bytes for d in gh.parse_devices(spec, check=False)]
+    if quick:
+        return ",".join(f"cpu={max(4, 24 // len(budgets))}MiB" for _ in budgets)
+    return ",".join(f"cpu={b / GIB:g}GiB" for b in budgets)
 
-    def __init__(self, limit: int, every: float = 0.5):
-        self.limit, self.every, self.peak, self.pids, self.fired = limit, every, 0, set(), False
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
 
-    def run(self) -> None:
-        while not self.stop.wait(self.every):
-            procs = psutil.Process().children(recursive=True)
-            total = 0
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                    self.pids.add(p.pid)
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            if total > self.limit and not self.fired:
-                self.fired = True
-                for p in procs:
-                    try:
-                        p.kill()
-                    except psutil.Error:
-                        pass
-
-    def __enter__(self) -> "Watchdog":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
+def setup_line(setup: str, quick: bool) -> str:
+    """The settings line a setup is rehearsed with."""
+    model = "tiny" if quick else str(gh.random_gptj_files())
+    dtype = "float32" if quick else "bfloat16"
+    return f'MODEL = "{model}"; DEVICES = "{cpu_devices(gh.SETUPS[setup][1], quick)}"; DTYPE = torch.{dtype}'
 
 
 def run_notebook(path: Path, line: str, max_new_tokens: int, limit: int, timeout: int) -> dict:
-    """Execute one notebook with its settings line switched; seconds, peak RSS of its processes, and the outcome."""
+    """Execute one notebook with its settings line switched and the ledger first: seconds, the watchdog's peaks, the
+    ledger's line after each cell, and the outcome."""
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
     cell = next(c for c in nb.cells if c.cell_type == "code" and c.source.startswith("# Settings"))
     cell.source = rehearsal_source(cell.source, line, max_new_tokens)
-    start = time.perf_counter()
-    error = None
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
-    with Watchdog(limit) as dog:
-        try:
-            client.execute()
-        except Exception as err:  # reported in the table: a rehearsal goes on with the next notebook
-            error = "ended by the watchdog (memory)" if dog.fired else f"{type(err).__name__}: {str(err)[-300:]}"
-            # a kernel killed mid-cell leaves nbclient's exit hook registered, which would fail at exit
-            atexit.unregister(client._cleanup_kernel)
+    nb.cells.insert(0, nbformat.v4.new_code_cell(LEDGER_CELL))
+    ledger = Path(tempfile.mkstemp(prefix="gptj-ledger-", suffix=".jsonl")[1])
+    by_cell: dict[int, dict] = {}
+
+    def complete(cell=None, cell_index: int = -1, **_) -> None:
+        lines = read_ledger(ledger)
+        if len(lines) > len(by_cell):
+            by_cell[cell_index - 1] = lines[-1]  # the notebook's own cell numbers: the ledger's cell is -1
+
+    start, error = time.perf_counter(), None
+    os.environ[LEDGER_VARIABLE] = str(ledger)  # the kernel inherits it
+    try:
+        with Watchdog(limit) as dog:
+            client = NotebookClient(nb, timeout=timeout, kernel_name="python3", on_cell_start=dog.start_cell,
+                                    on_cell_complete=complete, extra_arguments=["--IPKernelApp.log_level=ERROR"],
+                                    resources={"metadata": {"path": str(path.parent)}})
+            try:
+                client.execute()
+            except Exception as err:  # reported in the table: a rehearsal goes on with the next notebook
+                error = "ended by the watchdog (memory)" if dog.fired else f"{type(err).__name__}: {str(err)[-300:]}"
+                # a kernel killed mid-cell leaves nbclient's exit hook registered, which would fail at exit
+                atexit.unregister(client._cleanup_kernel)
+    finally:
+        os.environ.pop(LEDGER_VARIABLE, None)
+        ledger.unlink(missing_ok=True)
+    sources = {i - 1: c.source for i, c in enumerate(nb.cells)}
     return {"name": path.name, "ok": error is None, "seconds": time.perf_counter() - start, "peak": dog.peak,
-            "processes": max(1, len(dog.pids)), "error": error}
+            "kernel_peaks": {i - 1: v for i, v in dog.kernel_peaks.items()},
+            "total_peaks": {i - 1: v for i, v in dog.total_peaks.items()},
+            "process_peaks": dog.process_peaks, "ledger": by_cell, "sources": sources, "error": error}
+
+
+def judge(row: dict) -> dict:
+    """Each device's peak against its budget, the host's peak outside the devices against Colab's 12.7 GB, and each
+    stage or rank process against the largest budget (plus torch's own share); the worst cells when over."""
+    devices: dict[str, dict] = {}
+    for entry in row["ledger"].values():
+        for s, d in entry["devices"].items():
+            held = devices.setdefault(s, {"device": d["device"], "budget": d["budget"], "peak": 0})
+            held["peak"] = max(held["peak"], d["bytes"])
+    host, previous = {}, None
+    for cell in sorted(row["kernel_peaks"]):
+        entry = row["ledger"].get(cell)
+        host[cell] = row["kernel_peaks"][cell] - max(placed_bytes(previous), placed_bytes(entry))
+        previous = entry or previous
+    largest_budget = max((d["budget"] for d in devices.values()), default=0)
+    process_peak = max(row["process_peaks"].values(), default=0)
+    verdict = {
+        "devices": devices,
+        "devices_ok": all(d["peak"] <= d["budget"] for d in devices.values()),
+        "host": max(host.values(), default=0),
+        "host_cell": max(host, key=host.get, default=None),
+        "processes": len(row["process_peaks"]),
+        "process_peak": process_peak,
+        "processes_ok": not row["process_peaks"] or process_peak <= largest_budget + TORCH_PROCESS,
+    }
+    verdict["host_ok"] = verdict["host"] <= HOST_LIMIT
+    verdict["ok"] = row["ok"] and verdict["devices_ok"] and verdict["host_ok"] and verdict["processes_ok"]
+    return verdict
+
+
+def format_cells(row: dict, count: int = 5) -> list[str]:
+    """The cells with the highest peak of every process together, with their first line."""
+    worst = sorted(row["total_peaks"].items(), key=lambda kv: -kv[1])[:count]
+    return [f"    cell {cell}: {gh.format_size(peak)} in all, the kernel {gh.format_size(row['kernel_peaks'][cell])}: "
+            f"{row['sources'].get(cell, '').splitlines()[0][:70] if row['sources'].get(cell) else ''}"
+            for cell, peak in worst if cell >= 0]
+
+
+def format_row(row: dict, verdict: dict) -> str:
+    """One notebook's line of a setup's table."""
+    devices = " / ".join(f"{gh.format_size(d['peak'])} of {gh.format_size(d['budget'])}"
+                         for _, d in sorted(verdict["devices"].items())) or "no placed model"
+    processes = (f"{verdict['processes']}, largest {gh.format_size(verdict['process_peak'])}"
+                 if verdict["processes"] else "none")
+    return (f"| {row['name']} | {'yes' if row['ok'] else 'no'} | {row['seconds']:.0f} | {devices} | "
+            f"{gh.format_size(verdict['host'])} (cell {verdict['host_cell']}) | {processes} | "
+            f"{gh.format_size(row['peak'])} | {'met' if verdict['ok'] else 'NOT met'} |")
 
 
 def gptj_width_config(blocks: int, quick: bool):
@@ -138,36 +197,56 @@ def rehearse_conversions(quick: bool, work: Path) -> list[dict]:
     return rows
 
 
+def rehearse_setup(setup: str, args, limit: int) -> bool:
+    """Every notebook of one setup, one after the other; prints its table and returns whether every goal was met."""
+    line = setup_line(setup, args.quick)
+    wanted = args.notebooks or REHEARSED[setup] or ()
+    paths = [p for p in sorted((ROOT / "notebooks").glob("*.ipynb")) if not p.name.startswith("01_")]
+    if wanted:
+        paths = [p for p in paths if any(p.name.startswith(n) for n in wanted)]
+    print(f"\n## {setup}: {len(paths)} notebook(s) with `{line}`, MAX_NEW_TOKENS = 4", flush=True)
+    rows = []
+    for path in paths:
+        row = run_notebook(path, line, 4, limit, args.timeout)
+        verdict = judge(row)
+        rows.append((row, verdict))
+        print(f"{row['name']}: {'completed' if row['ok'] else 'FAILED'} in {row['seconds']:.0f} s"
+              + (f" ({row['error']})" if row["error"] else ""), flush=True)
+    print("\n| notebook | completed | seconds | each device: peak held of its budget | host outside the devices "
+          f"(goal {HOST_LIMIT / 1e9:.1f} GB) | stage or rank processes | all processes | goals |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row, verdict in rows:
+        print(format_row(row, verdict))
+    for row, verdict in rows:
+        if not verdict["ok"]:
+            print(f"{row['name']}, the cells with the highest peaks:", *format_cells(row), sep="\n")
+    return all(verdict["ok"] for _, verdict in rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the machinery on the tiny default (a test runs this)")
-    parser.add_argument("--notebooks", nargs="*", help="notebook names to run (default: all but 01)")
+    parser.add_argument("--setup", action="append", choices=list(REHEARSED), metavar="SETUP",
+                        help=f"a setup of README's table (default: all of {', '.join(REHEARSED)}); repeatable")
+    parser.add_argument("--notebooks", nargs="*", help="notebook names to run (default: the setup's)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     parser.add_argument("--skip-conversions", action="store_true")
     args = parser.parse_args()
-    setup = "CPU only (tiny default)" if args.quick else REHEARSAL
-    line = gh.settings_line(setup)
-    model, devices, dtype = gh.SETUPS[setup]
-    model_bytes = gh.module_sizes(gh.load_config(model), getattr(torch, dtype))["total"]
+    setups = args.setup or list(REHEARSED)
     limit = psutil.virtual_memory().available - GIB  # the watchdog ends a notebook before the machine swaps
-    paths = sorted((ROOT / "notebooks").glob("*.ipynb"))
-    paths = [p for p in paths if not p.name.startswith("01_")]
-    if args.notebooks:
-        paths = [p for p in paths if any(p.name.startswith(n) for n in args.notebooks)]
-    memory = psutil.virtual_memory().total
-    print(f"rehearsal of {len(paths)} notebook(s) with `{line}`, MAX_NEW_TOKENS = 4; "
-          f"model {gh.format_size(model_bytes)}; {psutil.cpu_count()} cores, {gh.format_size(memory)} RAM; "
-          f"watchdog at {gh.format_size(limit)}; {datetime.date.today()}", flush=True)
-    rows, start = [], time.perf_counter()
+    model = "tiny" if args.quick else gh.GPTJ_6B_RANDOM
+    model_bytes = gh.module_sizes(gh.load_config(model), torch.float32 if args.quick else torch.bfloat16)["total"]
+    print(f"rehearsal of {', '.join(setups)}; model {gh.format_size(model_bytes)}; {psutil.cpu_count()} cores, "
+          f"{gh.format_size(psutil.virtual_memory().total)} RAM; watchdog at {gh.format_size(limit)}; "
+          f"{datetime.date.today()}", flush=True)
+    start = time.perf_counter()
+    if not args.quick:
+        print(f"weights on disk: {gh.random_gptj_files()} (written once)", flush=True)
+    met = True
     env_out = os.environ.pop("GPTJ_HELPERS_OUT", None)  # figures of a rehearsal are not kept
     try:
-        for path in paths:
-            row = run_notebook(path, line, 4, limit, args.timeout)
-            row["goal"] = model_bytes + 0.6 * GIB * row["processes"]
-            rows.append(row)
-            print(f"{row['name']}: {'completed' if row['ok'] else 'FAILED'} in {row['seconds']:.0f} s, peak RSS "
-                  f"{gh.format_size(row['peak'])} over {row['processes']} process(es)"
-                  + (f" ({row['error']})" if row["error"] else ""), flush=True)
+        for setup in setups:
+            met &= rehearse_setup(setup, args, limit)
     finally:
         if env_out is not None:
             os.environ["GPTJ_HELPERS_OUT"] = env_out
@@ -176,26 +255,19 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="gptj-rehearse-") as tmp:
             conversions = rehearse_conversions(args.quick, Path(tmp))
             shutil.rmtree(tmp, ignore_errors=True)
-    total = time.perf_counter() - start
-    print("\n| notebook | completed | seconds | peak RSS (all its processes) | / model | goal: model + 0.6 GiB x "
-          "processes |")
-    print("|---|---|---|---|---|---|")
-    met = True
-    for r in rows:
-        ok = r["ok"] and r["peak"] <= r["goal"]
-        met &= ok
-        print(f"| {r['name']} | {'yes' if r['ok'] else 'no'} | {r['seconds']:.0f} | {gh.format_size(r['peak'])} "
-              f"({r['processes']} processes) | {r['peak'] / model_bytes:.2f} | {gh.format_size(r['goal'])}: "
-              f"{'met' if ok else 'NOT met'} |")
+    if conversions:
+        print("\n| notebook 01 | completed | seconds | peak RSS over its baseline | / largest tensor | goal |")
+        print("|---|---|---|---|---|---|")
     for r in conversions:  # --quick: the tiny tensors are lost in the process's own noise, so no goal
         ok = r["peak"] <= 3 * r["largest"]
         met &= ok or args.quick
         verdict = "no goal at the tiny size" if args.quick else "met" if ok else "NOT met"
-        print(f"| {r['name']} | yes | {r['seconds']:.0f} | {gh.format_size(r['peak'])} over baseline | "
-              f"{r['peak'] / r['largest']:.2f} x largest tensor | 3 x largest tensor: {verdict} |")
-    in_time = total <= 40 * 60 or args.quick
+        print(f"| {r['name']} | yes | {r['seconds']:.0f} | {gh.format_size(r['peak'])} | "
+              f"{r['peak'] / r['largest']:.2f} | 3 x largest tensor: {verdict} |")
+    total = time.perf_counter() - start
+    in_time = total <= 90 * 60 or args.quick
     met &= in_time
-    print(f"\nall of it: {total / 60:.1f} minutes (goal: 40, {'met' if in_time else 'NOT met'}); "
+    print(f"\nall of it: {total / 60:.1f} minutes (goal: 90, {'met' if in_time else 'NOT met'}); "
           f"{'every goal met' if met else 'a goal was NOT met'}")
     return 0 if met else 1
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from .models import (GPTJ_6B_RANDOM, GPTJ_6B_REPO, RANDOM_WEIGHTS, TINY_SEED, build_atomically, cache_dir,
-                     default_dtype, gptj_6b_config, gptj_modeling, module_sizes, random_tiny_model, seeded_tensor,
-                     tiny_config, tiny_folder, write_tiny_model)
+                     default_dtype, dtype_name, gptj_6b_config, gptj_modeling, module_sizes, random_tiny_model,
+                     seeded_tensor, tiny_config, tiny_folder, write_tiny_model)
 from .devices import available_memory, format_size
 from .convert import write_jax_checkpoint
 
@@ -35,6 +35,42 @@ def random_gptj_folder(seed: int = TINY_SEED) -> Path:
         save_tokenizer(tmp)
 
     return build_atomically(cache_dir() / f"{GPTJ_6B_RANDOM}-seed{seed}", build)
+
+
+def random_gptj_files(seed: int = TINY_SEED, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """"gpt-j-6b-random" written out once as safetensors under the cache folder (11.3 GiB in bfloat16), so stock
+    `from_pretrained` and every loader read it as they read the real weights (the rehearsal; notebooks 06, 08)."""
+    seeded = random_gptj_folder(seed)
+    return build_atomically(cache_dir() / f"{seeded.name}-{dtype_name(dtype)}-safetensors",
+                            lambda tmp: write_seeded_files(seeded, tmp, dtype))
+
+
+def write_seeded_files(seeded: str | Path, out_dir: str | Path, dtype: torch.dtype) -> Path:
+    """A seed folder's weights as safetensors, one file per block, holding one file's tensors at a time: the same
+    tensors `build_seeded_model` makes (the rehearsal)."""
+    from safetensors.torch import save_file
+    from transformers import GPTJConfig
+    GPTJForCausalLM = gptj_modeling().GPTJForCausalLM
+
+    seeded, out_dir = Path(seeded), Path(out_dir)
+    config = GPTJConfig.from_pretrained(str(seeded))
+    seed = json.loads((seeded / RANDOM_WEIGHTS).read_text())["seed"]
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in GPTJForCausalLM(config).named_parameters()}
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        groups.setdefault(f"model-{name.split('.')[2] if '.h.' in name else 'rest'}.safetensors", []).append(name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for file, names in groups.items():
+        tensors = {n: seeded_tensor(n, shapes[n], config, seed, dtype, torch.device("cpu")) for n in names}
+        save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
+        del tensors
+    weight_map = {name: file for file, names in groups.items() for name in names}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.dtype = dtype
+    config.save_pretrained(str(out_dir))
+    save_tokenizer(out_dir)
+    return out_dir
 
 
 def save_tokenizer(folder: Path) -> None:

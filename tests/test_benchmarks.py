@@ -35,12 +35,33 @@ def run_main(script: str, *args: str, monkeypatch, capsys):
 
 
 @pytest.mark.timeout(200)
-def test_rehearsal_quick_mode_switches_the_settings_line_and_reports_each_notebook(monkeypatch, capsys):
-    code, out = run_main("rehearse", "--quick", "--notebooks", "00", monkeypatch=monkeypatch, capsys=capsys)
+def test_rehearsal_quick_mode_runs_a_setup_of_the_readme_on_as_many_cpu_devices(monkeypatch, capsys):
+    code, out = run_main("rehearse", "--quick", "--setup", "Kaggle, 2 x T4 16 GB", "--notebooks", "00",
+                         monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, out[-2000:]
-    assert 'with `MODEL = "tiny"; DEVICES = "3x4MiB"; DTYPE = torch.float32`' in out
-    assert "| 00_start_here.ipynb | yes |" in out
+    assert 'with `MODEL = "tiny"; DEVICES = "cpu=12MiB,cpu=12MiB"; DTYPE = torch.float32`' in out
+    assert "| 00_start_here.ipynb | yes |" in out and "(cell " in out  # the host's peak names its cell
     assert "| 01 from pytorch_model.bin | yes |" in out and "| 01 from the JAX slim layout | yes |" in out
+
+
+def test_rehearsal_fails_a_notebook_over_a_device_budget_or_over_the_host_and_names_the_cell():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from rehearse import HOST_LIMIT, format_cells, judge
+
+    def row(device_bytes: int, kernel_peak: int) -> dict:
+        entry = {"devices": {"0": {"device": "cpu", "bytes": device_bytes, "budget": 7 * 2**30},
+                             "1": {"device": "cpu", "bytes": 2**30, "budget": 7 * 2**30}}, "unplaced": 0, "rss": 0}
+        return {"ok": True, "ledger": {0: entry, 1: entry}, "kernel_peaks": {0: 2**30, 1: kernel_peak},
+                "total_peaks": {0: 2**30, 1: kernel_peak}, "process_peaks": {}, "peak": kernel_peak,
+                "sources": {0: "x = 1", 1: "model = load()"}}
+
+    assert judge(row(6 * 2**30, 9 * 2**30))["ok"]
+    over_device = judge(row(8 * 2**30, 10 * 2**30))
+    assert not over_device["ok"] and not over_device["devices_ok"] and over_device["host_ok"]
+    over_host = row(6 * 2**30, int(HOST_LIMIT) + 8 * 2**30)  # 7 GiB placed: the rest is the host's
+    verdict = judge(over_host)
+    assert not verdict["ok"] and not verdict["host_ok"] and verdict["host_cell"] == 1
+    assert "cell 1:" in format_cells(over_host)[0] and "model = load()" in format_cells(over_host)[0]
 
 
 def test_rehearsal_switches_only_the_model_line_and_refuses_a_cell_without_one():

@@ -213,3 +213,19 @@ def test_a_budget_larger_than_the_named_card_is_refused(monkeypatch):
         gh.parse_devices("cuda:0=15GiB")
     assert gh.parse_devices("cuda:0=14GiB") == [gh.Device("cuda:0", 14 * 2**30)]
     assert gh.parse_devices("cuda:0=15GiB", check=False)  # planning for a card that is not here: no check
+
+
+def test_seeded_weights_written_as_safetensors_load_with_from_pretrained_and_equal_the_seeded_model(tmp_path):
+    """The rehearsal's gpt-j-6b-random files, at the tiny size: stock from_pretrained reads them, tensor for tensor
+    the model built from the seed."""
+    from transformers import GPTJForCausalLM
+
+    seeded = gh.write_random_model(gh.tiny_config(), tmp_path / "seeded", seed=3)
+    gh.save_tokenizer(seeded)
+    files = gh.write_seeded_files(seeded, tmp_path / "files", torch.bfloat16)
+    assert len(list(files.glob("model-*.safetensors"))) == gh.tiny_config().n_layer + 1
+    loaded = GPTJForCausalLM.from_pretrained(str(files))
+    built = gh.build_seeded_model(seeded, gh.tiny_config(), torch.bfloat16, "cpu")
+    assert loaded.dtype == torch.bfloat16
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), built.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -77,7 +77,8 @@ def test_notebook_opens_and_ends_the_same_way(path):
     assert source(c[4]).startswith("# Settings") and re.search(r"^MODEL = ", source(c[4]), flags=re.M)
     settings_cells = [x for x in c if x["cell_type"] == "code" and source(x).startswith("# Settings")]
     assert len(settings_cells) == 1
-    tail = source(c[-1])
+    assert "solutions" in c[-1]["metadata"].get("tags", []), "the last cell holds the exercises' solutions"
+    tail = source(c[-2])
     assert "## Summary" in tail and "## Exercises" in tail
     if path != NOTEBOOKS[-1]:
         assert re.search(r"\*\*Next:\*\* \[[\w]+\]\([\w]+\.ipynb\)", tail)
