@@ -4,13 +4,14 @@ host's.
 On the CPU every "device" is host memory, so one RSS figure cannot say whether a GPU of the plan or the host would
 run out. Two records tell them apart:
 
-- a ledger inside the kernel (`LEDGER_CELL`, run first): after every cell it writes the bytes of each model the
-  kernel holds, by the device of the plan it was placed for (a model loaded outside a plan counts as the host's);
+- a ledger inside the kernel (`LEDGER_CELL`, run first): once a second while a cell runs, and at its end, it looks
+  at every model the kernel holds and counts its bytes by the device of the plan it was placed for, beside the
+  kernel's RSS; each cell's line holds the largest of each (a model loaded outside a plan counts as the host's);
 - a watchdog outside (`Watchdog`): twice a second, the RSS of the kernel and of each process the kernel started
   (pipeline stages, tensor-parallel ranks), the peak of each cell on its own, and a kill past the machine's limit.
 
-The host's share of a cell is then the kernel's peak during it less the bytes placed on the plan's devices, before
-or after it (the larger); a stage or rank process holds one device's share.
+The host's share is the kernel's RSS less the bytes placed on the plan's devices at the same look; a stage or rank
+process holds one device's share.
 """
 from __future__ import annotations
 
@@ -23,10 +24,14 @@ import psutil
 LEDGER_VARIABLE = "GPTJ_REHEARSAL_LEDGER"  # the file the kernel's ledger appends to, one JSON line per cell
 
 LEDGER_CELL = '''\
-# The rehearsal's ledger (benchmarks/ledger.py), not part of the notebook: after each cell, the bytes of every model
-# this kernel holds, by the device of its plan.
-def _rehearsal_ledger(result=None):
-    import gc, json, os
+# The rehearsal's ledger (benchmarks/ledger.py), not part of the notebook: while each cell runs, once a second and
+# at its end, the bytes of every model this kernel holds by the device of its plan, and the process's RSS beside them.
+import threading as _threading
+
+
+def _rehearsal_sample():
+    """(bytes per stage of the plan with device and budget, bytes of models outside a plan, RSS), looked at once."""
+    import gc
     import psutil, torch
     from gptj_split.place import plan_of, tensor_bytes, tensor_stage
 
@@ -37,7 +42,8 @@ def _rehearsal_ledger(result=None):
             return id(t)
 
     seen, devices, unplaced = set(), {}, 0
-    modules = [m for m in gc.get_objects() if isinstance(m, torch.nn.Module) and type(m).__name__ != "OptimizedModule"]
+    modules = [m for m in gc.get_objects()
+               if issubclass(type(m), torch.nn.Module) and type(m).__name__ != "OptimizedModule"]
     for m in [m for m in modules if plan_of(m) is not None] + [m for m in modules if plan_of(m) is None]:
         plan = plan_of(m)
         for name, t in list(m.named_parameters()) + list(m.named_buffers()):
@@ -48,15 +54,54 @@ def _rehearsal_ledger(result=None):
                 unplaced += tensor_bytes(t)
                 continue
             s = tensor_stage(plan, name)
-            row = devices.setdefault(str(s), {"device": plan.devices[s].device, "bytes": 0,
-                                              "budget": plan.devices[s].budget_bytes})
+            device, budget = plan.devices[s].device, plan.devices[s].budget_bytes  # two plans alike add up
+            row = devices.setdefault(f"{s}|{device}|{budget}", {"device": device, "bytes": 0, "budget": budget})
             row["bytes"] += tensor_bytes(t)
+    return devices, unplaced, psutil.Process().memory_info().rss
+
+
+_rehearsal_cell = {}
+
+
+def _rehearsal_note():
+    """Fold one sample into the running cell's maxima."""
+    devices, unplaced, rss = _rehearsal_sample()
+    cell = _rehearsal_cell
+    for s, row in devices.items():
+        held = cell.setdefault("devices", {}).setdefault(s, dict(row))
+        held["bytes"] = max(held["bytes"], row["bytes"])
+    placed = sum(row["bytes"] for row in devices.values())
+    cell["host"] = max(cell.get("host", 0), rss - placed)
+    cell["placed"] = max(cell.get("placed", 0), placed)
+    cell["unplaced"] = max(cell.get("unplaced", 0), unplaced)
+    cell["rss"] = max(cell.get("rss", 0), rss)
+
+
+def _rehearsal_loop():
+    import time
+    while True:
+        time.sleep(1.0)
+        try:
+            _rehearsal_note()
+        except Exception:  # a model changing under the look (loading): the next look counts it
+            pass
+
+
+def _rehearsal_start(info=None):
+    _rehearsal_cell.clear()
+
+
+def _rehearsal_end(result=None):
+    import json, os
+    _rehearsal_note()
     with open(os.environ["GPTJ_REHEARSAL_LEDGER"], "a") as f:
-        f.write(json.dumps({"devices": devices, "unplaced": unplaced,
-                            "rss": psutil.Process().memory_info().rss}) + "\\n")
+        f.write(json.dumps({"devices": {}, **_rehearsal_cell}) + "\\n")
+    _rehearsal_cell.clear()
 
 
-get_ipython().events.register("post_run_cell", _rehearsal_ledger)
+get_ipython().events.register("pre_run_cell", _rehearsal_start)
+get_ipython().events.register("post_run_cell", _rehearsal_end)
+_threading.Thread(target=_rehearsal_loop, daemon=True).start()
 '''
 
 
@@ -65,11 +110,6 @@ def read_ledger(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def placed_bytes(entry: dict | None) -> int:
-    """Bytes a ledger line counts on the plan's devices."""
-    return sum(row["bytes"] for row in entry["devices"].values()) if entry else 0
 
 
 class Watchdog:

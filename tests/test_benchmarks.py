@@ -49,10 +49,12 @@ def test_rehearsal_fails_a_notebook_over_a_device_budget_or_over_the_host_and_na
     from rehearse import HOST_LIMIT, format_cells, judge
 
     def row(device_bytes: int, kernel_peak: int) -> dict:
+        placed = device_bytes + 2**30
         entry = {"devices": {"0": {"device": "cpu", "bytes": device_bytes, "budget": 7 * 2**30},
-                             "1": {"device": "cpu", "bytes": 2**30, "budget": 7 * 2**30}}, "unplaced": 0, "rss": 0}
-        return {"ok": True, "ledger": {0: entry, 1: entry}, "kernel_peaks": {0: 2**30, 1: kernel_peak},
-                "total_peaks": {0: 2**30, 1: kernel_peak}, "process_peaks": {}, "peak": kernel_peak,
+                             "1": {"device": "cpu", "bytes": 2**30, "budget": 7 * 2**30}},
+                 "host": kernel_peak - placed, "placed": placed, "unplaced": 0, "rss": kernel_peak}
+        return {"ok": True, "ledger": {0: {"devices": {}, "host": 2**29}, 1: entry}, "kernel_peaks": {0: 2**30,
+                1: kernel_peak}, "total_peaks": {0: 2**30, 1: kernel_peak}, "process_peaks": {}, "peak": kernel_peak,
                 "sources": {0: "x = 1", 1: "model = load()"}}
 
     assert judge(row(6 * 2**30, 9 * 2**30))["ok"]
