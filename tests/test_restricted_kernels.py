@@ -45,7 +45,7 @@ def test_numeric_cells_print_the_same_with_restricted_kernels(tmp_path):
     env.pop("PYTEST_XDIST_WORKER", None)
     capability = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
                                 env=env, capture_output=True, text=True, timeout=120).stdout.strip()
-    assert capability == env["ATEN_CPU_CAPABILITY"].upper(), f"the kernels were not restricted: ATen picked {capability}"
+    assert capability == env["ATEN_CPU_CAPABILITY"].upper(), f"kernels not restricted: ATen picked {capability}"
     command = [sys.executable, "-m", "pytest", "--nbval", *[str(tmp_path / n) for n in NUMERIC],
                "--nbval-sanitize-with", str(ROOT / "tests" / "sanitize.cfg"), "--nbval-cell-timeout=300",
                "-p", "no:cacheprovider", "-p", "no:xdist", "-q", "--rootdir", str(tmp_path)]
