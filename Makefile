@@ -37,8 +37,11 @@ $(STAMP): constraints.txt pyproject.toml
 demo: $(STAMP)  ## the main job: run every notebook on the tiny default, results under build/
 	$(PY) -m gptj_helpers run-notebooks notebooks/*.ipynb --out $(BUILD)
 
-# test files and notebooks run on 2 workers, a whole file (a notebook's cells in order) on one
-XDIST  := -n 2 --dist loadfile
+# test files and notebooks run on 2 workers, a whole file (a notebook's cells in order) on one, the longest files
+# first (tests/conftest.py orders them), so that no long one starts last
+XDIST  := -n 2 --dist loadfile --no-loadscope-reorder
+# the tests keep torch.compile's kernels between runs (their temporary folders are new each run)
+test: export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/$(VENV)/inductor-cache
 
 test: $(STAMP)  ## lint; every committed notebook checked by nbval, with the unit tests; again on ipywidgets 7 and on the version floors
 	$(VENV)/bin/ruff check .

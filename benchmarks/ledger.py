@@ -4,9 +4,10 @@ host's.
 On the CPU every "device" is host memory, so one RSS figure cannot say whether a GPU of the plan or the host would
 run out. Two records tell them apart:
 
-- a ledger inside the kernel (`LEDGER_CELL`, run first): once a second while a cell runs, and at its end, it looks
-  at every model the kernel holds and counts its bytes by the device of the plan it was placed for, beside the
-  kernel's RSS; each cell's line holds the largest of each (a model loaded outside a plan counts as the host's);
+- a ledger inside the kernel (`LEDGER_CELL`, run first): once a second while a cell runs (the models the notebook's
+  names reach) and at its end (every module alive), it counts the bytes of the models the kernel holds by the
+  device of the plan they were placed for, beside the kernel's RSS; each cell's line holds the largest of each (a
+  model loaded outside a plan counts as the host's);
 - a watchdog outside (`Watchdog`): twice a second, the RSS of the kernel and of each process the kernel started
   (pipeline stages, tensor-parallel ranks), the peak of each cell on its own, and a kill past the machine's limit.
 
@@ -29,10 +30,28 @@ LEDGER_CELL = '''\
 import threading as _threading
 
 
-def _rehearsal_sample():
-    """(bytes per stage of the plan with device and budget, bytes of models outside a plan, RSS), looked at once."""
+def _rehearsal_modules(everything):
+    """Every module alive (gc, from the main thread only: another thread's look can catch a tuple being built, and
+    CPython then fails), or those the notebook's names reach, one attribute or item deep (safe from any thread)."""
     import gc
-    import psutil, torch
+    import torch
+
+    def is_module(m):
+        return issubclass(type(m), torch.nn.Module) and type(m).__name__ != "OptimizedModule"
+
+    if everything:
+        return [m for m in gc.get_objects() if is_module(m)]
+    found = []
+    for value in list(get_ipython().user_ns.values()):
+        inner = list(value.values()) if isinstance(value, dict) else list(value) if isinstance(value, (list, tuple)) \
+            else list(getattr(value, "__dict__", {}).values())
+        found += [v for v in [value, *inner] if is_module(v)]
+    return found
+
+
+def _rehearsal_sample(everything=False):
+    """(bytes per stage of the plan with device and budget, bytes of models outside a plan, RSS), looked at once."""
+    import psutil
     from gptj_split.place import plan_of, tensor_bytes, tensor_stage
 
     def key(t):
@@ -42,8 +61,7 @@ def _rehearsal_sample():
             return id(t)
 
     seen, devices, unplaced = set(), {}, 0
-    modules = [m for m in gc.get_objects()
-               if issubclass(type(m), torch.nn.Module) and type(m).__name__ != "OptimizedModule"]
+    modules = list({id(m): m for m in _rehearsal_modules(everything)}.values())
     for m in [m for m in modules if plan_of(m) is not None] + [m for m in modules if plan_of(m) is None]:
         plan = plan_of(m)
         for name, t in list(m.named_parameters()) + list(m.named_buffers()):
@@ -63,9 +81,9 @@ def _rehearsal_sample():
 _rehearsal_cell = {}
 
 
-def _rehearsal_note():
+def _rehearsal_note(everything=False):
     """Fold one sample into the running cell's maxima."""
-    devices, unplaced, rss = _rehearsal_sample()
+    devices, unplaced, rss = _rehearsal_sample(everything)
     cell = _rehearsal_cell
     for s, row in devices.items():
         held = cell.setdefault("devices", {}).setdefault(s, dict(row))
@@ -93,7 +111,7 @@ def _rehearsal_start(info=None):
 
 def _rehearsal_end(result=None):
     import json, os
-    _rehearsal_note()
+    _rehearsal_note(everything=True)
     with open(os.environ["GPTJ_REHEARSAL_LEDGER"], "a") as f:
         f.write(json.dumps({"devices": {}, **_rehearsal_cell}) + "\\n")
     _rehearsal_cell.clear()

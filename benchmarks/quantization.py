@@ -115,26 +115,30 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        if kind == "speed":
-            return child_speed(int(rest[0]), int(rest[1]), rest[2].split(","), rest[3], int(rest[4]), int(rest[5]))
+        if kind in ("speed", "quick"):  # quick: the machinery in one process, the speed rows and then one peak
+            child_speed(int(rest[0]), int(rest[1]), rest[2].split(","), rest[3], int(rest[4]), int(rest[5]))
+            return None if kind == "speed" else child_peak("", int(rest[0]), int(rest[1]), "nf4 (bitsandbytes)",
+                                                           rest[3])
         return child_peak(rest[0], int(rest[1]), int(rest[2]), rest[3], rest[4])
     width, layers, tokens = (512, 2, 3) if args.quick else (4096, 4, 8)
     print(f"{layers} blocks {width} wide (GPT-J's block shape), batch 1, {args.threads} threads, "
           f"quantized rows computing in {args.dtype}; {gh.backend_versions()}")
     labels = FORMATS + ([INT4] if args.int4 else [])
-    rows = run_child("speed", str(width), str(layers), ",".join(labels), args.dtype, str(args.threads), str(tokens))
-    times = [quality.DecodeTime(r["label"], quality.KERNELS[r["label"]], r["ms"]) for r in rows]
+    rows = run_child("quick" if args.quick else "speed", str(width), str(layers), ",".join(labels), args.dtype,
+                     str(args.threads), str(tokens))
+    times = [quality.DecodeTime(r["label"], quality.KERNELS[r["label"]], r["ms"]) for r in rows if "label" in r]
     print(quality.format_decode(times))
     fastest = min(times, key=lambda t: t.ms_per_token)
     bf16 = next(t.ms_per_token for t in times if t.label == "bfloat16")
     faster = [t.label for t in times if t.ms_per_token < bf16 and t.label != "bfloat16"]
     print(f"faster than bfloat16 here: {', '.join(faster) if faster else 'none'} (fastest: {fastest.label})")
     ok = True
-    for label in ["nf4 (bitsandbytes)"] if args.quick else QUANTIZED:  # quick: one child checks the machinery
+    if args.quick:  # the peak after the speed rows, in their process: a check of the machinery
+        report_peak("nf4 (bitsandbytes)", next(r for r in rows if "peak" in r), f"{layers} blocks:")
+        return print("--quick: 2 small blocks, whose weights the process baseline swamps: no peak goal")
+    for label in QUANTIZED:
         ok &= report_peak(label, run_child("peak", "", str(width), str(layers), label, args.dtype)[0],
                           f"{layers} blocks:")
-    if args.quick:
-        return print("--quick: 2 small blocks, whose weights the process baseline swamps: no peak goal")
     if args.full_size:
         for label in QUANTIZED:
             ok &= report_peak(label, run_child("peak", gh.GPTJ_6B_RANDOM, "0", "0", label, args.dtype)[0],

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gptj_helpers as gh  # noqa: E402
 from ledger import LEDGER_CELL, LEDGER_VARIABLE, Watchdog, read_ledger  # noqa: E402
+from gptj_split.measure import measure_command  # noqa: E402
 
 GIB = 2**30
 HOST_LIMIT = 12.7e9  # Colab's RAM on the free tier: the smallest host of README's setups
@@ -184,12 +185,12 @@ def rehearse_conversions(quick: bool, work: Path) -> list[dict]:
         state[name] = gh.seeded_tensor(name, shape, config, 0, torch.float16, torch.device("cpu"))
     torch.save(state, bin_dir / "pytorch_model.bin")
     del state
-    run = gh.measure_command(["convert-bin", str(bin_dir), str(work / "from-bin"), "--no-progress"])
+    run = measure_command(["convert-bin", str(bin_dir), str(work / "from-bin"), "--no-progress"])
     rows.append({"name": "01 from pytorch_model.bin", "seconds": run["seconds"], "peak": run["peak_over_baseline"],
                  "largest": largest})
     slim = work / "slim"
     write_random_slim(slim, jcfg)
-    run = gh.measure_command(["convert-jax", str(slim), str(work / "from-jax"), "--config",
+    run = measure_command(["convert-jax", str(slim), str(work / "from-jax"), "--config",
                               str(slim / "jax_config.json"), "--dtype", "float16", "--no-progress"])
     rows.append({"name": "01 from the JAX slim layout", "seconds": run["seconds"],
                  "peak": run["peak_over_baseline"], "largest": largest})

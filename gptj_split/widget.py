@@ -165,6 +165,20 @@ class PromptWidget:
             self.thread.join(timeout)
         return not self.running()
 
+    def close(self) -> None:
+        """End a run, close every control and let go of the model: ipywidgets keeps each open widget, and with its
+        click handlers this object and its model, alive until it is closed (notebook 06)."""
+        self.stop()
+        self.wait()
+
+        def close_all(widget) -> None:
+            for child in getattr(widget, "children", ()):
+                close_all(child)
+            widget.close()
+
+        close_all(self.ui)
+        self.model = self.generate_fn = None
+
 
 def prompt_widget(model, tokenizer, prompt: str = "", max_new_tokens: int = 50, generate=None) -> PromptWidget:
     """An interactive prompt for a split (or whole) model; `generate` has `generate_text`'s signature (notebook 06).

@@ -113,3 +113,22 @@ def call_cli(*args):
             if isinstance(exit.code, str):
                 print(exit.code, file=sys.stderr)
     return subprocess.CompletedProcess(["gptj_helpers", *args], code, out.getvalue(), err.getvalue())
+
+
+LONGEST_FIRST = [  # files whose tests take longest, as measured by --durations=0; the others follow in their order
+    "notebooks/05_pipeline_parallelism.ipynb", "tests/test_restricted_kernels.py",
+    "notebooks/07_tensor_parallelism.ipynb", "tests/test_widget.py", "tests/test_benchmarks.py",
+    "tests/test_measure_and_plot.py",
+    "notebooks/08_quantization.ipynb", "notebooks/09_one_prompt_speed.ipynb", "tests/test_pipeline.py",
+    "tests/test_tensor_parallel.py",
+]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Longest files first, each file's items in their own order: with `--dist loadfile --no-loadscope-reorder` no
+    long file starts after the other worker has run out of work."""
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items[:] = sorted(items, key=rank)  # stable: a file's items keep their order

@@ -37,11 +37,30 @@ def run_main(script: str, *args: str, monkeypatch, capsys):
 @pytest.mark.timeout(200)
 def test_rehearsal_quick_mode_runs_a_setup_of_the_readme_on_as_many_cpu_devices(monkeypatch, capsys):
     code, out = run_main("rehearse", "--quick", "--setup", "Kaggle, 2 x T4 16 GB", "--notebooks", "00",
-                         monkeypatch=monkeypatch, capsys=capsys)
+                         "--skip-conversions", monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0, out[-2000:]
     assert 'with `MODEL = "tiny"; DEVICES = "cpu=12MiB,cpu=12MiB"; DTYPE = torch.float32`' in out
     assert "| 00_start_here.ipynb | yes |" in out and "(cell " in out  # the host's peak names its cell
-    assert "| 01 from pytorch_model.bin | yes |" in out and "| 01 from the JAX slim layout | yes |" in out
+
+
+def test_rehearsal_converts_notebook_01s_two_checkpoints(monkeypatch, tmp_path):
+    """The conversions, each run by the command line in this process instead of a fresh one (whose peak
+    measure_command's own tests check): both convert, and their rows carry the largest tensor to judge by."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import rehearse
+
+    import gptj_helpers as gh
+
+    def in_process(argv: list[str]) -> dict:
+        assert gh.main(argv) == 0
+        return {"seconds": 0.0, "peak_over_baseline": 1}
+
+    monkeypatch.setattr(rehearse, "measure_command", in_process)
+    rows = rehearse.rehearse_conversions(True, tmp_path)
+    assert [r["name"] for r in rows] == ["01 from pytorch_model.bin", "01 from the JAX slim layout"]
+    for folder in ("from-bin", "from-jax"):
+        assert list((tmp_path / folder).glob("*.safetensors")), folder
+    assert all(r["largest"] > 0 for r in rows)
 
 
 def test_rehearsal_fails_a_notebook_over_a_device_budget_or_over_the_host_and_names_the_cell():

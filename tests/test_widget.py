@@ -5,7 +5,6 @@ import html
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -198,6 +197,25 @@ def test_a_notebook_shows_the_widget_view(models):
     assert "PromptWidget object at" not in data["text/plain"]
 
 
+def test_closing_the_widget_lets_its_model_go(tiny_path):
+    """ipywidgets keeps every open widget, and through its click handlers the prompt widget and its model, alive:
+    after `close()` and `del`, the model is freed (notebook 06 frees it for the pipeline's stage processes)."""
+    import gc
+    import weakref
+
+    model = gh.load_model(str(tiny_path))
+    widget = gh.prompt_widget(model, gh.load_tokenizer(str(tiny_path)), prompt="The list", max_new_tokens=2)
+    widget.generate_button.click()
+    widget.wait()
+    alive, widget_alive = weakref.ref(model), weakref.ref(widget)
+    del model, widget
+    gc.collect()
+    assert alive() is not None and widget_alive() is not None  # held by the widgets' registry, through its handlers
+    widget_alive().close()
+    gc.collect()
+    assert alive() is None
+
+
 def test_greedy_greys_out_the_sampling_sliders(models):
     by_name, tokenizer = models
     widget = gh.prompt_widget(by_name["whole"], tokenizer)
@@ -350,7 +368,10 @@ def test_widget_in_a_real_browser(tmp_path, tiny_path):
 
     folder = tmp_path / "notebooks"  # a copy: JupyterLab autosaves, and the committed notebook must stay as it is
     folder.mkdir()
-    shutil.copy(NOTEBOOK, folder / NOTEBOOK.name)
+    nb = json.loads(NOTEBOOK.read_text())  # up to the widget's cell: the browser drives that widget, nbval the rest
+    shown = next(i for i, c in enumerate(nb["cells"]) if "display(widget)" in "".join(c["source"]))
+    nb["cells"] = nb["cells"][:shown + 1]
+    (folder / NOTEBOOK.name).write_text(json.dumps(nb))
     port, token = gh.free_port(), os.urandom(16).hex()
     base = f"http://127.0.0.1:{port}"
     screenshot = tmp_path / "prompt_widget.png"
