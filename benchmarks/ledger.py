@@ -11,8 +11,9 @@ run out. Two records tell them apart:
 - a watchdog outside (`Watchdog`): twice a second, the RSS of the kernel and of each process the kernel started
   (pipeline stages, tensor-parallel ranks), the peak of each cell on its own, and a kill past the machine's limit.
 
-The host's share is the kernel's RSS less the bytes placed on the plan's devices at the same look; a stage or rank
-process holds one device's share.
+The host's share is the kernel's resident anonymous memory less the placed tensors held there, at the same look:
+tensors read in place from a safetensors file are the file's pages, which the system can drop (on a GPU they would
+be copied to the device); a stage or rank process holds one device's share.
 """
 from __future__ import annotations
 
@@ -49,8 +50,26 @@ def _rehearsal_modules(everything):
     return found
 
 
+def _rehearsal_memory():
+    """The process's resident anonymous and shared memory (what must stay in RAM), and the address ranges mapped
+    from files: tensors there are a file's pages (safetensors read in place), which the system can drop and read
+    again, as a GPU's copy would leave the host free."""
+    import os
+    status = open(f"/proc/{os.getpid()}/status").read().split("\\n")
+    kib = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("RssAnon", "RssShmem"))}
+    ranges = []
+    for line in open(f"/proc/{os.getpid()}/maps"):
+        parts = line.split()
+        if len(parts) >= 6 and parts[4] != "0" and not parts[5].startswith("["):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((start, end))
+    return 1024 * (kib.get("RssAnon", 0) + kib.get("RssShmem", 0)), sorted(ranges)
+
+
 def _rehearsal_sample(everything=False):
-    """(bytes per stage of the plan with device and budget, bytes of models outside a plan, RSS), looked at once."""
+    """(bytes per stage of the plan with device and budget, bytes of models outside a plan, RSS, the host's bytes
+    outside the plan's devices), looked at once."""
+    import bisect
     import psutil
     from gptj_split.place import plan_of, tensor_bytes, tensor_stage
 
@@ -60,7 +79,15 @@ def _rehearsal_sample(everything=False):
         except Exception:  # a tensor subclass without one storage (a quantized weight)
             return id(t)
 
-    seen, devices, unplaced = set(), {}, 0
+    resident, ranges = _rehearsal_memory()
+    starts = [start for start, _ in ranges]
+
+    def in_file(t):
+        ptr = key(t)
+        i = bisect.bisect_right(starts, ptr) - 1
+        return i >= 0 and ranges[i][0] <= ptr < ranges[i][1]
+
+    seen, devices, unplaced, placed_resident = set(), {}, 0, 0
     modules = list({id(m): m for m in _rehearsal_modules(everything)}.values())
     for m in [m for m in modules if plan_of(m) is not None] + [m for m in modules if plan_of(m) is None]:
         plan = plan_of(m)
@@ -75,21 +102,27 @@ def _rehearsal_sample(everything=False):
             device, budget = plan.devices[s].device, plan.devices[s].budget_bytes  # two plans alike add up
             row = devices.setdefault(f"{s}|{device}|{budget}", {"device": device, "bytes": 0, "budget": budget})
             row["bytes"] += tensor_bytes(t)
-    return devices, unplaced, psutil.Process().memory_info().rss
+            placed_resident += 0 if in_file(t) else tensor_bytes(t)
+    return devices, unplaced, psutil.Process().memory_info().rss, resident - placed_resident
 
 
 _rehearsal_cell = {}
+_rehearsal_lock = _threading.Lock()  # a look folds into the cell it began in, never into the next one
 
 
 def _rehearsal_note(everything=False):
     """Fold one sample into the running cell's maxima."""
-    devices, unplaced, rss = _rehearsal_sample(everything)
+    with _rehearsal_lock:
+        _rehearsal_fold(*_rehearsal_sample(everything))
+
+
+def _rehearsal_fold(devices, unplaced, rss, host):
     cell = _rehearsal_cell
     for s, row in devices.items():
         held = cell.setdefault("devices", {}).setdefault(s, dict(row))
         held["bytes"] = max(held["bytes"], row["bytes"])
     placed = sum(row["bytes"] for row in devices.values())
-    cell["host"] = max(cell.get("host", 0), rss - placed)
+    cell["host"] = max(cell.get("host", 0), host)
     cell["placed"] = max(cell.get("placed", 0), placed)
     cell["unplaced"] = max(cell.get("unplaced", 0), unplaced)
     cell["rss"] = max(cell.get("rss", 0), rss)
@@ -106,15 +139,17 @@ def _rehearsal_loop():
 
 
 def _rehearsal_start(info=None):
-    _rehearsal_cell.clear()
+    with _rehearsal_lock:
+        _rehearsal_cell.clear()
 
 
 def _rehearsal_end(result=None):
     import json, os
-    _rehearsal_note(everything=True)
-    with open(os.environ["GPTJ_REHEARSAL_LEDGER"], "a") as f:
-        f.write(json.dumps({"devices": {}, **_rehearsal_cell}) + "\\n")
-    _rehearsal_cell.clear()
+    with _rehearsal_lock:
+        _rehearsal_fold(*_rehearsal_sample(everything=True))
+        with open(os.environ["GPTJ_REHEARSAL_LEDGER"], "a") as f:
+            f.write(json.dumps({"devices": {}, **_rehearsal_cell}) + "\\n")
+        _rehearsal_cell.clear()
 
 
 get_ipython().events.register("pre_run_cell", _rehearsal_start)

@@ -242,6 +242,7 @@ def load_pretrained(model_path, plan: Plan, backend: str | None = None):
     with quiet_backends(), quiet_progress():
         model = GPTJForCausalLM.from_pretrained(str(resolve_model(str(model_path))), device_map=plan.device_map(),
                                                 dtype=as_dtype(plan.dtype), **options)
+    model.plan = plan  # as a placed model carries it: measure_memory and the timings count it stage by stage
     return model.eval()
 
 

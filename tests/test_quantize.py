@@ -87,6 +87,8 @@ def test_from_pretrained_takes_the_device_map_with_and_without_bitsandbytes(tiny
     plain = gh.load_pretrained(tiny_path, plan)
     assert all(p.device.type == "cpu" for p in plain.parameters())  # all-"cpu": accepted, no hooks to attach
     assert type(plain.transformer.h[0].mlp.fc_in) is torch.nn.Linear
+    rows = gh.measure_memory(plain)  # it carries its plan: counted stage by stage, as the plan has it
+    assert gh.plan_of(plain) is plan and [r.param_bytes for r in rows][1] == plan.devices[1].param_bytes
     int8 = gh.load_pretrained(tiny_path, gh.plan_split(tiny_path, "2xcpu", dtype=torch.float32, weights="int8"),
                               backend="bitsandbytes")
     assert type(int8.transformer.h[0].mlp.fc_in).__name__ == "Linear8bitLt"
