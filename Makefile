@@ -43,11 +43,18 @@ XDIST  := -n 2 --dist loadfile --no-loadscope-reorder
 # the tests keep torch.compile's kernels between runs (their temporary folders are new each run)
 test: export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/$(VENV)/inductor-cache
 
-test: $(STAMP)  ## lint; every committed notebook checked by nbval, with the unit tests; again on ipywidgets 7 and on the version floors
+# the run on old versions (one process, one thread) goes on beside the main run, in the CPU time its two workers
+# leave while they wait on the processes they start; its output follows the main run's
+OLD_LOG := $(VENV)/test-old-versions.log
+
+test: $(STAMP) $(WIDGETS7_DIR)/.installed $(FLOORS_DIR)/.installed  ## lint; every committed notebook checked by nbval, with the unit tests; beside them, again on ipywidgets 7 and on the version floors
 	$(VENV)/bin/ruff check .
+	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory test-old-versions > $(OLD_LOG) 2>&1 & old=$$!; \
 	$(PY) -m pytest --nbval notebooks tests --nbval-sanitize-with tests/sanitize.cfg --nbval-cell-timeout=600 \
-	  -p no:cacheprovider --durations=15 $(XDIST)
-	$(MAKE) --no-print-directory test-old-versions
+	  -p no:cacheprovider --durations=15 $(XDIST); main=$$?; \
+	wait $$old; old_status=$$?; \
+	echo "=== make test-old-versions, run beside it (exit status $$old_status):"; cat $(OLD_LOG); \
+	test $$main = 0 && test $$old_status = 0
 
 test-old-versions: $(WIDGETS7_DIR)/.installed $(FLOORS_DIR)/.installed  ## test-widgets7 and test-floors in one process (torch imported once), as on Colab: old ipywidgets and transformers together
 	GPTJ_EXPECT_VERSIONS="$(WIDGETS7) $(FLOORS)" PYTHONPATH=$(WIDGETS7_DIR):$(FLOORS_DIR):$(CURDIR) $(PY) -m pytest \

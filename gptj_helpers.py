@@ -106,7 +106,7 @@ from gptj_split.tensor_parallel import (TP_VARIANT, TensorParallelJob, tensor_pa
                                         serve_tensor_parallel, run_rank, merge_rank_results, run_tensor_parallel_jobs,
                                         run_tensor_parallel, tensor_parallel_generate)
 from gptj_split.tp_compare import (COMM_KINDS, decode_seconds, decode_seconds_of, comm_per_token, compare_splits,
-                                   format_comparison)
+                                   format_comparison, greedy_agreement)
 from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget)
 from gptj_split.quantize import (BACKENDS, INSTALL_HINT, MissingBackend, quiet_backends, import_backend,
                                  backend_versions, check_backend, quantize_linear, quantize_block, BlockQuantizer,

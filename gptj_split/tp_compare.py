@@ -35,6 +35,22 @@ def decode_seconds_of(record) -> float:
     return (record.total_seconds - record.time_to_first_token) / max(1, steps)
 
 
+def greedy_agreement(reference: torch.Tensor, logits: torch.Tensor, other: torch.Tensor, other_logits: torch.Tensor,
+                     dtype: torch.dtype) -> dict:
+    """Two greedy runs of one model (tokens: one row, prompt + new; logits: one per new token): the largest logit
+    difference at the steps where both had seen the same tokens, against 10 roundings of the largest logit in
+    `dtype`, and where their tokens part. Within it, parting is a near tie that another order of partial sums flips;
+    a wrong split moves logits by about the largest (notebook 07)."""
+    new = logits.shape[0]
+    mine, theirs = reference[0, -new:], other[0, -new:]
+    differ = (mine != theirs).nonzero().flatten().tolist()
+    seen_alike = differ[0] + 1 if differ else new  # the step where they part still had the same tokens before it
+    diff = (other_logits[:seen_alike].float() - logits[:seen_alike].float()).abs().max().item()
+    tolerance = 10 * torch.finfo(dtype).eps * logits.float().abs().max().item()
+    return {"first_divergence": differ[0] if differ else None, "largest_difference": diff, "tolerance": tolerance,
+            "agree": diff <= tolerance}
+
+
 def comm_per_token(record, rank: int = 0) -> dict[str, tuple[float, float]]:
     """Per decode token on one rank: (count, seconds) of each kind of communication event (notebook 07)."""
     steps = max(e.step for e in record.events)
@@ -69,6 +85,9 @@ def compare_splits(path, devices: str = "cpu,cpu", new_tokens: int = 8, batch: i
         start = time.perf_counter()
         decode_seconds(naive, many, new_tokens)
         result["naive"]["throughput"] = batch * new_tokens / (time.perf_counter() - start)
+    with torch.inference_mode():  # the naive split's logits for its own new tokens, read once, teacher-forced
+        tokens = result["naive1"]["tokens"]
+        result["naive1"]["logits"] = naive(input_ids=tokens).logits[0, one.shape[1] - 1:-1].float().cpu()
     del naive
     jobs = [make_job(one, torch.ones_like(one), 1, 2, greedy=True), make_job(one, torch.ones_like(one), 1, new_tokens,
                                                                               greedy=True),
@@ -78,15 +97,17 @@ def compare_splits(path, devices: str = "cpu,cpu", new_tokens: int = 8, batch: i
     result["pipeline"] = {"decode": decode_seconds_of(pipe[1]), "record": pipe[1], "tokens": pipe[1].output_ids,
                           "throughput": batch * new_tokens / pipe[2].total_seconds,
                           "memory": [r.param_bytes + r.kv_cache_bytes for r in pipe[2].memory]}
-    tp_jobs = [tensor_parallel_job(make_job(job.input_ids, job.attention_mask, 1, job.max_new_tokens, greedy=True), v)
-               for v in variants for job in jobs]
+    tp_jobs = [tensor_parallel_job(make_job(job.input_ids, job.attention_mask, 1, job.max_new_tokens, greedy=True), v,
+                                   keep_logits=job is jobs[1]) for v in variants for job in jobs]
     records = run_tensor_parallel_jobs(path, devices, tp_jobs, dtype=torch.bfloat16, options=one_core)
     for i, variant in enumerate(variants):
         _, rec, rec_many = records[3 * i:3 * i + 3]
         result[f"tp-{variant}"] = {"decode": decode_seconds_of(rec), "record": rec, "tokens": rec.output_ids,
                                    "throughput": batch * new_tokens / rec_many.total_seconds,
                                    "memory": [r.param_bytes + r.kv_cache_bytes for r in rec_many.memory],
-                                   "peak_rss": [r.peak_rss_bytes for r in rec.memory], "comm": comm_per_token(rec)}
+                                   "peak_rss": [r.peak_rss_bytes for r in rec.memory], "comm": comm_per_token(rec),
+                                   "agreement": greedy_agreement(result["naive1"]["tokens"], result["naive1"]["logits"],
+                                                                 rec.output_ids, rec.logits[0], torch.bfloat16)}
     return result
 
 

@@ -64,6 +64,25 @@ def test_greedy_tokens_and_logits_equal_unsplit(runs, tiny, batch):
 
 
 @pytest.mark.timeout(300)
+def test_greedy_agreement_tells_a_near_tie_from_a_wrong_split(runs, tiny, batch):
+    """07's check on its bfloat16 measurement: the ranks' logits within 10 roundings of the naive split's agree, even
+    where a near tie flips a token; logits off by a wrong split do not."""
+    model, _ = tiny
+    record = runs[1]  # the hand-written variant, its logits kept
+    longest = max(range(len(PROMPTS)), key=lambda i: len(PROMPTS[i]))  # no left padding: a plain forward matches it
+    row, ranks = record.output_ids[longest:longest + 1], record.logits[longest]
+    with torch.inference_mode():  # the unsplit model's logits for the ranks' own tokens, teacher-forced
+        logits = model(input_ids=row).logits[0, batch[0].shape[1] - 1:-1]
+    same = gh.greedy_agreement(row, logits, row, ranks, torch.bfloat16)
+    assert same["agree"] and same["first_divergence"] is None
+    flipped = row.clone()
+    flipped[0, -2] += 1  # parts one step before the end: that step still saw the same tokens, the last did not
+    tie = gh.greedy_agreement(row, logits, flipped, ranks, torch.bfloat16)
+    assert tie["agree"] and tie["first_divergence"] == logits.shape[0] - 2
+    wrong = gh.greedy_agreement(row, logits, row, ranks + 0.5 * logits.abs().max(), torch.bfloat16)
+    assert not wrong["agree"] and wrong["largest_difference"] > wrong["tolerance"], wrong
+
+
 def test_seeded_sampling_equals_generate_text(runs, tiny):
     model, tokenizer = tiny
     _texts, expected = gh.generate_text(model, tokenizer, PROMPTS, NEW, **SAMPLING)
