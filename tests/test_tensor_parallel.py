@@ -83,6 +83,7 @@ def test_greedy_agreement_tells_a_near_tie_from_a_wrong_split(runs, tiny, batch)
     assert not wrong["agree"] and wrong["largest_difference"] > wrong["tolerance"], wrong
 
 
+@pytest.mark.timeout(300)
 def test_seeded_sampling_equals_generate_text(runs, tiny):
     model, tokenizer = tiny
     _texts, expected = gh.generate_text(model, tokenizer, PROMPTS, NEW, **SAMPLING)
