@@ -67,7 +67,7 @@ from gptj_split.random_models import (write_random_model, random_gptj_folder, ra
 from gptj_split.plan import (StagePlan, Plan, kv_cache_bytes_per_layer, as_config, plan_split, explain_infeasible,
                              format_plan, accelerate_plan, map_device, QUANTIZED_FORMATS, check_weights, linear_bytes,
                              planned_sizes, check_free_memory)
-from gptj_split.records import (TimingEvent, MemoryRow, RunRecord, EventClock)
+from gptj_split.records import (TimingEvent, MemoryRow, RunRecord, EventClock, compare_outputs)
 from gptj_split.place import (stage_parameter_names, move_to, boundary_hook, WeightReader, place_stages, hook_stages,
                               plan_of, tensor_bytes, stored_bytes, kv_bytes, measure_memory, SplitCheck, check_split,
                               block_prefix, replace_module)

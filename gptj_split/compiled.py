@@ -19,7 +19,7 @@ import time
 import torch
 
 from .generate import run_generate, stage_modules
-from .records import RunRecord
+from .records import RunRecord, compare_outputs
 from .sampling import Sampling, check_prompts
 
 MAX_GRAPHS = 4  # decode graphs per compiled model, one per batch size; dynamo's own limit is 8, then silently eager
@@ -139,11 +139,4 @@ def compare_runs(eager: RunRecord, compiled: RunRecord) -> dict:
     """Compiled against eager, both run with their logits kept: the first new token where they differ (None: equal
     throughout) and the largest logit difference over the steps before it, where both saw the same tokens
     (notebook 09)."""
-    start = len(eager.output_ids[0]) - eager.logits.shape[1]
-    a, b = eager.output_ids[:, start:], compiled.output_ids[:, start:]
-    steps = min(a.shape[1], b.shape[1])
-    differ = (a[:, :steps] != b[:, :steps]).any(dim=0).nonzero()
-    first = int(differ[0, 0]) if len(differ) else None
-    upto = steps if first is None else first + 1  # the step that picked differently still saw the same tokens
-    diff = (eager.logits[:, :upto].float() - compiled.logits[:, :upto].float()).abs().max().item()
-    return {"first_divergence": first, "largest_logit_difference": diff, "steps": steps}
+    return compare_outputs(eager.output_ids, eager.logits, compiled.output_ids, compiled.logits)

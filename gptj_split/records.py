@@ -136,3 +136,18 @@ class EventClock:
         self.sync()
         return [TimingEvent(stage, phase, step, self.seconds(a, d), self.seconds(b, d), kind, mb)
                 for stage, phase, step, a, b, kind, mb, d in self.marks]
+
+
+def compare_outputs(ids: torch.Tensor, logits: torch.Tensor, other_ids: torch.Tensor,
+                    other_logits: torch.Tensor) -> dict:
+    """Two greedy runs of one model (ids: prompt + new tokens; logits: one per new token, batch first): the first new
+    token where they differ (None: equal throughout) and the largest logit difference over the steps up to it, where
+    both had seen the same tokens (notebooks 07 and 09)."""
+    start = ids.shape[1] - logits.shape[1]
+    a, b = ids[:, start:], other_ids[:, start:]
+    steps = min(a.shape[1], b.shape[1])
+    differ = (a[:, :steps] != b[:, :steps]).any(dim=0).nonzero()
+    first = int(differ[0, 0]) if len(differ) else None
+    upto = steps if first is None else first + 1  # the step that picked differently still saw the same tokens
+    diff = (logits[:, :upto].float() - other_logits[:, :upto].float()).abs().max().item()
+    return {"first_divergence": first, "largest_logit_difference": diff, "steps": steps}

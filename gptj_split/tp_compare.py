@@ -13,6 +13,7 @@ import torch
 from .devices import format_size
 from .hub import load_config
 from .plan import plan_split
+from .records import compare_outputs
 from .place import measure_memory, place_stages
 from .jobs import make_job
 from .ranks import LaunchOptions
@@ -37,18 +38,13 @@ def decode_seconds_of(record) -> float:
 
 def greedy_agreement(reference: torch.Tensor, logits: torch.Tensor, other: torch.Tensor, other_logits: torch.Tensor,
                      dtype: torch.dtype) -> dict:
-    """Two greedy runs of one model (tokens: one row, prompt + new; logits: one per new token): the largest logit
-    difference at the steps where both had seen the same tokens, against 10 roundings of the largest logit in
-    `dtype`, and where their tokens part. Within it, parting is a near tie that another order of partial sums flips;
-    a wrong split moves logits by about the largest (notebook 07)."""
-    new = logits.shape[0]
-    mine, theirs = reference[0, -new:], other[0, -new:]
-    differ = (mine != theirs).nonzero().flatten().tolist()
-    seen_alike = differ[0] + 1 if differ else new  # the step where they part still had the same tokens before it
-    diff = (other_logits[:seen_alike].float() - logits[:seen_alike].float()).abs().max().item()
+    """Two greedy runs of one model (tokens: one row, prompt + new; logits: one per new token): `compare_outputs`,
+    with the largest logit difference held against 10 roundings of the largest logit in `dtype`. Within it, parting
+    is a near tie that another order of partial sums flips; a wrong split moves logits by about the largest
+    (notebook 07)."""
     tolerance = 10 * torch.finfo(dtype).eps * logits.float().abs().max().item()
-    return {"first_divergence": differ[0] if differ else None, "largest_difference": diff, "tolerance": tolerance,
-            "agree": diff <= tolerance}
+    parting = compare_outputs(reference, logits.unsqueeze(0), other, other_logits.unsqueeze(0))
+    return {**parting, "tolerance": tolerance, "agree": parting["largest_logit_difference"] <= tolerance}
 
 
 def comm_per_token(record, rank: int = 0) -> dict[str, tuple[float, float]]:

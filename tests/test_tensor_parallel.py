@@ -80,7 +80,7 @@ def test_greedy_agreement_tells_a_near_tie_from_a_wrong_split(runs, tiny, batch)
     tie = gh.greedy_agreement(row, logits, flipped, ranks, torch.bfloat16)
     assert tie["agree"] and tie["first_divergence"] == logits.shape[0] - 2
     wrong = gh.greedy_agreement(row, logits, row, ranks + 0.5 * logits.abs().max(), torch.bfloat16)
-    assert not wrong["agree"] and wrong["largest_difference"] > wrong["tolerance"], wrong
+    assert not wrong["agree"] and wrong["largest_logit_difference"] > wrong["tolerance"], wrong
 
 
 @pytest.mark.timeout(300)
