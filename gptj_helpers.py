@@ -5,6 +5,7 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | notebook                     | file(s) in gptj_split/                                                           |
 |------------------------------|----------------------------------------------------------------------------------|
 | 00 start here                | models.py (configs, the tiny default, sizes, dtypes), devices.py (budgets, RSS)  |
+|                              | hardware.py (what a node has: read once from torch, or described: "2 x T4")      |
 | 00, 01 download and convert  | hub.py (names to folders, hub download, load_*), convert.py (JAX slim),          |
 |                              | convert_bin.py (pytorch_model*.bin to safetensors, once, beside them)            |
 |                              | random_models.py (seeded random GPT-Js: gpt-j-6b-random, tiny, bench models)     |
@@ -13,7 +14,8 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | 03 generation                | sampling.py (Sampling, prompt checks), generate.py (generate_text, stage timing) |
 | 03 to 05 (shared)            | records.py (RunRecord, MemoryRow, TimingEvent)                                   |
 | 04 memory and timing         | measure.py (estimates vs measurements, scaling), plots.py (every figure)         |
-| 05 pipeline parallelism      | ranks.py (one runtime for n ranks: start or join, devices, backend, typed errors)|
+| 05 pipeline parallelism      | launch.py (each rank's device, backend, dtype, budget: decided once; dry run)    |
+|                              | ranks.py (one runtime for n ranks: start or join, one deadline, typed errors)    |
 |                              | jobs.py (prompts to jobs, picking tokens, reports to a RunRecord)                |
 |                              | stage.py (one stage: GPTJModel, send/recv), pipeline.py (the pipeline client)    |
 | 05 to 07 (shared)            | relay.py (tokens streamed to this process, Stop sent back; printed by torchrun)  |
@@ -47,10 +49,11 @@ from gptj_split.models import (GPTJ_6B_REPO, GPTJ_6B_REVISION, TINY_SEED, TINY_V
                                sliced_config, reference_blocks, is_gptj_6b, eos_token_id, default_dtype, as_dtype,
                                dtype_name,
                                RANDOM_WEIGHTS, seeded_tensor)
-from gptj_split.devices import (UNITS, parse_size, format_size, Device, available_memory, list_devices,
-                                check_device_name, parse_devices, check_card, release_memory, trim_host_heap,
-                                describe_environment, reset_peak_rss, peak_rss, card_capability, check_dtype_on_devices,
-                                BFLOAT16_CAPABILITY)
+from gptj_split.hardware import (BFLOAT16_CAPABILITY, Card, CARDS, Hardware, describe_hardware, read_hardware)
+from gptj_split.devices import (UNITS, parse_size, format_size, Device, available_memory, list_devices, GPU_RESERVE,
+                                DeviceEntry, read_spec, resolve_entries, parse_devices, spec_of, release_memory,
+                                trim_host_heap, describe_environment, reset_peak_rss, peak_rss, card_capability,
+                                check_dtype_on_devices)
 from gptj_split.hub import (WEIGHT_PATTERNS, hub_id, resolve_model, load_config, load_tokenizer, load_model,
                             quiet_warnings, download_gptj, download_model, transport_errors, model_files_complete,
                             check_online, WEIGHTS_VARIABLE, weights_dir, small_files)
@@ -82,8 +85,11 @@ from gptj_split.measure import (measure_command, utilisation, prompt_of_length, 
 from gptj_split.plots import (size_unit, MEMORY_COLORS, plot_plan, plot_memory, TIMELINE_COLORS, timeline_events,
                               shared_span_ms, draw_timeline, plot_timeline, plot_timelines, plot_utilisation,
                               plot_scaling, output_dir, show_figure, save_notebook_figure)
-from gptj_split.ranks import (DEFAULT_TIMEOUT, CONFIG_ERRORS, LaunchOptions, RankError, RankJob, RankContext,
-                              rank_devices, pick_backend, check_rank_device, configure_worker, join_ranks, run_jobs,
+from gptj_split.launch import (Launch, RankPlace, notebook_launch, torchrun_launch, decide_ranks, pick_backend,
+                               notebook_places, torchrun_places)
+from gptj_split.ranks import (DEFAULT_TIMEOUT, DEFAULT_DEADLINE, CONFIG_ERRORS, LaunchOptions, RankError, RankJob,
+                              RankContext, load_timeout, configure_worker,
+                              join_ranks, run_jobs,
                               serve_torchrun, process_context, start_ranks, leave_process, is_neighbour_error,
                               free_port)
 from gptj_split.jobs import (PipelineJob, make_job, model_folder, prompts_job, prompt_jobs, next_tokens,
@@ -93,7 +99,7 @@ from gptj_split.stage import (check_stage_count, check_pipeline_plan, PipelineSt
 from gptj_split.relay import (RelayEnd, TokenRelay, PrintRelay)
 from gptj_split.pipeline import (PIPELINE_TIMEOUT, PipelineError, PipelineSettings, pipeline_settings, pipeline_job,
                                  prepare_pipeline, plan_pipeline, serve_pipeline, run_pipeline_jobs, run_pipeline,
-                                 pipeline_generate)
+                                 pipeline_generate, pipeline_dry_run)
 from gptj_split.compare import (pinned, time_phases, measure_module_seconds, balanced_plans, SpeedupRun,
                                 measure_pipeline_speedup, prefill_bubble)
 from gptj_split.shards import (VARIANTS, COLUMNS, ROWS, shard_dim, shard_of, rank_counts, check_head_split,
@@ -104,7 +110,7 @@ from gptj_split.tensor_parallel import (TP_VARIANT, TensorParallelJob, tensor_pa
                                         TensorParallelSettings, tensor_parallel_settings, tensor_parallel_rank_job,
                                         check_variant_backend, prepare_tensor_parallel, plan_for_jobs,
                                         serve_tensor_parallel, run_rank, merge_rank_results, run_tensor_parallel_jobs,
-                                        run_tensor_parallel, tensor_parallel_generate)
+                                        run_tensor_parallel, tensor_parallel_generate, tensor_parallel_dry_run)
 from gptj_split.tp_compare import (COMM_KINDS, decode_seconds, decode_seconds_of, comm_per_token, compare_splits,
                                    format_comparison, greedy_agreement)
 from gptj_split.widget import (StopOnEvent, format_run_line, PromptWidget, prompt_widget)

@@ -5,6 +5,8 @@ behind `make demo` and `make notebooks` among them), and torchrun's entry point 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,9 +27,10 @@ from .runner import run_notebooks
 from .relay import PrintRelay
 from .ranks import DEFAULT_TIMEOUT, LaunchOptions, RankError, leave_process, serve_torchrun
 from .jobs import prompt_jobs
-from .pipeline import pipeline_job, pipeline_settings, run_pipeline
-from .tensor_parallel import (run_tensor_parallel, run_tensor_parallel_jobs, tensor_parallel_job,
-                              tensor_parallel_rank_job, tensor_parallel_settings)
+from .launch import torchrun_launch
+from .pipeline import pipeline_dry_run, pipeline_job, pipeline_settings, run_pipeline
+from .tensor_parallel import (run_tensor_parallel, run_tensor_parallel_jobs, tensor_parallel_dry_run,
+                              tensor_parallel_job, tensor_parallel_rank_job, tensor_parallel_settings)
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> None:
@@ -150,8 +153,25 @@ def launch_ranks(start, rank_job) -> list:
         raise SystemExit(f"error: {err}") from err
 
 
+def dry_run(args: argparse.Namespace, plan_places) -> None:
+    """--dry-run: each rank's line (under torchrun, this rank's alone), or --json the same as JSON; nothing loads and
+    no group forms. A spec the real run would refuse is refused the same way (exit 2)."""
+    launch = torchrun_launch() if under_torchrun() else None
+    places = plan_places(args.model, args.devices, prompt_tokens=args.prompt_tokens,
+                         max_new_tokens=args.max_new_tokens, dtype=as_dtype(args.dtype), launch=launch)
+    shown = [places[launch.rank]] if launch else places
+    if args.json:
+        print(json.dumps([p.to_dict() for p in shown], indent=1))
+    else:
+        print("\n".join(p.line() for p in shown))
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """pipeline: generate with one process per stage; under torchrun this process is one stage."""
+    if args.dry_run:
+        return dry_run(args, pipeline_dry_run)
+    if not args.prompts_file:
+        raise ValueError("pipeline needs --prompts-file (or --dry-run)")
     sampling, options = sampling_of(args), LaunchOptions(timeout=args.timeout)
     knobs = dict(micro_batches=args.micro_batches, max_new_tokens=args.max_new_tokens, sampling=sampling,
                  dtype=as_dtype(args.dtype))
@@ -170,6 +190,10 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 def cmd_tensor_parallel(args: argparse.Namespace) -> None:
     """tensor-parallel: generate with every block cut over one process per device; under torchrun this process is
     one rank. Standard output is exactly what `generate` prints for the same settings (notebook 07)."""
+    if args.dry_run:
+        return dry_run(args, functools.partial(tensor_parallel_dry_run, variant=args.variant))
+    if not args.prompt:
+        raise ValueError("tensor-parallel needs --prompt (or --dry-run)")
     sampling, options, dtype = sampling_of(args), LaunchOptions(timeout=args.timeout), as_dtype(args.dtype)
     groups = [[p] for p in args.prompt] if args.stream else [args.prompt]  # like generate: one prompt at a time
     first = not under_torchrun() or int(os.environ["RANK"]) == 0
@@ -218,6 +242,15 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"])
     p.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"], help="0: no top-k filter (the seed's)")
     p.add_argument("--seed", type=int, help="seed the sampler for a reproducible text")
+
+
+def add_dry_run_arguments(p: argparse.ArgumentParser) -> None:
+    """--dry-run and what it plans for: pipeline and tensor-parallel share them."""
+    p.add_argument("--dry-run", action="store_true", help="print where each rank would run and what it would hold, "
+                   "one line a rank (under torchrun: this rank's); nothing loads, no group forms")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the same as JSON")
+    p.add_argument("--prompt-tokens", type=int, default=0, help="with --dry-run: prompt length the KV cache is "
+                   "planned for")
 
 
 DELETE_BIN_HELP = ("when the weights are pytorch_model*.bin: delete them once their safetensors copy is checked "
@@ -283,20 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="generate with one process per stage (torchrun or started from here)")
     p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, or a model folder")
     p.add_argument("--devices", required=True, help='one stage per device, e.g. "cpu,cpu" or "cuda:0,cuda:1"')
-    p.add_argument("--prompts-file", required=True, help="a text file with one prompt per line")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--micro-batches", type=int, default=1)
     add_sampling_arguments(p)
     p.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on GPUs, bfloat16 on the CPU for GPT-J-6B; "
                    "else the saved dtype (float32 for tiny)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds a stage waits for a neighbour")
+    add_dry_run_arguments(p)
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("tensor-parallel", help="generate, every block cut over one process per device (notebook 07)")
     p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, or a model folder")
     p.add_argument("--devices", required=True, help='one rank per device, e.g. "cpu,cpu" or "cuda:0,cuda:1"')
-    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    p.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     add_sampling_arguments(p)
     p.add_argument("--stream", action="store_true", help="prompts one at a time, as generate --stream")
+    add_dry_run_arguments(p)
     p.add_argument("--variant", choices=["block", "torch"], default="block", help="block: one all-reduce per block")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: as generate's (float16 on GPUs, ...)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds a rank waits for the others")

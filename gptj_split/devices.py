@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .hardware import Hardware, read_hardware
+
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -59,38 +61,33 @@ def available_memory(name: str) -> int:
 
 def list_devices() -> list[Device]:
     """What this machine offers: each CUDA GPU with its free memory, else the CPU (notebook 00)."""
-    if torch.cuda.is_available():
-        names = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    else:
-        names = ["cpu"]
-    return [Device(n, available_memory(n)) for n in names]
+    hardware = read_hardware(free=True)
+    if hardware.gpus:
+        return [Device(f"cuda:{i}", card.free_bytes) for i, card in enumerate(hardware.cards)]
+    return [Device("cpu", hardware.host_free_bytes)]
 
 
-def check_device_name(name: str, part: str, check: bool = True) -> str:
-    """Validate a device name like "cpu", "cuda:1" or "cuda" (the current GPU: under the rank runtime, the rank's own)
-    (against this machine's GPUs when `check`)."""
-    try:
-        dev = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"device spec part {part!r}: {name!r} is not a device name (use cpu, cuda or cuda:N)") from err
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device spec part {part!r}: only cpu and cuda devices are supported, not {dev.type}")
-    if dev.type == "cpu":
-        return "cpu"
-    index, count = dev.index or 0, torch.cuda.device_count()
-    if check and count == 0:
-        raise ValueError(f"device spec part {part!r}: this machine has no CUDA GPU; use cpu or a size like 3x5GiB")
-    if check and index >= count:
-        raise ValueError(f"device spec part {part!r}: cuda:{index} does not exist, this machine has {count} GPU(s)")
-    return f"cuda:{index}" if dev.index is not None else "cuda"  # "cuda": the current GPU, a rank's own (LOCAL_RANK)
+GPU_RESERVE = 2**30  # kept free on a GPU whose budget the spec leaves out: the CUDA context and activations
+SPEC_FORMS = "cpu, cuda, cuda:N, each with an optional =SIZE, or a bare SIZE; N x ENTRY repeats one"
 
 
-def parse_devices(spec: str, check: bool = True) -> list[Device]:
-    """Parse "3x5GiB", "cuda:0=10GiB,cuda:1=10GiB", "cpu,cpu", "2xcpu=4GiB"; check=False: CUDA need not exist
-    (notebook 00)."""
-    if not spec or not spec.strip():
+@dataclass(frozen=True)
+class DeviceEntry:
+    """One entry of a device spec as written, before any hardware is read (notebook 00): `kind` is "cpu", "cuda" (with
+    an `index`, or None: the node's next GPU) or "size" (a bare budget: the node's GPUs in order, else the CPU)."""
+
+    part: str  # the text it came from, named in errors
+    kind: str
+    index: int | None = None
+    budget: int | None = None
+
+
+def read_spec(spec: str) -> list[DeviceEntry]:
+    """The entries of a device spec ("3x5GiB", "cuda:0=10GiB,cuda:1=10GiB", "cpu,cpu", "2xcuda"), one per device,
+    read without looking at any hardware (notebook 00)."""
+    if not isinstance(spec, str) or not spec.strip():
         raise ValueError("empty device spec: try 'cpu,cpu' or '2x5GiB' or 'cuda:0=10GiB,cuda:1=10GiB'")
-    devices: list[Device] = []
+    entries: list[DeviceEntry] = []
     for part in spec.split(","):
         part = part.strip()
         count_match = re.fullmatch(r"(\d+)\s*[x×]\s*(.+)", part)
@@ -99,36 +96,114 @@ def parse_devices(spec: str, check: bool = True) -> list[Device]:
             raise ValueError(f"device spec part {part!r}: the count must be at least 1")
         name, _, size = body.partition("=")
         name = name.strip()
-        if re.match(r"^\d", name):  # a bare size: lay the slices on the GPUs in order, else on the CPU
+        if re.match(r"^\d", name):  # a bare size
             if size:
                 raise ValueError(f"device spec part {part!r}: write either NxSIZE or DEVICE=SIZE")
-            budget = parse_size(name)
-            gpus = torch.cuda.device_count()
-            names = [f"cuda:{i * gpus // count}" if gpus else "cpu" for i in range(count)]
-            devices += [Device(n, budget) for n in names]
+            entries += [DeviceEntry(part, "size", None, parse_size(name))] * count
             continue
-        name = check_device_name(name, part, check)
-        if not size and not check and name.startswith("cuda"):
-            raise ValueError(f"device spec part {part!r}: give a budget, like {name}=10GiB")
-        budget = parse_size(size) if size else available_memory(name)
-        if check:
-            check_card(name, budget, part)
-        devices += [Device(name, budget) for _ in range(count)]
+        kind, index = read_device_name(name, part)
+        entries += [DeviceEntry(part, kind, index, parse_size(size) if size else None)] * count
+    return entries
+
+
+def read_device_name(name: str, part: str) -> tuple[str, int | None]:
+    """"cpu", "cuda" or "cuda:N" as (kind, index), refusing anything else by the spec part at fault."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device spec part {part!r}: {name!r} is not a device name ({SPEC_FORMS})") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device spec part {part!r}: only cpu and cuda devices are supported, not {dev.type}")
+    return dev.type, dev.index if dev.type == "cuda" else None
+
+
+def resolve_entries(entries: list[DeviceEntry], hardware: Hardware) -> list[Device]:
+    """The devices of one node's entries: a plain `cuda` at position p is cuda:p, bare sizes take the node's GPUs in
+    order (several on one GPU where there are more sizes than GPUs), else the CPU; a missing budget is what the
+    card has free less GPU_RESERVE (the host's free memory for the CPU); every GPU is checked against the node
+    (notebook 00)."""
+    sizes = [i for i, e in enumerate(entries) if e.kind == "size"]
+    devices = []
+    for position, e in enumerate(entries):
+        if e.kind == "cpu" or (e.kind == "size" and not hardware.gpus):
+            devices.append(Device("cpu", e.budget if e.budget is not None else hardware.host_free_bytes))
+            continue
+        if e.kind == "size":
+            index = sizes.index(position) * hardware.gpus // len(sizes)
+        else:
+            index = position if e.index is None else e.index
+        card = node_card(hardware, index, e.part)
+        if e.budget is None and card.free_bytes is None:
+            raise ValueError(f"device spec part {e.part!r}: no budget given and cuda:{index}'s free memory was not "
+                             "read: read the hardware with free=True, or give a budget like cuda:0=10GiB")
+        budget = e.budget if e.budget is not None else max(0, card.free_bytes - GPU_RESERVE)
+        devices.append(Device(f"cuda:{index}", budget))
+    check_cards(devices, entries, hardware)
     return devices
 
 
-def check_card(name: str, budget: int, part: str) -> None:
-    """Refuse a budget larger than the GPU it names, as torch reports it (a T4 shows 14.7 GiB) (notebook 00)."""
-    if not name.startswith("cuda"):
+def node_card(hardware: Hardware, index: int, part: str):
+    """The node's GPU `index`, or a refusal naming the spec part and what the node has."""
+    if not hardware.gpus:
+        raise ValueError(f"device spec part {part!r}: this node has no CUDA GPU; use cpu or a size like 3x5GiB")
+    if index >= hardware.gpus:
+        have = ", ".join(f"cuda:{i}" for i in range(hardware.gpus))
+        raise ValueError(f"device spec part {part!r}: cuda:{index} does not exist, this node has {hardware.gpus} "
+                         f"GPU(s) ({have}: {hardware})")
+    return hardware.cards[index]
+
+
+def check_cards(devices: list[Device], entries: list[DeviceEntry], hardware: Hardware) -> None:
+    """Refuse a budget, or budgets that share a GPU, larger than that GPU as torch reports it (a T4 shows 14.75 GiB)
+    (notebook 00)."""
+    for device, entry in zip(devices, entries):
+        if device.name.startswith("cuda"):
+            card = hardware.cards[int(device.name.split(":")[1])]
+            if device.budget_bytes > card.total_bytes:
+                raise ValueError(f"device spec part {entry.part!r}: {device.name} is a {card.name} with "
+                                 f"{format_size(card.total_bytes)} in all, less than the budget of "
+                                 f"{format_size(device.budget_bytes)}: give at most "
+                                 f"{card.total_bytes // 2**30}GiB, and keep room for the CUDA context")
+    for name in {d.name for d in devices if d.name.startswith("cuda")}:
+        card, shared = hardware.cards[int(name.split(":")[1])], [d.budget_bytes for d in devices if d.name == name]
+        if len(shared) > 1 and sum(shared) > card.total_bytes:
+            raise ValueError(f"device spec: {len(shared)} budgets on {name} add up to {format_size(sum(shared))}, "
+                             f"more than the {card.name}'s {format_size(card.total_bytes)}: give smaller slices")
+
+
+def parse_devices(spec: str, hardware: Hardware | None = None) -> list[Device]:
+    """The one reader of device specs: "3x5GiB", "cuda:0=10GiB,cuda:1=10GiB", "cuda:0,cuda:1", "2xcuda", "cpu,cpu",
+    read against `hardware` (default: this node, read now; a described one plans for a machine that is not here:
+    `parse_devices("2x14GiB", describe_hardware("2 x T4"))`) (notebook 00)."""
+    entries = read_spec(spec)
+    if hardware is None:
+        hardware = read_hardware(free=any(e.budget is None and e.kind == "cuda" for e in entries))
+    return resolve_entries(entries, hardware)
+
+
+def spec_of(devices: list[Device]) -> str:
+    """Devices written back as a spec that reads to exactly them (budgets in bytes) (notebooks 05, 07)."""
+    return ",".join(f"{d.name}={d.budget_bytes}" for d in devices)
+
+
+def check_dtype_on_devices(dtype: torch.dtype, names, hardware: Hardware | None = None) -> None:
+    """Refuse bfloat16 on a GPU that does not compute it (compute capability below 8.0, like a T4 or a P100), even
+    though `torch.cuda.is_bf16_supported()` says True there: it counts emulation (notebooks 00, 02)."""
+    if dtype != torch.bfloat16:
         return
-    props = torch.cuda.get_device_properties(torch.device(name))
-    if budget > props.total_memory:
-        raise ValueError(f"device spec part {part!r}: {name} is a {props.name} with {format_size(props.total_memory)} "
-                         f"in all, less than the budget of {format_size(budget)}: give at most "
-                         f"{props.total_memory // 2**30}GiB, and keep room for the CUDA context")
-
-
-BFLOAT16_CAPABILITY = (8, 0)  # Ampere: the first cards that compute bfloat16 (a T4, 7.5, only emulates it)
+    names = [str(getattr(n, "name", n)) for n in names]
+    if not any(n.startswith("cuda") for n in names):
+        return
+    hardware = hardware or read_hardware()
+    for name in names:
+        dev = torch.device(name)
+        if dev.type != "cuda" or (dev.index or 0) >= hardware.gpus:
+            continue
+        card = hardware.cards[dev.index or 0]
+        if not card.computes_bfloat16:
+            raise ValueError(f"{name} is a {card.name} (compute capability {card.capability[0]}."
+                             f"{card.capability[1]}), which does not compute bfloat16 (it needs 8.0 or more): use "
+                             "dtype float16 there")
 
 
 def card_capability(name: str) -> tuple[str, tuple[int, int]] | None:
@@ -138,18 +213,6 @@ def card_capability(name: str) -> tuple[str, tuple[int, int]] | None:
     dev = torch.device(name)
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index))
-
-
-def check_dtype_on_devices(dtype: torch.dtype, names) -> None:
-    """Refuse bfloat16 on a GPU that does not compute it (compute capability below 8.0, like a T4 or a P100), even
-    though `torch.cuda.is_bf16_supported()` says True there: it counts emulation (notebooks 00, 02)."""
-    if dtype != torch.bfloat16:
-        return
-    for name in [str(getattr(n, "name", n)) for n in names]:
-        card = card_capability(name)
-        if card and card[1] < BFLOAT16_CAPABILITY:
-            raise ValueError(f"{name} is a {card[0]} (compute capability {card[1][0]}.{card[1][1]}), which does not "
-                             f"compute bfloat16 (it needs 8.0 or more): use dtype float16 there")
 
 
 def release_memory() -> None:

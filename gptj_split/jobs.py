@@ -52,6 +52,12 @@ def model_folder(model) -> Path:
     return resolve_model(str(getattr(getattr(model, "config", None), "_name_or_path", None) or model))
 
 
+def locate_model(settings) -> Path:
+    """This node's own folder of the run's model (settings.model: a name, or a path on this node), downloaded here if
+    need be, before any group forms (notebooks 05, 07)."""
+    return resolve_model(settings.model)
+
+
 def prompts_job(model_path: Path, config, prompts: list[str], micro_batches: int = 1, max_new_tokens: int = 50,
                 sampling: Sampling | None = None, stoppable: bool = False, **knobs) -> PipelineJob:
     """Tokenize and left-pad prompts as generate_text does, checked the same way, into a job (notebooks 05, 07)."""

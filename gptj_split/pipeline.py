@@ -12,16 +12,18 @@ from pathlib import Path
 import torch
 
 from .models import as_dtype, default_dtype, dtype_name, gptj_modeling
-from .devices import Device, peak_rss, reset_peak_rss
-from .hub import load_config, load_tokenizer, resolve_model
+from .devices import Device, parse_devices, peak_rss, reset_peak_rss
+from .hub import load_config, load_tokenizer
 from .plan import Plan, check_free_memory, plan_split
 from .records import EventClock, RunRecord
 from .sampling import Sampling, as_sampling
 from .generate import make_streamer
 from .relay import RelayEnd, TokenRelay
-from .ranks import (DEFAULT_TIMEOUT, LaunchOptions, RankContext, RankError, RankJob, run_devices, run_jobs,
-                    start_ranks)
-from .jobs import PipelineJob, merge_results, model_folder, prompts_job
+from .hardware import Hardware
+from .launch import (Launch, RankPlace, check_place_dtype, notebook_places, plan_spec, stage_holds, torchrun_places,
+                     with_plan)
+from .ranks import DEFAULT_TIMEOUT, LaunchOptions, RankContext, RankError, RankJob, loading, run_jobs, start_ranks
+from .jobs import PipelineJob, locate_model, merge_results, model_folder, prompts_job
 from .stage import check_pipeline_plan, check_stage_count, load_stage, run_stage
 
 PIPELINE_TIMEOUT = DEFAULT_TIMEOUT  # seconds a stage waits for a neighbour before the run fails
@@ -37,8 +39,8 @@ class PipelineError(RankError):
 class PipelineSettings:
     """What every stage of one pipelined run needs, the same under both launchers (notebook 05)."""
 
-    model: str  # a model name or folder
-    devices: list[Device]  # one per stage, parsed once
+    model: str  # a model name or folder: each node finds its own copy
+    spec: str  # the device spec: one stage per rank (launch.py decides where each runs)
     plan_json: str | None = None  # the plan, when the caller made it; else rank 0 plans over `devices`
     prompts: list[str] | None = None  # the texts to continue (rank 0), or else `jobs`
     jobs: list[PipelineJob] | None = None
@@ -53,23 +55,25 @@ def pipeline_settings(model, devices: str | list[Device] | None = None, plan: Pl
                       prompts: list[str] | None = None, jobs: list[PipelineJob] | None = None, micro_batches: int = 1,
                       max_new_tokens: int = 50, sampling: Sampling | None = None, dtype=None,
                       relay=None) -> PipelineSettings:
-    """The settings of one pipelined run, its device spec parsed once, for the notebook launcher and torchrun alike
-    (notebook 05)."""
-    devices = run_devices(devices, plan)
-    return PipelineSettings(str(model), devices, plan.to_json() if plan else None, prompts, jobs, micro_batches,
-                            max_new_tokens, sampling or Sampling(), dtype_name(dtype) if dtype else None, relay)
+    """The settings of one pipelined run, for the notebook launcher and torchrun alike; the device spec is read once,
+    by the runtime, where the ranks start (notebook 05)."""
+    return PipelineSettings(str(model), plan_spec(devices, plan), plan.to_json() if plan else None, prompts, jobs,
+                            micro_batches, max_new_tokens, sampling or Sampling(),
+                            dtype_name(dtype) if dtype else None, relay)
 
 
 def pipeline_job(settings: PipelineSettings, options: LaunchOptions | None = None) -> RankJob:
     """What the rank runtime runs for a pipelined run: one stage per device (notebook 05)."""
-    return RankJob(PipelineError, prepare_pipeline, serve_pipeline, [d.name for d in settings.devices], settings,
-                   options or LaunchOptions())
+    return RankJob(PipelineError, prepare_pipeline, serve_pipeline, settings.spec, settings,
+                   options or LaunchOptions(), locate_model, settings.dtype)
 
 
-def prepare_pipeline(settings: PipelineSettings) -> tuple[Plan, list[PipelineJob], Path]:
-    """On rank 0: the plan (given, or made from the devices) and the jobs, checked; nothing loaded yet."""
-    model_path = resolve_model(settings.model)
+def prepare_pipeline(settings: PipelineSettings, places: list[RankPlace], model_path: Path) -> tuple[Plan,
+                                                                                                      list[PipelineJob]]:
+    """On rank 0: the plan (given, or made from every rank's device and budget) and the jobs, checked; nothing loaded
+    yet (notebook 05)."""
     config = load_config(str(model_path))
+    devices = [p.as_device for p in places]
     jobs = settings.jobs
     if jobs is None:
         jobs = [prompts_job(model_path, config, settings.prompts, settings.micro_batches, settings.max_new_tokens,
@@ -77,9 +81,9 @@ def prepare_pipeline(settings: PipelineSettings) -> tuple[Plan, list[PipelineJob
     if settings.plan_json:
         plan = Plan.from_json(settings.plan_json)
     else:
-        plan = plan_pipeline(config, settings.devices, jobs, as_dtype(settings.dtype), settings.model)
-    check_pipeline_plan(plan, config.n_layer, len(settings.devices))
-    return plan, jobs, model_path
+        plan = plan_pipeline(config, devices, jobs, as_dtype(settings.dtype), settings.model)
+    check_pipeline_plan(plan, config.n_layer, len(devices))
+    return plan, jobs
 
 
 def plan_pipeline(config, devices: list[Device], jobs: list[PipelineJob], dtype: torch.dtype | None,
@@ -95,8 +99,9 @@ def serve_pipeline(context: RankContext, settings: PipelineSettings, setup) -> l
     """One stage: load its blocks, run every job, and on rank 0 merge the stages' reports (notebook 05)."""
     import time
 
-    plan, jobs, model_path = setup
-    rank, last = context.rank, context.rank == context.world_size - 1
+    plan, jobs = setup
+    model_path, rank, last = context.located, context.rank, context.rank == context.world_size - 1
+    check_place_dtype(context.place, plan.dtype, PipelineError.kind)
     tokenizer = load_tokenizer(str(model_path)) if rank == 0 else None
     import accelerate.utils  # noqa: F401  (libraries belong to the baseline, not to the stage)
     import safetensors  # noqa: F401
@@ -106,9 +111,10 @@ def serve_pipeline(context: RankContext, settings: PipelineSettings, setup) -> l
     gptj_modeling()
     baseline = reset_peak_rss()
     start = time.perf_counter()
-    stage = load_stage(model_path, plan, rank, as_dtype(settings.dtype or plan.dtype), str(context.comm_device),
-                       transform=context.options.transform)
-    load_seconds = time.perf_counter() - start
+    with loading(context, max(st.param_bytes for st in plan.devices)):
+        stage = load_stage(model_path, plan, rank, as_dtype(settings.dtype or plan.dtype), context.device,
+                           str(context.comm_device), transform=context.options.transform)
+        load_seconds = time.perf_counter() - start
 
     def run(job, t0):
         report = run_stage(stage, job, EventClock(t0), settings.relay if last else None)
@@ -134,13 +140,14 @@ def run_pipeline_jobs(model, devices: str | list[Device] | None, jobs: list[Pipe
     config = load_config(str(model_path))
     options = options or LaunchOptions()
     if plan is None:
-        plan = plan_pipeline(config, run_devices(devices), jobs, as_dtype(dtype), str(model))  # the spec parsed once
+        plan = plan_pipeline(config, parse_devices(devices) if isinstance(devices, str) else list(devices or []), jobs,
+                             as_dtype(dtype), str(model))
     check_pipeline_plan(plan, config.n_layer)
     if plan.quantized and options.transform is None:
         raise ValueError(f"the plan stores the blocks in {plan.weights}: pass options=gh.LaunchOptions(transform="
                          "gh.quantizer_for(plan)), which quantizes each block as its stage loads it (notebook 08)")
     check_free_memory(plan, "the pipeline's stage processes")
-    settings = pipeline_settings(model_path, plan=plan, jobs=jobs, dtype=dtype, relay=relay)
+    settings = pipeline_settings(model_path, plan=plan, jobs=jobs, dtype=dtype or plan.dtype, relay=relay)
     return start_ranks(pipeline_job(settings, options), model_path)
 
 
@@ -188,3 +195,20 @@ def pipeline_generate(devices: str | list[Device], **options):
         return run_pipeline(model, prompts, devices, **options, **kwargs)
 
     return generate
+
+
+def pipeline_dry_run(model, devices: str, prompt_tokens: int = 0, max_new_tokens: int = 50, batch_size: int = 1,
+                     dtype=None, hardware: Hardware | None = None, launch: Launch | None = None) -> list[RankPlace]:
+    """Where each stage of a pipelined run would go, decided as the real run decides it, and what it would hold;
+    nothing is loaded and no group forms (notebook 05; `pipeline --dry-run`). `launch`: a torchrun launch, None from
+    here; `hardware`: this node as read now, or a described one. A spec the real run would refuse is refused here,
+    the same way."""
+    job = pipeline_job(pipeline_settings(model, devices, dtype=dtype))
+    places = torchrun_places(job, launch, hardware) if launch else notebook_places(job, hardware)
+    config = load_config(str(model))
+    check_stage_count(len(places), config.n_layer)
+    parsed = [p.as_device for p in places]
+    plan = plan_split(config, parsed, dtype=as_dtype(dtype) or default_dtype(config, parsed),
+                      prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                      model_name=str(model))
+    return with_plan(places, plan, [stage_holds(st) for st in plan.devices], PipelineError.kind)

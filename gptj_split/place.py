@@ -250,7 +250,7 @@ def check_split(model_name, devices, dtype: torch.dtype | None, input_ids: torch
     from .plan import plan_split
 
     config = WeightReader(model_name).config
-    parsed = parse_devices(devices, check=False) if isinstance(devices, str) else list(devices)
+    parsed = parse_devices(devices) if isinstance(devices, str) else list(devices)
     blocks = reference_blocks(config, len(parsed)) or config.n_layer
     sliced = sliced_config(config, blocks)
     ids = {}

@@ -181,7 +181,7 @@ def plan_split(model_or_config, devices: str | list[Device], dtype: torch.dtype 
     `dtype=None`: `default_dtype` of the model on these devices; `weights`: the blocks' linear weights in int8 or
     nf4 (notebooks 02, 08)."""
     config = as_config(model_or_config)
-    devices = parse_devices(devices, check=False) if isinstance(devices, str) else list(devices)
+    devices = parse_devices(devices) if isinstance(devices, str) else list(devices)
     dtype = as_dtype(dtype) or (DTYPES.get(weights) if weights else None) or default_dtype(config, devices)
     weights = check_weights(weights, dtype)
     check_dtype_on_devices(dtype, devices)

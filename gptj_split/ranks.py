@@ -1,7 +1,9 @@
 """Notebook 05, part 2: one runtime for n ranks, under the pipeline (05) and tensor parallelism (07). It starts one
-process per device from a notebook, or joins the group that torchrun started; gives each rank a device of its own
-node and picks the backend; sets the CUDA device before any process group exists; carries rank 0's result and the
-original errors back, naming a failed rank in its caller's words; and ends every run within one deadline.
+process per device from a notebook, or joins the group that torchrun started; puts each rank where launch.py decided
+(one decision, from the spec, the node's hardware and the launch); lets each node find the model itself before any
+group forms; sets the CUDA device before any process group exists; gives the load a time limit that follows its
+bytes; carries rank 0's result and the original errors back, naming a failed rank in its caller's words; and ends
+every run within one deadline.
 """
 
 from __future__ import annotations
@@ -15,16 +17,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from .devices import Device, parse_devices
+from .hardware import Hardware
+from .launch import RankPlace, notebook_places, torchrun_launch, torchrun_places, without_launcher_variables
 
-if TYPE_CHECKING:  # annotations only
-    from .plan import Plan
-
-DEFAULT_TIMEOUT = 60.0  # seconds a rank waits for another in a collective before the run fails
+DEFAULT_TIMEOUT = 60.0  # seconds a rank waits for another in a collective (once the weights are loaded)
+DEFAULT_DEADLINE = 3600.0  # seconds a run of prompts started from a notebook may take in all, loading included
+LOAD_RATE_FLOOR = 20e6  # bytes/s: the slowest disk a load may read from before its ranks give up on each other
 CONFIG_ERRORS = (ValueError, MemoryError, FileNotFoundError)  # refused before loading: passed on as they are
 FAULT_VARIABLE = "GPTJ_TEST_FAULT"  # tests only: "RANK:STEP:raise|exit|hang", read by fault_point in every rank
 # what every rank process imports: the fork server imports it once, before it forks any of them
@@ -35,13 +36,14 @@ RANK_IMPORTS = ["__main__", "gptj_split.preload"]
 class LaunchOptions:
     """How the ranks of one run start and wait, the same for the pipeline and tensor parallelism (notebooks 05, 07).
 
-    `timeout`: seconds a rank waits for another in a collective; `deadline`: seconds the whole run may take when
-    started from a notebook (None: as long as the ranks keep answering); `threads` per rank (default: the node's
-    cores shared among its ranks); `affinity`: the cores of each rank; `transform`: called on each block module as a
-    stage loads it (notebook 08 quantizes there)."""
+    `timeout`: seconds a rank waits for another in a collective once the weights are loaded (while they load, the
+    limit follows the bytes: `load_timeout`); `deadline`: seconds the whole run may take when started from a notebook,
+    an hour by default (None: as long as the ranks keep answering, for a long-lived service); `threads` per rank
+    (default: the node's cores shared among its ranks); `affinity`: the cores of each rank; `transform`: called on
+    each block module as a stage loads it (notebook 08 quantizes there)."""
 
     timeout: float = DEFAULT_TIMEOUT
-    deadline: float | None = None
+    deadline: float | None = DEFAULT_DEADLINE
     threads: int | None = None
     affinity: list[list[int]] | None = None
     transform: Callable | None = None
@@ -71,77 +73,57 @@ class RankError(RuntimeError):
 
 @dataclass
 class RankJob:
-    """What the runtime runs on every rank: `prepare(payload)` once on rank 0 (plan, tokenize; its configuration error
-    reaches every rank), then `serve(context, payload, prepared)` on all; rank 0's return value is the run's result.
-    Both are module-level functions, so they reach processes that were spawned (notebooks 05, 07)."""
+    """What the runtime runs on every rank: `locate(payload)` on every rank before any group forms (this node's own
+    copy of the model, downloaded there if need be), `prepare(payload, places, located)` once on rank 0 with every
+    rank's place and budget (plan, tokenize; its configuration error reaches every rank), then `serve(context,
+    payload, prepared)` on all; rank 0's return value is the run's result. All are module-level functions, so they
+    reach processes that were spawned (notebooks 05, 07)."""
 
     error: type[RankError]
     prepare: Callable
     serve: Callable
-    devices: list[str]  # one device name per rank, as the spec or plan gives it ("cuda": the node's local rank)
+    spec: str  # the device spec, one entry per rank (or per node's rank, or one for all: launch.node_entries)
     payload: object
     options: LaunchOptions = dataclasses.field(default_factory=LaunchOptions)
+    locate: Callable | None = None
+    dtype: str | None = None  # the compute dtype, checked against each rank's card; None: decided by `prepare`
 
 
 @dataclass
 class RankContext:
-    """One rank's place in the run, handed to `serve` (notebooks 05, 07)."""
+    """One rank's place in the run, handed to `serve` (notebooks 05, 07): `place` as launch.py decided it, every
+    rank's `places` (budgets as each node read them), and what `locate` found on this node."""
 
-    rank: int
-    world_size: int
-    device: torch.device  # this rank's own device, on its own node
-    backend: str  # "nccl" or "gloo"
+    place: RankPlace
+    places: list[RankPlace]
     error: type[RankError]
     options: LaunchOptions
+    located: object = None
+
+    @property
+    def rank(self) -> int:
+        """This rank's number."""
+        return self.place.rank
+
+    @property
+    def world_size(self) -> int:
+        """How many ranks the run has."""
+        return len(self.places)
+
+    @property
+    def device(self) -> torch.device:
+        """This rank's own device, on its own node: where every client loads."""
+        return torch.device(self.place.device)
+
+    @property
+    def backend(self) -> str:
+        """"nccl" or "gloo"."""
+        return self.place.backend
 
     @property
     def comm_device(self) -> torch.device:
         """Where tensors cross between ranks: the GPU for NCCL, the CPU for gloo."""
         return self.device if self.backend == "nccl" else torch.device("cpu")
-
-
-def run_devices(devices: str | list[Device] | None, plan: Plan | None = None) -> list[Device]:
-    """A run's devices, one per rank, parsed once: the plan's where there is one, else the spec's (notebooks 05,
-    07)."""
-    if plan is not None:
-        return [Device(s.device, s.budget_bytes) for s in plan.devices]
-    if isinstance(devices, str):
-        return parse_devices(devices, check=False)
-    if not devices:
-        raise ValueError("give devices, one per rank (like 'cpu,cpu'), or a plan")
-    return list(devices)
-
-
-def rank_devices(names: list[str], local_world_size: int | None = None) -> list[str]:
-    """Each rank's device: the spec's entry where it names one, `cuda:LOCAL_RANK` where it just says cuda (torchrun
-    numbers a node's ranks 0, 1, ... with its GPUs) (notebooks 05, 07)."""
-    local = local_world_size or len(names)
-    return [f"cuda:{r % local}" if torch.device(n).type == "cuda" and torch.device(n).index is None else str(n)
-            for r, n in enumerate(names)]
-
-
-def pick_backend(devices: list[str], local_world_size: int | None = None) -> str:
-    """NCCL when every rank has a GPU of its own on its node, else gloo (budget slices of one GPU, the CPU) (notebooks
-    05, 07). `devices` as given, one per rank; ranks fill nodes of `local_world_size` in order, as torchrun does."""
-    local = local_world_size or len(devices)
-    resolved = rank_devices(devices, local)
-    nodes = [resolved[i:i + local] for i in range(0, len(resolved), local)]
-    if all(d.startswith("cuda") for d in resolved) and all(len(set(node)) == len(node) for node in nodes):
-        return "nccl"
-    return "gloo"
-
-
-def check_rank_device(error: type[RankError], rank: int, device: str) -> None:
-    """Refuse a device this rank's node does not have, naming the rank and the device, before any group forms."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return
-    count = torch.cuda.device_count()
-    if (dev.index or 0) >= count:
-        have = ", ".join(f"cuda:{i}" for i in range(count)) or "no GPU"
-        raise ValueError(f"{error.kind} {rank} was given {device}, which its node does not have ({have}): name "
-                         "each node's own GPUs (cuda:0, cuda:1, ... on every node), or just 'cuda' for torchrun's "
-                         "LOCAL_RANK")
 
 
 def configure_worker(threads: int | None, cpus: list[int] | None) -> None:
@@ -172,40 +154,37 @@ def fault_point(kind: str, rank: int, step: int) -> None:
     raise RuntimeError(message)
 
 
-def join_ranks(job: RankJob, rank: int, world_size: int, init_method: str = "env://", launched_here: bool = False):
-    """Every rank's start, from a notebook or under torchrun: threads and cores, rank 0's `prepare`, this rank's device
-    (set before any process group), the group, the prepared setup broadcast; then `serve`. Returns rank 0's result
-    (None elsewhere) (notebooks 05, 07)."""
+def join_ranks(job: RankJob, place: RankPlace, world_size: int, init_method: str = "env://",
+               launched_here: bool = False):
+    """Every rank's start, from a notebook or under torchrun, in this order: threads and cores; `locate` on this node
+    (a download happens here, before any group forms, never while other ranks wait); this rank's device, set before
+    any process group; the group; every rank's place gathered (each budget as its own node read it); rank 0's
+    `prepare`, broadcast; then `serve`. Returns rank 0's result (None elsewhere) (notebooks 05, 07)."""
     import datetime
 
     import torch.distributed as dist
 
-    options = job.options
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    local_rank = int(os.environ.get("LOCAL_RANK", rank % local_world))
-    configure_worker(options.threads or (max(1, (os.cpu_count() or 1) // local_world) if launched_here else None),
+    options, rank = job.options, place.rank
+    configure_worker(options.threads or (max(1, (os.cpu_count() or 1) // world_size) if launched_here else None),
                      options.affinity[rank] if options.affinity else None)
-    setup: list = [None]
-    if rank == 0:
-        try:
-            setup[0] = job.prepare(job.payload)
-        except CONFIG_ERRORS as err:
-            setup[0] = err
-    if world_size == 1 and isinstance(setup[0], Exception):
-        raise setup[0]
-    name = job.devices[rank]
-    device = f"cuda:{local_rank}" if name == "cuda" else rank_devices(job.devices, local_world)[rank]
-    check_rank_device(job.error, rank, device)
-    backend = pick_backend(job.devices, local_world)
-    if device.startswith("cuda"):  # before the group and any DeviceMesh: NCCL and DTensor use the current device
-        torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+    located = job.locate(job.payload) if job.locate is not None else None
+    if place.device.startswith("cuda"):  # before the group and any DeviceMesh: NCCL and DTensor use the current device
+        torch.cuda.set_device(torch.device(place.device))
+    dist.init_process_group(place.backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=options.timeout))
     try:
+        places: list = [None] * world_size
+        dist.all_gather_object(places, place)
+        setup: list = [None]
+        if rank == 0:
+            try:
+                setup[0] = job.prepare(job.payload, places, located)
+            except CONFIG_ERRORS as err:
+                setup[0] = err
         dist.broadcast_object_list(setup, src=0)
         if isinstance(setup[0], Exception):
             raise setup[0]
-        context = RankContext(rank, world_size, torch.device(device), backend, job.error, options)
+        context = RankContext(place, places, job.error, options, located)
         result = job.serve(context, job.payload, setup[0])
         dist.barrier()  # nobody leaves while another rank still talks to it
         return result
@@ -213,18 +192,45 @@ def join_ranks(job: RankJob, rank: int, world_size: int, init_method: str = "env
         dist.destroy_process_group()
 
 
+def load_timeout(nbytes: int, timeout: float = DEFAULT_TIMEOUT) -> float:
+    """Seconds ranks wait for each other while they load `nbytes` (the largest rank's weights): the step timeout plus
+    the bytes read at LOAD_RATE_FLOOR, so a full-size load needs no hand-raised timeout (notebooks 05, 07)."""
+    return timeout + nbytes / LOAD_RATE_FLOOR
+
+
+def set_group_timeout(seconds: float) -> None:
+    """The timeout of the run's process group from now on (torch's `_set_pg_timeout`, as torchtitan sets a long one
+    for its first step and a short one after)."""
+    import datetime
+
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds))
+
+
+@contextlib.contextmanager
+def loading(context: RankContext, nbytes: int):
+    """The load phase of a rank: while it loads, the ranks wait for each other up to `load_timeout(nbytes)`; after,
+    they meet (every rank loaded) and wait only the step timeout (notebooks 05, 07)."""
+    import torch.distributed as dist
+
+    set_group_timeout(load_timeout(nbytes, context.options.timeout))
+    yield
+    dist.barrier()
+    set_group_timeout(context.options.timeout)
+
+
 def run_jobs(context: RankContext, jobs: list, run: Callable, merge: Callable) -> list | None:
-    """Every job in turn on every rank, on one time axis: rank 0's start time is every rank's t0; `run(job, t0)`
-    returns this rank's report (its events on an EventClock from t0), and rank 0 merges the gathered reports with
-    `merge(reports, job)`. Rank 0 returns the merged results, the others None (notebooks 05, 07)."""
+    """Every job in turn on every rank: the ranks meet, then each times the job on its own clock from that moment
+    (`run(job, t0)` with t0 = this rank's time.time(): durations, never another machine's clock), returning this
+    rank's report (its events on an EventClock from t0); rank 0 merges the gathered reports with `merge(reports,
+    job)`. Rank 0 returns the merged results, the others None (notebooks 05, 07)."""
     import torch.distributed as dist
 
     merged = []
     for job in jobs:
         dist.barrier()
-        t0 = [time.time()]
-        dist.broadcast_object_list(t0, src=0)
-        report = run(job, t0[0])
+        report = run(job, time.time())
         gathered = [None] * context.world_size if context.rank == 0 else None
         dist.gather_object(report, gathered, dst=0)
         if context.rank == 0:
@@ -232,21 +238,20 @@ def run_jobs(context: RankContext, jobs: list, run: Callable, merge: Callable) -
     return merged if context.rank == 0 else None
 
 
-def serve_torchrun(job: RankJob):
-    """This process as one rank of a torchrun launch (RANK, WORLD_SIZE set): rank 0 returns the result; any other
-    rank leaves; a failure ends the process naming the rank in one line (the command line)."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if len(job.devices) != world:
-        raise ValueError(f"{world} process(es) for the {len(job.devices)} device(s): start one process per device "
-                         f"(torchrun --nproc-per-node {len(job.devices)}, or nodes x processes = {len(job.devices)})")
+def serve_torchrun(job: RankJob, hardware: Hardware | None = None):
+    """This process as one rank of a torchrun launch (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE set): its place decided on
+    its node, refused before any group forms; rank 0 returns the result; any other rank leaves; a failure ends the
+    process naming the rank in one line (the command line)."""
+    launch = torchrun_launch()
+    place = torchrun_places(job, launch, hardware)[launch.rank]
     try:
-        result = join_ranks(job, rank, world)
+        result = join_ranks(job, place, launch.world_size)
     except CONFIG_ERRORS:
         raise
     except Exception as err:
         how = "lost another rank (see its error)" if is_neighbour_error(err) else "failed"
-        raise SystemExit(f"error: {job.error.kind} {rank} {how}: {type(err).__name__}: {err}") from err
-    if rank != 0:
+        raise SystemExit(f"error: {job.error.kind} {launch.rank} {how}: {type(err).__name__}: {err}") from err
+    if launch.rank != 0:
         leave_process()
     return result
 
@@ -281,15 +286,16 @@ def adopt_environment(environ: dict[str, str] | None) -> None:
         tempfile.tempdir = None
 
 
-def rank_main(job: RankJob, rank: int, init_method: str, folder: str, environ: dict) -> None:
-    """Entry point of a rank process started by `start_ranks`: rank 0's result, or any rank's error, goes to a file
-    in `folder`, written under a temporary name and renamed when complete."""
+def rank_main(job: RankJob, places: list[RankPlace], rank: int, init_method: str, folder: str,
+              environ: dict) -> None:
+    """Entry point of a rank process started by `start_ranks`, at the place decided for it there: rank 0's result,
+    or any rank's error, goes to a file in `folder`, written under a temporary name and renamed when complete."""
     import pickle
     import traceback
 
     try:
         adopt_environment(environ)
-        result = join_ranks(job, rank, len(job.devices), init_method, launched_here=True)
+        result = join_ranks(job, places[rank], len(places), init_method, launched_here=True)
         if rank == 0:
             write_file(Path(folder, "result.pkl"), pickle.dumps(result))
     except BaseException as err:
@@ -339,18 +345,19 @@ def free_port() -> int:
 def start_ranks(job: RankJob, model=None):
     """Start one process per rank from this process and return rank 0's result (notebooks 05, 07). A rank that
     raises, dies or hangs ends the run: every process is stopped, and the error names the rank. Devices are checked
-    here first, so a missing GPU is refused before any process starts. `model` picks how processes start."""
+    here first (launch.decide_ranks, on this node's hardware, whatever launcher variables this kernel has), so a
+    missing GPU is refused before any process starts. `model` picks how processes start."""
     import multiprocessing.connection
     import pickle
     import tempfile
 
-    for rank, device in enumerate(rank_devices(job.devices)):
-        check_rank_device(job.error, rank, device)
-    ctx = process_context(job.devices, model)
-    world, deadline = len(job.devices), job.options.deadline
+    places = notebook_places(job)
+    ctx = process_context([p.device for p in places], model)
+    world, deadline = len(places), job.options.deadline
+    environ = without_launcher_variables(dict(os.environ))  # the ranks are this run's, not the kernel's launcher's
     with tempfile.TemporaryDirectory(prefix="gptj-ranks-") as folder:
         init = f"tcp://127.0.0.1:{free_port()}"
-        procs = [ctx.Process(target=rank_main, args=(job, r, init, folder, dict(os.environ)), daemon=True,
+        procs = [ctx.Process(target=rank_main, args=(job, places, r, init, folder, environ), daemon=True,
                              name=f"{job.error.kind.replace(' ', '-')}-{r}") for r in range(world)]
         exits: dict[int, float] = {}
         started, overdue = time.time(), []

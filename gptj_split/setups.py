@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .hardware import Hardware, describe_hardware
 from .devices import format_size, parse_devices
 from .plan import as_config, plan_split
 
@@ -15,6 +16,16 @@ SETUPS = {  # README's "Which setup do I have?" and every notebook's settings co
     "CPU only, rehearsal (random weights)": ("gpt-j-6b-random", "2x7GiB", "bfloat16"),
     "CPU only (tiny default)": ("tiny", "3x4MiB", "float32"),
 }
+SETUP_HARDWARE = {  # the machine each setup describes, as hardware.describe_hardware reads it
+    "Colab, 1 x T4 16 GB": "1 x T4", "Kaggle, 2 x T4 16 GB": "2 x T4", "4 x 8 GB": "4 x 8GB",
+    "3 x 10 GB (the seed's box)": "3 x 10GB", "8 x 4 GB": "8 x 4GB", "CPU only, rehearsal (random weights)": "cpu",
+    "CPU only (tiny default)": "cpu",
+}
+
+
+def setup_hardware(setup: str) -> Hardware:
+    """The machine of one of SETUPS, described (README, tests)."""
+    return describe_hardware(SETUP_HARDWARE[setup])
 
 
 def setups_markdown(reserve: str = "1GiB", prompt_tokens: int = 512, max_new_tokens: int = 256) -> str:
@@ -23,7 +34,7 @@ def setups_markdown(reserve: str = "1GiB", prompt_tokens: int = 512, max_new_tok
             "|---|---|---|---|---|"]
     for name, (model, devices, dtype) in SETUPS.items():
         res = reserve if model == "gpt-j-6b" else "0"  # the reserve is for a GPU's CUDA context
-        plan = plan_split(model, parse_devices(devices, check=False), dtype=dtype, reserve=res,
+        plan = plan_split(model, parse_devices(devices, setup_hardware(name)), dtype=dtype, reserve=res,
                           prompt_tokens=prompt_tokens if model != "tiny" else 16,
                           max_new_tokens=max_new_tokens if model != "tiny" else 48, model_name=model)
         blocks = " / ".join(str(st.blocks[1] - st.blocks[0]) for st in plan.devices)

@@ -75,7 +75,7 @@ def plan_tensor_parallel(model_or_config, devices: str | list[Device], dtype: to
     (replicated), its vocabulary slice of the head and the KV cache of its heads; refuses what cannot split or fit
     (notebook 07)."""
     config = as_config(model_or_config)
-    devices = parse_devices(devices, check=False) if isinstance(devices, str) else list(devices)
+    devices = parse_devices(devices) if isinstance(devices, str) else list(devices)
     name = model_name or (str(model_or_config) if isinstance(model_or_config, str) else "the model")
     check_head_split(config, len(devices), name)
     dtype = as_dtype(dtype) or default_dtype(config, devices)

@@ -71,11 +71,12 @@ def stage_tensor_name(local: str, first_block: int) -> str:
     return local if local.startswith("lm_head.") else f"transformer.{local}"
 
 
-def load_stage(model_path, plan: Plan, rank: int, dtype: torch.dtype, comm_device: str = "cpu",
-               transform=None) -> PipelineStage:
+def load_stage(model_path, plan: Plan, rank: int, dtype: torch.dtype, device: torch.device | str,
+               comm_device: str = "cpu", transform=None) -> PipelineStage:
     """Build stage `rank` alone: a GPTJModel of its block count on the meta device, then only its own tensors
-    loaded (or made from seeds) onto its device, one at a time; `transform(name, module)` as in `place_stages`, on
-    each module inside the blocks once loaded (notebooks 05, 08)."""
+    loaded (or made from seeds) onto `device`, the rank's own (the runtime's decision), one at a time;
+    `transform(name, module)` as in `place_stages`, on each module inside the blocks once loaded (notebooks 05,
+    08)."""
     import copy
 
     from accelerate import init_empty_weights
@@ -83,7 +84,7 @@ def load_stage(model_path, plan: Plan, rank: int, dtype: torch.dtype, comm_devic
     GPTJModel = gptj_modeling().GPTJModel
 
     weights = WeightReader(model_path)
-    st, device = plan.devices[rank], torch.device(plan.devices[rank].device)
+    st, device = plan.devices[rank], torch.device(device)
     a, b = st.blocks
     config = copy.deepcopy(weights.config)
     config.n_layer = b - a

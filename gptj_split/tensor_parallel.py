@@ -12,18 +12,19 @@ from pathlib import Path
 
 import torch
 
-from .models import as_dtype, dtype_name, gptj_modeling
-from .devices import Device, peak_rss, reset_peak_rss
-from .hub import load_config, load_tokenizer, resolve_model
+from .models import as_dtype, default_dtype, dtype_name, gptj_modeling
+from .devices import Device, parse_devices, peak_rss, reset_peak_rss
+from .hub import load_config, load_tokenizer
 from .plan import Plan, check_free_memory
 from .records import MemoryRow, RunRecord
 from .place import kv_bytes
 from .sampling import Sampling, as_sampling
 from .generate import make_streamer
 from .relay import TokenRelay
-from .ranks import (LaunchOptions, RankContext, RankError, RankJob, fault_point, pick_backend, run_devices, run_jobs,
-                    start_ranks)
-from .jobs import PipelineJob, merge_results, model_folder, next_tokens, prompts_job
+from .hardware import Hardware
+from .launch import Launch, RankPlace, check_place_dtype, notebook_places, plan_spec, torchrun_places, with_plan
+from .ranks import LaunchOptions, RankContext, RankError, RankJob, fault_point, loading, run_jobs, start_ranks
+from .jobs import PipelineJob, locate_model, make_job, merge_results, model_folder, next_tokens, prompts_job
 from .shards import VARIANTS, RankModel, build_rank_model, forward_rank, plan_tensor_parallel
 
 TP_VARIANT = "block"  # the default: one all-reduce per block (notebook 07 measures both)
@@ -57,8 +58,8 @@ class TensorParallelError(RankError):
 class TensorParallelSettings:
     """What every rank of one tensor-parallel run needs, the same under both launchers (notebook 07)."""
 
-    model: str  # a model name or folder
-    devices: list[Device]  # one per rank, parsed once
+    model: str  # a model name or folder: each node finds its own copy
+    spec: str  # the device spec: one rank per entry (launch.py decides where each runs)
     plan_json: str | None = None
     prompts: list[str] | None = None  # the texts to continue (rank 0), or else `jobs`
     jobs: list[TensorParallelJob] | None = None
@@ -73,37 +74,36 @@ def tensor_parallel_settings(model, devices: str | list[Device] | None = None, p
                              prompts: list[str] | None = None, jobs: list[TensorParallelJob] | None = None,
                              max_new_tokens: int = 50, sampling: Sampling | None = None, variant: str = TP_VARIANT,
                              dtype=None, relay=None) -> TensorParallelSettings:
-    """The settings of one tensor-parallel run, its device spec parsed once, for the notebook launcher and torchrun
-    alike (notebook 07)."""
-    devices = run_devices(devices, plan)
+    """The settings of one tensor-parallel run, for the notebook launcher and torchrun alike; the device spec is read
+    once, by the runtime, where the ranks start (notebook 07)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: use one of {VARIANTS}")
-    return TensorParallelSettings(str(model), devices, plan.to_json() if plan else None, prompts, jobs,
+    return TensorParallelSettings(str(model), plan_spec(devices, plan), plan.to_json() if plan else None, prompts, jobs,
                                   max_new_tokens, sampling or Sampling(), variant,
                                   dtype_name(dtype) if dtype else None, relay)
 
 
 def tensor_parallel_rank_job(settings: TensorParallelSettings, options: LaunchOptions | None = None) -> RankJob:
     """What the rank runtime runs for a tensor-parallel run: one rank per device (notebook 07)."""
-    return RankJob(TensorParallelError, prepare_tensor_parallel, serve_tensor_parallel,
-                   [d.name for d in settings.devices], settings, options or LaunchOptions())
+    return RankJob(TensorParallelError, prepare_tensor_parallel, serve_tensor_parallel, settings.spec, settings,
+                   options or LaunchOptions(), locate_model, settings.dtype)
 
 
-def check_variant_backend(jobs: list[TensorParallelJob], devices: list[str], local_world_size: int | None = None):
+def check_variant_backend(jobs: list[TensorParallelJob], places: list[RankPlace]):
     """Refuse torch's variant where ranks share a GPU: DTensor's CUDA mesh would run over gloo, which it does not
     support (the first GPU run ended in a SIGSEGV there) (notebook 07)."""
+    devices = [p.device for p in places]
     cuda = any(torch.device(d).type == "cuda" for d in devices)
-    if cuda and any(j.variant == "torch" for j in jobs) and pick_backend(devices, local_world_size) != "nccl":
+    if cuda and any(j.variant == "torch" for j in jobs) and places[0].backend != "nccl":
         raise ValueError(f"variant='torch' (DTensor's parallelize_module) needs NCCL, one GPU per rank; the devices "
                          f"{', '.join(devices)} share a GPU, so the ranks talk over gloo, and DTensor on a CUDA mesh "
                          "over gloo is not supported: use variant='block', or one GPU per rank")
 
 
-def prepare_tensor_parallel(settings: TensorParallelSettings) -> tuple[Plan, list[TensorParallelJob], Path]:
-    """On rank 0: the jobs and the plan, checked; nothing loaded yet (notebook 07)."""
-    import os
-
-    model_path = resolve_model(settings.model)
+def prepare_tensor_parallel(settings: TensorParallelSettings, places: list[RankPlace],
+                            model_path: Path) -> tuple[Plan, list[TensorParallelJob]]:
+    """On rank 0: the jobs and the plan over every rank's device and budget, checked; nothing loaded yet (notebook
+    07)."""
     config = load_config(str(model_path))
     jobs = settings.jobs
     if jobs is None:
@@ -112,10 +112,9 @@ def prepare_tensor_parallel(settings: TensorParallelSettings) -> tuple[Plan, lis
     if settings.plan_json:
         plan = Plan.from_json(settings.plan_json)
     else:
-        plan = plan_for_jobs(config, settings.devices, jobs, settings.dtype, settings.model)
-    local = os.environ.get("LOCAL_WORLD_SIZE")
-    check_variant_backend(jobs, [d.name for d in settings.devices], int(local) if local else None)
-    return plan, jobs, model_path
+        plan = plan_for_jobs(config, [p.as_device for p in places], jobs, settings.dtype, settings.model)
+    check_variant_backend(jobs, places)
+    return plan, jobs
 
 
 def plan_for_jobs(config, devices: list[Device], jobs: list[PipelineJob], dtype, model_name: str) -> Plan:
@@ -131,8 +130,9 @@ def serve_tensor_parallel(context: RankContext, settings: TensorParallelSettings
     import gc
     import time
 
-    plan, jobs, model_path = setup
-    rank, world, device = context.rank, context.world_size, str(context.device)
+    plan, jobs = setup
+    model_path, rank, world, device = context.located, context.rank, context.world_size, str(context.device)
+    check_place_dtype(context.place, plan.dtype, TensorParallelError.kind)
     dtype = as_dtype(settings.dtype or plan.dtype)
     tokenizer = load_tokenizer(str(model_path)) if rank == 0 else None
     from torch.distributed.device_mesh import init_device_mesh
@@ -154,9 +154,10 @@ def serve_tensor_parallel(context: RankContext, settings: TensorParallelSettings
             gc.collect()
             built["baseline"] = reset_peak_rss()
             start = time.perf_counter()
-            rm = built["model"] = build_rank_model(model_path, rank, world, dtype, device, job.variant, mesh,
-                                                   str(context.comm_device))
-            built["load_seconds"] = time.perf_counter() - start
+            with loading(context, max(st.param_bytes for st in plan.devices)):
+                rm = built["model"] = build_rank_model(model_path, rank, world, dtype, device, job.variant, mesh,
+                                                       str(context.comm_device))
+                built["load_seconds"] = time.perf_counter() - start
         report = run_rank(rm, job, t0, settings.relay if rank == 0 else None)
         report["memory"].load_seconds = built["load_seconds"]
         if built["baseline"] is not None:  # host memory of this rank over its RSS after imports, before building
@@ -243,12 +244,15 @@ def run_tensor_parallel_jobs(model, devices: str | list[Device] | None, jobs: li
     before any process starts (notebook 07)."""
     model_path = model_folder(model)
     config = load_config(str(model_path))
-    parsed = run_devices(devices)  # the spec parsed once, here
+    if not devices:
+        raise ValueError("give devices, one per rank (like 'cpu,cpu')")
+    parsed = parse_devices(devices) if isinstance(devices, str) else list(devices)
     plan = plan_for_jobs(config, parsed, jobs, as_dtype(dtype), str(model))
-    check_variant_backend(jobs, [d.name for d in parsed])
     check_free_memory(plan, "the tensor-parallel ranks")
-    settings = tensor_parallel_settings(model_path, plan=plan, jobs=jobs, dtype=dtype, relay=relay)
-    return start_ranks(tensor_parallel_rank_job(settings, options), model_path)
+    settings = tensor_parallel_settings(model_path, plan=plan, jobs=jobs, dtype=dtype or plan.dtype, relay=relay)
+    job = tensor_parallel_rank_job(settings, options)
+    check_variant_backend(jobs, notebook_places(job))
+    return start_ranks(job, model_path)
 
 
 def run_tensor_parallel(model, prompts: str | list[str], devices: str | list[Device] | None = None,
@@ -291,3 +295,23 @@ def tensor_parallel_generate(devices: str | list[Device], **options):
         return run_tensor_parallel(model, prompts, devices, **options, **kwargs)
 
     return generate
+
+
+def tensor_parallel_dry_run(model, devices: str, prompt_tokens: int = 0, max_new_tokens: int = 50,
+                            batch_size: int = 1, variant: str = TP_VARIANT, dtype=None,
+                            hardware: Hardware | None = None, launch: Launch | None = None) -> list[RankPlace]:
+    """Where each rank of a tensor-parallel run would go, decided as the real run decides it, and which shards it
+    would hold; nothing is loaded and no group forms (notebook 07; `tensor-parallel --dry-run`). A spec the real
+    run would refuse is refused here, the same way."""
+    job = tensor_parallel_rank_job(tensor_parallel_settings(model, devices, variant=variant, dtype=dtype))
+    places = torchrun_places(job, launch, hardware) if launch else notebook_places(job, hardware)
+    config = load_config(str(model))
+    parsed = [p.as_device for p in places]
+    plan = plan_tensor_parallel(config, parsed, as_dtype(dtype) or default_dtype(config, parsed), prompt_tokens,
+                                max_new_tokens, batch_size, model_name=str(model))
+    check_variant_backend([tensor_parallel_job(make_job(torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1)),
+                                               variant)], places)
+    n, heads = len(places), config.n_head
+    holds = [f"heads {r * heads // n}-{(r + 1) * heads // n - 1} of every block + embedding + 1/{n} of the head"
+             for r in range(n)]
+    return with_plan(places, plan, holds, TensorParallelError.kind)

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .devices import format_size
+from .devices import format_size, parse_devices
 from .hub import load_config
 from .plan import plan_split
 from .records import compare_outputs
@@ -64,12 +64,13 @@ def compare_splits(path, devices: str = "cpu,cpu", new_tokens: int = 8, batch: i
     prompt's decode seconds per token, a batch's tokens per second, memory per device and communication (notebook
     07). Each process runs one thread, pinned to its own core when `cores` names them."""
     config = load_config(str(path))
-    n = len(devices.split(","))
+    parsed = parse_devices(devices)
+    n = len(parsed)
     gen = torch.Generator().manual_seed(0)
     one = torch.randint(1, min(config.vocab_size - 1, 1000), (1, prompt_tokens), generator=gen)
     many = torch.randint(1, min(config.vocab_size - 1, 1000), (batch, prompt_tokens), generator=gen)
     affinity = [[c] for c in cores] if cores else None
-    plan = plan_split(config, devices, dtype=torch.bfloat16, prompt_tokens=prompt_tokens, max_new_tokens=new_tokens,
+    plan = plan_split(config, parsed, dtype=torch.bfloat16, prompt_tokens=prompt_tokens, max_new_tokens=new_tokens,
                       batch_size=batch)
     naive = place_stages(path, plan, dtype=torch.bfloat16)
     result = {"naive": {"memory": [r.param_bytes for r in measure_memory(naive)]}}

@@ -19,9 +19,9 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "gptj_split"
 # chapter of each file: a file may import files of its own or an earlier chapter only
-CHAPTERS = {"models": 0, "devices": 0, "hub": 1, "convert": 1, "convert_bin": 1, "random_models": 1, "plan": 2,
-            "records": 2, "place": 2, "setups": 2,
-            "sampling": 3, "generate": 3, "measure": 4, "plots": 4, "ranks": 5, "jobs": 5, "stage": 5,
+CHAPTERS = {"models": 0, "hardware": 0, "devices": 0, "hub": 1, "convert": 1, "convert_bin": 1, "random_models": 1,
+            "plan": 2, "records": 2, "place": 2, "setups": 2,
+            "sampling": 3, "generate": 3, "measure": 4, "plots": 4, "launch": 5, "ranks": 5, "jobs": 5, "stage": 5,
             "pipeline": 5, "relay": 5, "compare": 5, "widget": 6, "shards": 7, "tensor_parallel": 7, "tp_compare": 7,
             "preload": 7,
             "quantize": 8, "quality": 8, "compiled": 9, "roofline": 9, "runner": 10, "cli": 10}
@@ -145,19 +145,56 @@ def test_building_the_tiny_model_leaves_the_callers_random_state():
 
 @pytest.mark.parametrize("settings_of, prepare", [(gh.pipeline_settings, gh.prepare_pipeline),
                                                    (gh.tensor_parallel_settings, gh.prepare_tensor_parallel)])
-def test_run_settings_are_one_checked_object_with_the_spec_parsed_once(tiny_path, monkeypatch, settings_of, prepare):
-    """Both clients' settings builders parse the device spec once; rank 0's planning reuses the parsed devices."""
-    calls = []
-    real = gh.parse_devices
-    monkeypatch.setattr(gptj_split.ranks, "parse_devices", lambda *a, **k: calls.append(a) or real(*a, **k))
+def test_run_settings_are_one_checked_object_and_rank_0_plans_over_every_ranks_place(tiny_path, settings_of, prepare):
+    """Both clients' settings carry the spec as given (the runtime reads it where the ranks start); rank 0 plans over
+    the places the ranks report, not over a spec of its own."""
     settings = settings_of(tiny_path, "cpu,cpu", prompts=["a"], max_new_tokens=3,
                            sampling=gh.Sampling(greedy=True), dtype=torch.float32)
-    assert [d.name for d in settings.devices] == ["cpu", "cpu"] and settings.dtype == "float32"
-    assert settings.sampling.greedy
-    plan, jobs, _ = prepare(settings)
-    assert len(plan.devices) == 2 and len(jobs) == 1 and len(calls) == 1
+    assert settings.spec == "cpu,cpu" and settings.dtype == "float32" and settings.sampling.greedy
+    places = gh.decide_ranks("cpu=5MiB,cpu=6MiB", gh.describe_hardware("cpu"), gh.notebook_launch(2))
+    plan, jobs = prepare(settings, places, tiny_path)
+    assert [s.budget_bytes for s in plan.devices] == [5 * 2**20, 6 * 2**20] and len(jobs) == 1
     with pytest.raises(ValueError, match="give devices"):
         settings_of(tiny_path)
+
+
+SPEC_PATHS = {  # every path that takes devices, each called with the spec "cpu=40MiB,cpu=40MiB"
+    "parse_devices": lambda spec, tiny_path: gh.parse_devices(spec),
+    "plan_split": lambda spec, tiny_path: gh.plan_split("tiny", spec),
+    "plan_tensor_parallel": lambda spec, tiny_path: gh.plan_tensor_parallel("tiny", spec),
+    "place_stages": lambda spec, tiny_path: gh.place_stages(tiny_path, gh.plan_split(tiny_path, spec)),
+    "check_split": lambda spec, tiny_path: gh.check_split(tiny_path, spec, None, torch.ones(1, 2, dtype=torch.long), 1),
+    "pipeline_dry_run": lambda spec, tiny_path: gh.pipeline_dry_run(tiny_path, spec),
+    "tensor_parallel_dry_run": lambda spec, tiny_path: gh.tensor_parallel_dry_run(tiny_path, spec),
+    "notebook_places": lambda spec, tiny_path: gh.notebook_places(gh.pipeline_job(gh.pipeline_settings("tiny", spec))),
+    "torchrun_places": lambda spec, tiny_path: gh.torchrun_places(
+        gh.pipeline_job(gh.pipeline_settings("tiny", spec)), gh.Launch(2, 2, 1), gh.describe_hardware("cpu")),
+    "setups_markdown": lambda spec, tiny_path: gh.setups_markdown(),
+    "cli devices": lambda spec, tiny_path: gh.main(["devices", spec]),
+    "cli plan": lambda spec, tiny_path: gh.main(["plan", "--devices", spec]),
+    "cli pipeline --dry-run": lambda spec, tiny_path: gh.main(["pipeline", "--devices", spec, "--dry-run"]),
+    "cli tensor-parallel --dry-run": lambda spec, tiny_path: gh.main(["tensor-parallel", "--devices", spec,
+                                                                       "--dry-run"]),
+}
+
+
+@pytest.mark.parametrize("path", list(SPEC_PATHS))
+def test_every_path_that_takes_devices_reads_the_spec_through_the_one_reader(tiny_path, monkeypatch, capsys, path):
+    """devices.read_spec is the only reader of spec text: each path reads it there (counted), and no other module
+    splits a spec itself (the static half: no `.split(",")` outside devices.py)."""
+    import gptj_split.devices
+
+    calls = []
+    real = gptj_split.devices.read_spec
+    monkeypatch.setattr(gptj_split.devices, "read_spec", lambda spec: calls.append(spec) or real(spec))
+    for module in (gptj_split.ranks, __import__("gptj_split.launch", fromlist=["x"])):
+        if hasattr(module, "read_spec"):
+            monkeypatch.setattr(module, "read_spec", gptj_split.devices.read_spec)
+    SPEC_PATHS[path]("cpu=40MiB,cpu=40MiB", tiny_path)
+    assert calls, f"{path} read its spec without devices.read_spec"
+    for file in PACKAGE.glob("*.py"):
+        if file.stem != "devices":
+            assert 'split(",")' not in file.read_text(), f"{file.name} splits a spec by itself"
 
 
 def test_public_functions_take_about_ten_parameters_at_most_besides_sampling():

@@ -71,6 +71,8 @@ def test_parse_devices_good():
     assert len(three) == 3 and all(d.budget_bytes == 5 * 2**30 for d in three)
     expected = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert three[0].name == expected
+    laid = gh.parse_devices("4x4GiB", gh.describe_hardware("2 x T4"))  # bare sizes take the GPUs in order
+    assert [d.name for d in laid] == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
     cpus = gh.parse_devices("cpu,cpu,cpu")
     assert [d.name for d in cpus] == ["cpu"] * 3 and cpus[0].budget_bytes > 0
     mixed = gh.parse_devices("cpu=6GiB, cpu=10GiB, 2xcpu=1GB")
@@ -203,16 +205,26 @@ def test_gpt_j_6b_random_refused_before_building_where_it_does_not_fit(monkeypat
 
 
 def test_a_budget_larger_than_the_named_card_is_refused(monkeypatch):
-    """torch reports a T4 as 14.7 GiB: a 15GiB budget on it is refused, naming the card."""
+    """torch reports a T4 as 14.75 GiB: a 15GiB budget on it is refused, naming the card and both sizes; so are slices
+    that add up to more than the card. The node is read from torch (mocked here as one T4)."""
     class Props:
-        name, total_memory = "Tesla T4", int(14.7 * 2**30)
+        name, total_memory, major, minor = "Tesla T4", 15_835_660_288, 7, 5
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
-    with pytest.raises(ValueError, match=r"cuda:0 is a Tesla T4 with 14\.70 GiB in all.*at most 14GiB"):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (15_000_000_000, Props.total_memory))
+    with pytest.raises(ValueError, match=r"'cuda:0=15GiB': cuda:0 is a Tesla T4 with 14\.75 GiB in all, less than "
+                       r"the budget of 15\.00 GiB: give at most 14GiB"):
         gh.parse_devices("cuda:0=15GiB")
     assert gh.parse_devices("cuda:0=14GiB") == [gh.Device("cuda:0", 14 * 2**30)]
-    assert gh.parse_devices("cuda:0=15GiB", check=False)  # planning for a card that is not here: no check
+    assert gh.parse_devices("cuda:0") == [gh.Device("cuda:0", 15_000_000_000 - gh.GPU_RESERVE)]  # free less reserve
+    with pytest.raises(ValueError, match=r"2 budgets on cuda:0 add up to 16\.00 GiB, more than the Tesla T4's"):
+        gh.parse_devices("2x8GiB")
+    with pytest.raises(ValueError, match=r"cuda:1 does not exist, this node has 1 GPU\(s\) \(cuda:0: 1 x Tesla T4\)"):
+        gh.parse_devices("cuda:1=7GiB")
+    # planning for a card that is not here: describe it
+    assert gh.parse_devices("cuda:0=14GiB,cuda:1=14GiB", gh.describe_hardware("2 x T4"))[1].name == "cuda:1"
 
 
 def test_seeded_weights_written_as_safetensors_load_with_from_pretrained_and_equal_the_seeded_model(tmp_path):
