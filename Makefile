@@ -22,7 +22,8 @@ WIDGETS7           := ipywidgets==7.7.1 ipython_genutils==0.2.0
 WIDGETS7_DIR       := $(VENV)/ipywidgets7.7.1
 
 
-.PHONY: demo test test-old-versions test-widgets7 test-floors lab venv notebooks tiny-model clean set-repo rehearse
+.PHONY: demo test test-old-versions test-widgets7 test-floors lab venv notebooks tiny-model clean set-repo rehearse \
+        gpu-check
 
 venv: $(STAMP)
 
@@ -87,6 +88,16 @@ notebooks: $(STAMP)  ## re-execute the committed notebooks in place (after chang
 
 rehearse: $(STAMP)  ## every notebook at GPT-J-6B's size (random weights) in README's setups, on the CPU: about an hour, 16 GiB of RAM, 12 GB of disk
 	$(PY) benchmarks/rehearse.py
+
+# the GPU machine lent to some sessions has its own python3 with torch (CUDA), transformers and accelerate, and reaches
+# no package registry: gpu-check runs there without the venv
+GPU_PY ?= python3
+
+gpu-check:  ## on a GPU machine, one command: benchmarks/gpu_check.py at full size (NCCL with cuda:0,cuda:1 where there are two GPUs, budget slices over gloo on one) and the GPU rehearsal of README's Colab and Kaggle lines
+	$(GPU_PY) -c "import torch; print('GPUs:', torch.cuda.device_count(), [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])"
+	PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py --full-size; check=$$?; \
+	PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_rehearsal.py; rehearsal=$$?; \
+	echo "gpu_check.py exit $$check, gpu_rehearsal.py exit $$rehearsal"; test $$check = 0 && test $$rehearsal = 0
 
 tiny-model: $(STAMP)  ## retrain the tiny default that speaks into gptj_split/tiny-gptj (about 10 minutes on 2 CPU cores)
 	$(PY) assets/train_tiny.py gptj_split/tiny-gptj

@@ -74,7 +74,8 @@ from gptj_split.records import (TimingEvent, MemoryRow, RunRecord, EventClock, c
 from gptj_split.place import (stage_parameter_names, move_to, boundary_hook, WeightReader, place_stages, hook_stages,
                               plan_of, tensor_bytes, stored_bytes, kv_bytes, measure_memory, SplitCheck, check_split,
                               block_prefix, replace_module)
-from gptj_split.setups import (SETUPS, setups_markdown, settings_line, settings_comment)
+from gptj_split.setups import (SETUPS, SETUP_HARDWARE, setup_hardware, setups_markdown, settings_line,
+                               settings_comment)
 from gptj_split.sampling import (SAMPLING_DEFAULTS, Sampling, as_sampling, check_max_new_tokens, check_sampling,
                                  check_prompts, check_generation, pad_left, position_ids)
 from gptj_split.generate import (plan_modules, stage_modules, StageRecorder, TokenTimes, make_streamer, generate_text,

@@ -58,10 +58,11 @@ def rehearsal_source(source: str, line: str, max_new_tokens: int) -> str:
     return re.sub(r"^MAX_NEW_TOKENS = \d+", f"MAX_NEW_TOKENS = {max_new_tokens}", source, flags=re.M)
 
 
-def cpu_devices(spec: str, quick: bool) -> str:
+def cpu_devices(setup: str, quick: bool) -> str:
     """A README line's devices on the CPU: as many, with the same budgets (with --quick, budgets the tiny model
     fills as GPT-J-6B fills the real ones)."""
-    budgets = [d.budget_bytes for d in gh.parse_devices(spec, check=False)]
+    spec = gh.SETUPS[setup][1]
+    budgets = [d.budget_bytes for d in gh.parse_devices(spec, gh.setup_hardware(setup))]
     if quick:
         return ",".join(f"cpu={max(4, 24 // len(budgets))}MiB" for _ in budgets)
     return ",".join(f"cpu={b / GIB:g}GiB" for b in budgets)
@@ -71,7 +72,7 @@ def setup_line(setup: str, quick: bool) -> str:
     """The settings line a setup is rehearsed with."""
     model = "tiny" if quick else str(gh.random_gptj_files())
     dtype = "float32" if quick else "bfloat16"
-    return f'MODEL = "{model}"; DEVICES = "{cpu_devices(gh.SETUPS[setup][1], quick)}"; DTYPE = torch.{dtype}'
+    return f'MODEL = "{model}"; DEVICES = "{cpu_devices(setup, quick)}"; DTYPE = torch.{dtype}'
 
 
 def run_notebook(path: Path, line: str, max_new_tokens: int, limit: int, timeout: int) -> dict:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .models import DTYPES, GPTJ_6B_REPO, GPTJ_6B_REVISION, TINY_SEED, as_dtype, build_atomically, default_dtype
+from .hardware import describe_hardware
 from .devices import list_devices, parse_devices
 from .hub import download_gptj, load_config, load_tokenizer, resolve_model, weights_dir
 from .convert import convert_jax_checkpoint
@@ -84,7 +85,8 @@ def cmd_notebook_figure(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     """plan: print how the model splits over the devices, as a table or as the Plan's JSON."""
-    plan = plan_split(args.model, args.devices, dtype=args.dtype, reserve=args.reserve,
+    devices = parse_devices(args.devices, describe_hardware(args.hardware) if args.hardware else None)
+    plan = plan_split(args.model, devices, dtype=args.dtype, reserve=args.reserve,
                       prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, model_name=args.model, weights=args.weights)
     print(plan.to_json() if args.json else format_plan(plan))
@@ -309,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--reserve", default="0", help="bytes kept free on every device, e.g. 1GiB")
     p.add_argument("--json", action="store_true", help="print the Plan object as JSON")
+    p.add_argument("--hardware", help='plan for a machine that is not this one, e.g. "2 x T4" or "4 x 8GB" (cards: '
+                   'T4, P100, 4GB, 8GB, 10GB, A100, H100); default: this machine, read from torch')
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("setups", help="plan GPT-J-6B for common setups (the README's table)")

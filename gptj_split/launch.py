@@ -101,6 +101,10 @@ def spec_length_error(count: int, launch: Launch) -> str:
     if not launch.torchrun:
         return f"{count} device(s) for {launch.world_size} rank(s): give one device per rank"
     nodes = launch.world_size // launch.local_world_size
+    if nodes == 1:
+        return (f"{launch.world_size} process(es) for the {count} device(s): start one process per device (torchrun "
+                f"--nproc-per-node {count}, or nodes x processes = {count}), or give 1 entry ('cuda': each rank its "
+                "local GPU)")
     return (f"the device spec has {count} entries, which fits no form for {launch.world_size} ranks on {nodes} "
             f"node(s) of {launch.local_world_size}: give 1 entry (every rank takes its local GPU: 'cuda' or "
             f"'cuda=14GiB'), {launch.local_world_size} (node-local: the same list on every node, entry LOCAL_RANK) "

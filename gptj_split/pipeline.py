@@ -125,6 +125,7 @@ def serve_pipeline(context: RankContext, settings: PipelineSettings, setup) -> l
 
     def merge(reports, job):
         record = merge_results(reports, job, tokenizer, plan, stage.eos_token_id)
+        record.settings["backend"] = context.backend  # as the runtime decided it (launch.py)
         record.prompts = list(settings.prompts or [])
         return record
 

@@ -40,13 +40,16 @@ class LaunchOptions:
     limit follows the bytes: `load_timeout`); `deadline`: seconds the whole run may take when started from a notebook,
     an hour by default (None: as long as the ranks keep answering, for a long-lived service); `threads` per rank
     (default: the node's cores shared among its ranks); `affinity`: the cores of each rank; `transform`: called on
-    each block module as a stage loads it (notebook 08 quantizes there)."""
+    each block module as a stage loads it (notebook 08 quantizes there); `cap_memory`: cap each GPU rank's
+    allocator at its budget (`torch.cuda.set_per_process_memory_fraction`), so slices of one GPU stay in their
+    slices and a card larger than the one rehearsed runs out of memory where that one would (`make gpu-check`)."""
 
     timeout: float = DEFAULT_TIMEOUT
     deadline: float | None = DEFAULT_DEADLINE
     threads: int | None = None
     affinity: list[list[int]] | None = None
     transform: Callable | None = None
+    cap_memory: bool = False
 
     def __post_init__(self):
         if self.timeout <= 0 or (self.deadline is not None and self.deadline <= 0):
@@ -170,6 +173,8 @@ def join_ranks(job: RankJob, place: RankPlace, world_size: int, init_method: str
     located = job.locate(job.payload) if job.locate is not None else None
     if place.device.startswith("cuda"):  # before the group and any DeviceMesh: NCCL and DTensor use the current device
         torch.cuda.set_device(torch.device(place.device))
+        if options.cap_memory:
+            cap_memory(place.device, place.budget_bytes)
     dist.init_process_group(place.backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=options.timeout))
     try:
@@ -190,6 +195,14 @@ def join_ranks(job: RankJob, place: RankPlace, world_size: int, init_method: str
         return result
     finally:
         dist.destroy_process_group()
+
+
+def cap_memory(device: str, budget_bytes: int) -> float:
+    """Cap this process's CUDA allocator on `device` at `budget_bytes`; the fraction of the card it is (make
+    gpu-check)."""
+    fraction = min(1.0, budget_bytes / torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    torch.cuda.set_per_process_memory_fraction(fraction, torch.device(device))
+    return fraction
 
 
 def load_timeout(nbytes: int, timeout: float = DEFAULT_TIMEOUT) -> float:
@@ -220,17 +233,24 @@ def loading(context: RankContext, nbytes: int):
     set_group_timeout(context.options.timeout)
 
 
+def clock_start(node: int, rank0_start: float, now: float) -> float:
+    """Where a rank's times start: rank 0's start on rank 0's node (one machine, one clock: one time axis for the
+    timelines), this rank's own `now` on any other node (durations on its own clock, never another machine's)."""
+    return rank0_start if node == 0 else now
+
+
 def run_jobs(context: RankContext, jobs: list, run: Callable, merge: Callable) -> list | None:
-    """Every job in turn on every rank: the ranks meet, then each times the job on its own clock from that moment
-    (`run(job, t0)` with t0 = this rank's time.time(): durations, never another machine's clock), returning this
-    rank's report (its events on an EventClock from t0); rank 0 merges the gathered reports with `merge(reports,
-    job)`. Rank 0 returns the merged results, the others None (notebooks 05, 07)."""
+    """Every job in turn on every rank: the ranks meet, then each times the job from `clock_start` (`run(job, t0)`
+    returns this rank's report, its events on an EventClock from t0); rank 0 merges the gathered reports with
+    `merge(reports, job)`. Rank 0 returns the merged results, the others None (notebooks 05, 07)."""
     import torch.distributed as dist
 
     merged = []
     for job in jobs:
         dist.barrier()
-        report = run(job, time.time())
+        start = [time.time()]
+        dist.broadcast_object_list(start, src=0)
+        report = run(job, clock_start(context.place.node, start[0], time.time()))
         gathered = [None] * context.world_size if context.rank == 0 else None
         dist.gather_object(report, gathered, dst=0)
         if context.rank == 0:

@@ -166,6 +166,7 @@ def serve_tensor_parallel(context: RankContext, settings: TensorParallelSettings
 
     def merge(reports, job):
         record = merge_rank_results(reports, job, tokenizer, plan, built["model"].eos_token_id)
+        record.settings["backend"] = context.backend  # as the runtime decided it (launch.py)
         record.prompts = list(settings.prompts or [])
         return record
 

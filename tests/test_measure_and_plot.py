@@ -186,7 +186,7 @@ def test_gpu_check_runs_every_case_on_the_cpu(monkeypatch, capsys):
     assert "compiled tokens equal eager's (float32): True" in text
     assert all(f"slice {s} params within 1% of the plan: True" in text for s in range(3))
     assert "estimate vs measured" in text and "busy ms" in text and "tokens/s after it" in text
-    assert "torch: backend gloo; tokens equal generate's: True" in text
+    assert "torch: backend gloo (expected gloo); tokens equal generate's: True" in text
 
 
 def test_gpu_check_fails_when_a_split_is_perturbed(monkeypatch, capsys):

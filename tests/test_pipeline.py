@@ -170,7 +170,7 @@ def test_one_stage_streams_each_token_and_stops_on_request_or_when_every_row_end
     model, tokenizer = tiny
     ids, mask = batch
     plan = gh.plan_split(model.config, "cpu", dtype=torch.float32)
-    stage = gh.load_stage(tiny_path, plan, 0, torch.float32)
+    stage = gh.load_stage(tiny_path, plan, 0, torch.float32, "cpu")
     relay = FakeRelay()
     job = gh.make_job(ids, mask, max_new_tokens=NEW, greedy=True, stoppable=True)
     result = gh.run_stage(stage, job, gh.EventClock(), relay=relay)
@@ -271,7 +271,7 @@ def test_two_nodes_on_localhost_sampling(tiny, tiny_path, tmp_path, batch):
     assert results[1][0] == ""  # only rank 0 prints
 
 
-def prepare_nothing(payload) -> None:
+def prepare_nothing(payload, places, located) -> None:
     """Rank 0's preparation in the test below: none."""
 
 
@@ -286,7 +286,7 @@ def report_environment(context, payload, prepared) -> list:
 def test_stages_fork_from_one_server_and_see_the_callers_environment_of_now(tmp_path, monkeypatch):
     """The rank processes fork from one server (ranks.process_context), yet each run sees the environment as the
     caller has it when the run starts, as a spawned process would."""
-    job = gh.RankJob(gh.PipelineError, prepare_nothing, report_environment, ["cpu", "cpu"], None)
+    job = gh.RankJob(gh.PipelineError, prepare_nothing, report_environment, "cpu,cpu", None)
     monkeypatch.setenv("GPTJ_TEST_MARK", "first")
     first = gh.start_ranks(job, "tiny")
     monkeypatch.setenv("GPTJ_TEST_MARK", "second")

@@ -85,7 +85,8 @@ def test_gptj_6b_plans_beat_or_match_accelerate(spec):
 
 def test_unequal_budgets_and_kv_cache():
     config = gh.gptj_6b_config()
-    plan = gh.plan_split(config, "cuda:0=6GiB,cuda:1=10GiB", prompt_tokens=1024, max_new_tokens=1024)
+    two_cards = gh.parse_devices("cuda:0=6GiB,cuda:1=10GiB", gh.describe_hardware("2 x T4"))
+    plan = gh.plan_split(config, two_cards, prompt_tokens=1024, max_new_tokens=1024)
     small, big = plan.devices
     assert small.blocks[1] - small.blocks[0] < big.blocks[1] - big.blocks[0]
     assert small.fill <= 1 and big.fill <= 1 and abs(small.fill - big.fill) < 0.1
@@ -106,9 +107,11 @@ def test_infeasible_plan_says_what_to_do():
 
 
 def test_plan_json_round_trip_and_cli(tiny_path):
-    plan = gh.plan_split("gpt-j-6b", "cuda:0=6GiB,cuda:1=10GiB", model_name="gpt-j-6b")
+    two_cards = gh.parse_devices("cuda:0=6GiB,cuda:1=10GiB", gh.describe_hardware("2 x T4"))
+    plan = gh.plan_split("gpt-j-6b", two_cards, model_name="gpt-j-6b")
     assert gh.Plan.from_json(plan.to_json()) == plan
-    out = call_cli("plan", "--model", "gpt-j-6b", "--devices", "cuda:0=6GiB,cuda:1=10GiB", "--json")
+    out = call_cli("plan", "--model", "gpt-j-6b", "--devices", "cuda:0=6GiB,cuda:1=10GiB", "--hardware", "2 x T4",
+                   "--json")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data == json.loads(plan.to_json())

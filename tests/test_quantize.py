@@ -69,7 +69,8 @@ def test_plans_round_trip_and_plans_saved_before_weight_formats_still_load(tiny_
 
 def test_device_map_covers_every_tensor_once_and_agrees_with_the_plan():
     config = gh.tiny_config()
-    plan = gh.plan_split(config, "cpu=3MiB,cuda:1=3MiB,cuda:0=3MiB", dtype=torch.float32)
+    plan = gh.plan_split(config, gh.parse_devices("cpu=3MiB,cuda:1=3MiB,cuda:0=3MiB", gh.describe_hardware("2 x T4")),
+                         dtype=torch.float32)
     device_map = plan.device_map()
     model = gh.meta_model(config)
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
@@ -96,7 +97,8 @@ def test_from_pretrained_takes_the_device_map_with_and_without_bitsandbytes(tiny
 
 
 def test_stock_loading_is_refused_where_transformers_cannot_place_it(tiny_path):
-    mixed = gh.plan_split(gh.tiny_config(), "cpu=1GiB,cuda:0=1GiB", dtype=torch.float32, weights="nf4")
+    mixed = gh.plan_split(gh.tiny_config(), gh.parse_devices("cpu=1GiB,cuda:0=1GiB", gh.describe_hardware("T4")),
+                          dtype=torch.float32, weights="nf4")
     with pytest.raises(ValueError, match="llm_int8_enable_fp32_cpu_offload"):
         gh.pretrained_config(mixed)
     with pytest.raises(ValueError, match="moves \"cpu\" entries .* to CUDA"):
@@ -207,7 +209,7 @@ def test_a_quantized_split_makes_the_quantized_unsplit_models_tokens(tiny):
 def test_pipeline_stages_quantize_their_blocks_as_they_load(tiny_path):
     plan = gh.plan_split(tiny_path, "2xcpu", dtype=torch.float32, weights="nf4")
     quantizer = gh.BlockQuantizer("nf4", "bitsandbytes", "float32")
-    stages = [gh.load_stage(tiny_path, plan, rank, torch.float32, transform=quantizer) for rank in range(2)]
+    stages = [gh.load_stage(tiny_path, plan, rank, torch.float32, "cpu", transform=quantizer) for rank in range(2)]
     for stage, st in zip(stages, plan.devices):
         assert all(type(b.mlp.fc_in).__name__ == "Linear4bit" for b in stage.model.h)
         assert stage.param_bytes == pytest.approx(st.param_bytes, rel=0.01)
@@ -270,6 +272,12 @@ def pretend_card(monkeypatch, name: str, capability: tuple[int, int]) -> None:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: name)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capability)
+
+    class Props:
+        total_memory, major, minor = 16 * 2**30, *capability
+
+    Props.name = name
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: Props())
 
 
 @needs("bitsandbytes")

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 import gptj_helpers as gh
+import gptj_split.launch
 import gptj_split.ranks
 from conftest import call_cli
 
 PROMPTS = ["The list", "A dictionary is a mapping of"]
 
 
-def prepare_setup(payload) -> str:
+def prepare_setup(payload, places, located) -> str:
     """Rank 0's preparation in the launches below."""
     return "prepared"
 
@@ -32,14 +33,14 @@ def serve_forever(context, payload, prepared) -> None:
 
 
 @pytest.fixture
-def mocked_cuda(monkeypatch):
-    """A node with 2 GPUs and a process group that only records: every call, in order."""
+def mocked_group(monkeypatch):
+    """A process group that only records, and CUDA that only records the device set: every call, in order."""
     import torch.distributed as dist
 
     calls = []
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("group", backend, kw["rank"])))
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj] * len(out)))
     monkeypatch.setattr(dist, "broadcast_object_list", lambda objects, src: None)
     monkeypatch.setattr(dist, "barrier", lambda: None)
     monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
@@ -47,60 +48,66 @@ def mocked_cuda(monkeypatch):
 
 
 def launch_two_nodes(monkeypatch, spec: str) -> list:
-    """Each rank of a torchrun launch of 2 nodes x 2 processes, run in turn in this process as torchrun would set it
-    up (RANK, LOCAL_RANK, LOCAL_WORLD_SIZE); returns what each rank served, or the error it raised."""
-    settings = gh.pipeline_settings("tiny", spec)
-    job = gh.RankJob(gh.PipelineError, prepare_setup, serve_placement, [d.name for d in settings.devices], None)
+    """Each rank of a torchrun launch of 2 nodes x 2 processes, each node two T4s, run in turn in this process as
+    torchrun would set it up (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); returns what each rank served, or the
+    error it raised."""
+    job = gh.RankJob(gh.PipelineError, prepare_setup, serve_placement, spec, None)
     served = []
     for rank in range(4):
-        monkeypatch.setenv("LOCAL_RANK", str(rank % 2))
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        for name, value in (("RANK", rank), ("WORLD_SIZE", 4), ("LOCAL_RANK", rank % 2), ("LOCAL_WORLD_SIZE", 2)):
+            monkeypatch.setenv(name, str(value))
         try:
-            served.append(gh.join_ranks(job, rank, 4))
+            served.append(gptj_split.ranks.serve_torchrun(job, gh.describe_hardware("2 x T4")))
         except ValueError as err:
             served.append(err)
     return served
 
 
-@pytest.mark.parametrize("spec", ["cuda:0=7GiB,cuda:1=7GiB,cuda:0=7GiB,cuda:1=7GiB", "4xcuda=7GiB"])
-def test_two_nodes_of_two_gpus_each_rank_gets_its_nodes_own_gpu_and_nccl(monkeypatch, mocked_cuda, spec):
+@pytest.mark.parametrize("spec", ["cuda:0=7GiB,cuda:1=7GiB,cuda:0=7GiB,cuda:1=7GiB", "cuda:0=7GiB,cuda:1=7GiB",
+                                  "cuda=7GiB", "4x14GiB", "4xcuda=7GiB"])
+def test_two_nodes_of_two_gpus_each_rank_gets_its_nodes_own_gpu_and_nccl(monkeypatch, mocked_group, spec):
+    monkeypatch.setattr(gptj_split.ranks, "leave_process", lambda code=0: None)  # ranks 1-3 would leave here
     served = launch_two_nodes(monkeypatch, spec)
     assert served == [("cuda:0", "nccl"), ("cuda:1", "nccl"), ("cuda:0", "nccl"), ("cuda:1", "nccl")]
     for rank in range(4):  # the device is set before the group forms (NCCL and DeviceMesh use the current device)
-        assert mocked_cuda[2 * rank:2 * rank + 2] == [("set_device", f"cuda:{rank % 2}"), ("group", "nccl", rank)]
+        assert mocked_group[2 * rank:2 * rank + 2] == [("set_device", f"cuda:{rank % 2}"), ("group", "nccl", rank)]
 
 
-def test_a_gpu_the_node_does_not_have_is_refused_by_rank_before_any_group(monkeypatch, mocked_cuda):
+def test_a_gpu_the_node_does_not_have_is_refused_by_rank_before_any_group(monkeypatch, mocked_group):
     served = launch_two_nodes(monkeypatch, "cuda:0=7GiB,cuda:1=7GiB,cuda:2=7GiB,cuda:3=7GiB")
-    assert served[:2] == [("cuda:0", "nccl"), ("cuda:1", "nccl")]
-    for rank in (2, 3):
+    for rank in range(4):  # every rank decides every rank's place: the node-1 entries are refused everywhere
         assert isinstance(served[rank], ValueError)
-        assert str(served[rank]).startswith(f"pipeline stage {rank} was given cuda:{rank}, which its node does not "
-                                            "have (cuda:0, cuda:1)")
-    assert [c for c in mocked_cuda if c[0] == "group"] == [("group", "nccl", 0), ("group", "nccl", 1)]
-    # from a notebook the same refusal comes before any process starts
-    job = gh.RankJob(gh.TensorParallelError, prepare_setup, serve_placement, ["cuda:0", "cuda:5"], None)
+        assert str(served[rank]).startswith("pipeline stage 2 was given cuda:2, which its node does not have "
+                                            "(cuda:0, cuda:1): name each node's own GPUs, e.g. 'cuda' (each rank "
+                                            "its local GPU) or 'cuda:0,cuda:1' (node-local)")
+    assert mocked_group == []  # no device set, no group formed
+    # from a notebook the same refusal comes before any process starts (this node read from torch: two T4s)
+    monkeypatch.setattr(gptj_split.launch, "read_hardware", lambda free=False: gh.describe_hardware("2 x T4"))
+    job = gh.RankJob(gh.TensorParallelError, prepare_setup, serve_placement, "cuda:0=1GiB,cuda:5=1GiB", None)
     with pytest.raises(ValueError, match="^tensor-parallel rank 1 was given cuda:5, which its node does not have"):
         gh.start_ranks(job)
 
 
 def test_backend_is_nccl_only_when_every_rank_has_a_gpu_of_its_own():
-    assert gh.pick_backend(["cuda:0", "cuda:1"]) == "nccl"
-    assert gh.pick_backend(["cuda:0", "cuda:1", "cuda:0", "cuda:1"], local_world_size=2) == "nccl"  # per node
-    assert gh.pick_backend(["cuda", "cuda", "cuda", "cuda"], local_world_size=2) == "nccl"  # LOCAL_RANK picks
-    assert gh.pick_backend(["cuda:0", "cuda:0"]) == "gloo"  # budget slices of one GPU
-    assert gh.pick_backend(["cuda:0", "cuda:1", "cuda:0", "cuda:1"]) == "gloo"  # one node: two ranks per GPU
-    assert gh.pick_backend(["cpu", "cuda:0"]) == "gloo"
-    assert gh.rank_devices(["cuda", "cuda", "cpu"]) == ["cuda:0", "cuda:1", "cpu"]
+    assert gh.pick_backend([["cuda:0", "cuda:1"]]) == "nccl"
+    assert gh.pick_backend([["cuda:0", "cuda:1"], ["cuda:0", "cuda:1"]]) == "nccl"  # per node
+    assert gh.pick_backend([["cuda:0", "cuda:0"]]) == "gloo"  # budget slices of one GPU
+    assert gh.pick_backend([["cuda:0", "cuda:1", "cuda:0", "cuda:1"]]) == "gloo"  # one node: two ranks per GPU
+    assert gh.pick_backend([["cpu", "cuda:0"]]) == "gloo"
+
+
+def places_of(spec: str, hardware: str = "2 x T4"):
+    """Every rank's place for a notebook launch on described hardware."""
+    return gh.decide_ranks(spec, gh.describe_hardware(hardware), gh.notebook_launch(len(gh.read_spec(spec))))
 
 
 def test_torchs_variant_is_refused_where_ranks_share_a_gpu():
     job = gh.tensor_parallel_job(gh.make_job(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2)), "torch")
     with pytest.raises(ValueError, match="variant='torch' .* needs NCCL, one GPU per rank.*use variant='block'"):
-        gh.check_variant_backend([job], ["cuda:0", "cuda:0"])
-    gh.check_variant_backend([job], ["cuda:0", "cuda:1"])
-    gh.check_variant_backend([job], ["cpu", "cpu"])
-    gh.check_variant_backend([gh.tensor_parallel_job(job, "block")], ["cuda:0", "cuda:0"])
+        gh.check_variant_backend([job], places_of("cuda:0=1GiB,cuda:0=1GiB"))
+    gh.check_variant_backend([job], places_of("cuda:0,cuda:1"))
+    gh.check_variant_backend([job], places_of("cpu,cpu"))
+    gh.check_variant_backend([gh.tensor_parallel_job(job, "block")], places_of("cuda:0=1GiB,cuda:0=1GiB"))
 
 
 def processes_left(before: set[int]) -> list:
@@ -139,7 +146,7 @@ def test_a_rank_that_raises_exits_or_hangs_is_named_in_one_line(tiny_path, monke
 @pytest.mark.timeout(60)
 def test_a_run_past_its_deadline_is_ended_naming_the_ranks_still_running():
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    job = gh.RankJob(gh.TensorParallelError, prepare_setup, serve_forever, ["cpu", "cpu"], None,
+    job = gh.RankJob(gh.TensorParallelError, prepare_setup, serve_forever, "cpu,cpu", None,
                      gh.LaunchOptions(deadline=3))
     started = time.time()
     with pytest.raises(gh.TensorParallelError, match=r"^tensor-parallel rank 0 did not finish within the run's "
