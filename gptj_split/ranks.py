@@ -27,7 +27,6 @@ DEFAULT_TIMEOUT = 60.0  # seconds a rank waits for another in a collective (once
 DEFAULT_DEADLINE = 3600.0  # seconds a run of prompts started from a notebook may take in all, loading included
 LOAD_RATE_FLOOR = 20e6  # bytes/s: the slowest disk a load may read from before its ranks give up on each other
 CONFIG_ERRORS = (ValueError, MemoryError, FileNotFoundError)  # refused before loading: passed on as they are
-FAULT_VARIABLE = "GPTJ_TEST_FAULT"  # tests only: "RANK:STEP:raise|exit|hang", read by fault_point in every rank
 # what every rank process imports: the fork server imports it once, before it forks any of them
 RANK_IMPORTS = ["__main__", "gptj_split.preload"]
 
@@ -137,24 +136,6 @@ def configure_worker(threads: int | None, cpus: list[int] | None) -> None:
         torch.set_num_threads(threads)
         with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
             torch.set_num_interop_threads(threads)
-
-
-def fault_point(kind: str, rank: int, step: int) -> None:
-    """Tests only: the rank named in $GPTJ_TEST_FAULT ("RANK:STEP:MODE") raises, exits at once or hangs when it
-    reaches token STEP. No public function or flag reaches this; the runtime's processes inherit the variable."""
-    spec = os.environ.get(FAULT_VARIABLE)
-    if not spec:
-        return
-    r, s, mode = spec.split(":")
-    if int(r) != rank or int(s) != step:
-        return
-    message = f"injected fault: {kind} {rank} stops after {step} token(s)"
-    print(message + f" ({mode})", file=sys.stderr, flush=True)
-    if mode == "exit":
-        os._exit(3)
-    while mode == "hang":
-        time.sleep(1)
-    raise RuntimeError(message)
 
 
 def join_ranks(job: RankJob, place: RankPlace, world_size: int, init_method: str = "env://",
@@ -319,15 +300,39 @@ def rank_main(job: RankJob, places: list[RankPlace], rank: int, init_method: str
         if rank == 0:
             write_file(Path(folder, "result.pkl"), pickle.dumps(result))
     except BaseException as err:
-        report = {"rank": rank, "time": time.time(), "error": err, "text": f"{type(err).__name__}: {err}",
-                  "traceback": traceback.format_exc(), "neighbour": is_neighbour_error(err)}
         try:
-            data = pickle.dumps(report)
-        except Exception:  # an exception that cannot be pickled travels as its text
-            data = pickle.dumps({**report, "error": None})
-        write_file(Path(folder, f"rank{rank}.pkl"), data)
+            pickled = pickle.dumps(err)
+        except Exception:  # an exception that cannot be pickled travels as its type name and text
+            pickled = None
+        report = FailureReport(rank, time.time(), f"{type(err).__name__}: {err}", traceback.format_exc(),
+                               is_neighbour_error(err), pickled)
+        write_file(Path(folder, f"rank{rank}.pkl"), pickle.dumps(report))
         leave_process(1)  # the caller reports it, naming the rank
     leave_process()
+
+
+@dataclass
+class FailureReport:
+    """What a failed rank leaves for its caller: when, its error's type name and text, its traceback, whether it only
+    lost a neighbour, and the error itself, pickled apart so that one which cannot be rebuilt loses only itself."""
+
+    rank: int
+    time: float
+    text: str
+    traceback: str = ""
+    neighbour: bool = False
+    pickled: bytes | None = None
+
+    @property
+    def error(self) -> BaseException | None:
+        """The rank's own exception, rebuilt here; None where it could not travel or cannot be rebuilt (its type
+        name and text are in `text` all the same)."""
+        import pickle
+
+        try:
+            return pickle.loads(self.pickled) if self.pickled is not None else None
+        except Exception:
+            return None
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -422,20 +427,20 @@ def describe_failure(job: RankJob, folder: str, failed: dict[int, float], runnin
                          f"(still running: {', '.join(map(str, overdue))})")
     reports = [pickle.loads(p.read_bytes()) for p in Path(folder).glob("rank*.pkl")]
     for r, t in failed.items():
-        if not any(rep["rank"] == r for rep in reports):  # died without a word: killed, or exited hard
-            reports.append({"rank": r, "time": t, "error": None, "text": f"process exited with code "
-                            f"{procs[r].exitcode}", "traceback": "", "neighbour": False})
-    own = [rep for rep in reports if not rep["neighbour"]]
+        if not any(rep.rank == r for rep in reports):  # died without a word: killed, or exited hard
+            reports.append(FailureReport(r, t, f"process exited with code {procs[r].exitcode}"))
+    own = [rep for rep in reports if not rep.neighbour]
     if not own and running:  # everyone who spoke lost a neighbour: the one that never answered hung
-        first = min(reports, key=lambda rep: rep["time"])
+        first = min(reports, key=lambda rep: rep.time)
         error = job.error(running[0], f"hung: no answer within the {job.options.timeout:g} s timeout "
-                          f"({job.error.kind} {first['rank']} waited for it: {first['text']})", first["time"])
-        error.__cause__ = first["error"]
+                          f"({job.error.kind} {first.rank} waited for it: {first.text})", first.time)
+        error.__cause__ = first.error
         return error
-    first = min(own or reports, key=lambda rep: rep["time"])
-    if isinstance(first["error"], CONFIG_ERRORS):  # a bad configuration, refused before loading
-        return first["error"]
-    text = first["text"].strip().splitlines()[0] if first["text"].strip() else first["text"]
-    error = job.error(first["rank"], f"failed: {text}", first["time"], first["traceback"])
-    error.__cause__ = first["error"]
+    first = min(own or reports, key=lambda rep: rep.time)
+    cause = first.error
+    if isinstance(cause, CONFIG_ERRORS):  # a bad configuration, refused before loading
+        return cause
+    text = first.text.strip().splitlines()[0] if first.text.strip() else first.text
+    error = job.error(first.rank, f"failed: {text}", first.time, first.traceback)
+    error.__cause__ = cause
     return error

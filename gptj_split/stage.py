@@ -16,7 +16,6 @@ from .plan import Plan
 from .records import EventClock, MemoryRow
 from .place import WeightReader, block_prefix, kv_bytes, replace_module, tensor_bytes
 from .sampling import position_ids
-from .ranks import fault_point
 from .jobs import PipelineJob, next_tokens
 
 
@@ -230,7 +229,6 @@ def run_stage(stage: PipelineStage, job: PipelineJob, clock: EventClock, relay=N
     stopping = False  # last stage: a stop was sent, this step is the last
     with torch.inference_mode():
         for step in range(steps):
-            fault_point("pipeline stage", rank, step)
             clock.step = step
             for m in range(len(rows)):
                 if first:

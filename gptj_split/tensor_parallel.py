@@ -23,7 +23,7 @@ from .generate import make_streamer
 from .relay import TokenRelay
 from .hardware import Hardware
 from .launch import Launch, RankPlace, check_place_dtype, notebook_places, plan_spec, torchrun_places, with_plan
-from .ranks import LaunchOptions, RankContext, RankError, RankJob, fault_point, loading, run_jobs, start_ranks
+from .ranks import LaunchOptions, RankContext, RankError, RankJob, loading, run_jobs, start_ranks
 from .jobs import PipelineJob, locate_model, make_job, merge_results, model_folder, next_tokens, prompts_job
 from .shards import VARIANTS, RankModel, build_rank_model, forward_rank, plan_tensor_parallel
 
@@ -191,7 +191,6 @@ def run_rank(rm: RankModel, job: TensorParallelJob, t0: float, relay=None) -> di
     tokens, kept = [], []
     with torch.inference_mode():
         for step in range(job.max_new_tokens):
-            fault_point("tensor-parallel rank", rm.rank, step)
             rm.clock.step = step
             start = rm.clock.stamp(dev)
             logits = forward_rank(rm, x, mask, cache)

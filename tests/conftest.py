@@ -15,6 +15,22 @@ if WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // WORKERS)))
 
 ROOT = Path(__file__).resolve().parents[1]
+FAULTS = ROOT / "tests" / "faults"  # the test-only route for faults into rank processes (its sitecustomize.py)
+# first on the path of every process the tests start, before any rank runs (so the ranks' fork server has it too)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH", "")) if p)
+FAULT_VARIABLE = "GPTJ_TEST_FAULT"  # "RANK:STEP:raise|exit|hang", read by tests/faults/sitecustomize.py
+
+
+def install_faults_here() -> None:
+    """The same route in this process (commands called in process, as rank 0 of a torchrun launch), before any test
+    imports the package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gptj_test_faults", FAULTS / "sitecustomize.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+install_faults_here()
 VERSIONS_SHOWN = ("torch", "transformers", "huggingface_hub", "ipywidgets")
 
 

@@ -225,10 +225,10 @@ def test_a_rank_error_keeps_its_type_and_cause_in_its_callers_words(tmp_path, er
         exitcode = 1
 
     def report(err, neighbour=False, rank=1, at=1.0):
-        return {"rank": rank, "time": at, "error": err, "text": f"{type(err).__name__}: {err}", "traceback": "",
-                "neighbour": neighbour}
+        return gptj_split.ranks.FailureReport(rank, at, f"{type(err).__name__}: {err}", "", neighbour,
+                                              pickle.dumps(err))
 
-    job = gh.RankJob(error, None, None, ["cpu", "cpu"], None, gh.LaunchOptions(timeout=7, deadline=30))
+    job = gh.RankJob(error, None, None, "cpu,cpu", None, gh.LaunchOptions(timeout=7, deadline=30))
     describe = gptj_split.ranks.describe_failure
     (tmp_path / "rank1.pkl").write_bytes(pickle.dumps(report(FileNotFoundError("no weights here"))))
     got = describe(job, str(tmp_path), {1: 1.0}, [], [], [Proc(), Proc()])
@@ -243,6 +243,18 @@ def test_a_rank_error_keeps_its_type_and_cause_in_its_callers_words(tmp_path, er
     assert str(got).startswith(f"{words} hung: no answer within the 7 s timeout") and got.rank == 1
     got = describe(job, str(tmp_path), {}, [0, 1], [0, 1], [Proc(), Proc()])
     assert str(got).startswith(f"{words[:-2]} 0 did not finish within the run's deadline of 30 s")
+    # an exception that pickles but cannot be rebuilt (its __init__ wants two arguments) still reaches the caller by
+    # its type name and text
+    (tmp_path / "rank1.pkl").write_bytes(pickle.dumps(report(Unrebuildable("half", "the story"))))
+    got = describe(job, str(tmp_path), {1: 1.0}, [], [], [Proc(), Proc()])
+    assert str(got) == f"{words} failed: Unrebuildable: half and the story" and got.__cause__ is None
+
+
+class Unrebuildable(Exception):
+    """An exception pickle can write but not read back (its args are not its __init__'s)."""
+
+    def __init__(self, first, second):
+        super().__init__(f"{first} and {second}")
 
 
 def test_neighbour_errors_are_recognised_by_class():
@@ -426,3 +438,13 @@ def test_in_place_runs_refuse_a_busy_machine_unless_forced(tmp_path):
         os.kill(pid, signal.SIGKILL)
     recorded = nbformat.read(path, as_version=4).metadata["recorded"]
     assert recorded["forced"] and recorded["others_cpu_share_before"] > gh.QUIET_SHARE
+
+
+def test_no_test_hooks_in_the_product():
+    """Faults reach rank processes only through tests/faults/sitecustomize.py: no product module reads a fault
+    variable or calls a fault point."""
+    import re
+
+    for file in PACKAGE.glob("*.py"):
+        text = file.read_text()
+        assert not re.search(r"\bfault|GPTJ_TEST", text, flags=re.I), f"{file.name} holds a test hook"

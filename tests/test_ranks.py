@@ -11,7 +11,7 @@ import torch
 import gptj_helpers as gh
 import gptj_split.launch
 import gptj_split.ranks
-from conftest import call_cli
+from conftest import FAULT_VARIABLE, call_cli
 
 PROMPTS = ["The list", "A dictionary is a mapping of"]
 
@@ -131,7 +131,7 @@ def run_client(client: str, tiny_path, options):
 ], ids=["raise", "exit", "hang"])
 def test_a_rank_that_raises_exits_or_hangs_is_named_in_one_line(tiny_path, monkeypatch, client, error, mode, detail):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    monkeypatch.setenv(gptj_split.ranks.FAULT_VARIABLE, f"1:3:{mode}")  # the test-only route to the ranks
+    monkeypatch.setenv(FAULT_VARIABLE, f"1:3:{mode}")  # the test-only route to the ranks
     started = time.time()
     with pytest.raises(error) as info:
         run_client(client, tiny_path, gh.LaunchOptions(timeout=4, deadline=60))
@@ -171,7 +171,7 @@ def test_under_torchrun_a_rank_that_fails_ends_the_command_naming_it(tiny_path, 
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(gh.free_port()))):
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv(gptj_split.ranks.FAULT_VARIABLE, "0:1:raise")
+    monkeypatch.setenv(FAULT_VARIABLE, "0:1:raise")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The list\n")
     given = ["--prompts-file", prompts] if command == "pipeline" else ["--prompt", "The list"]

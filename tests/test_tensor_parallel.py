@@ -16,7 +16,7 @@ import torch
 import gptj_helpers as gh
 import gptj_split.ranks
 import gptj_split.tensor_parallel
-from conftest import ROOT, call_cli
+from conftest import FAULT_VARIABLE, ROOT, call_cli
 
 PROMPTS = ["The list", "A dictionary is a mapping of", "Hello"]
 NEW = 8
@@ -201,7 +201,7 @@ def generate_stdout(tiny_path, *flags) -> str:
 def test_self_launched_rank_that_dies_ends_run_naming_it(tiny_path, capsys, monkeypatch):
     """The CLI starting its own ranks (run_tensor_parallel_jobs): rank 1 exits mid-generation."""
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    monkeypatch.setenv(gptj_split.ranks.FAULT_VARIABLE, "1:2:exit")  # the test-only route to the ranks
+    monkeypatch.setenv(FAULT_VARIABLE, "1:2:exit")  # the test-only route to the ranks
     with pytest.raises(SystemExit, match="^error: tensor-parallel rank 1 failed: process exited with code 3$") as info:
         gh.main(["tensor-parallel", "--model", str(tiny_path), "--devices", "cpu,cpu", "--prompt", PROMPTS[0],
                  "--max-new-tokens", str(NEW), "--timeout", "20"])
