@@ -107,7 +107,7 @@ def read_spec(spec: str) -> list[DeviceEntry]:
 
 
 def read_device_name(name: str, part: str) -> tuple[str, int | None]:
-    """"cpu", "cuda" or "cuda:N" as (kind, index), refusing anything else by the spec part at fault."""
+    """"cpu", "cuda" or "cuda:N" as (kind, index), refusing anything else by the spec part to blame."""
     try:
         dev = torch.device(name)
     except RuntimeError as err:

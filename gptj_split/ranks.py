@@ -417,7 +417,7 @@ def start_ranks(job: RankJob, model=None):
 
 def describe_failure(job: RankJob, folder: str, failed: dict[int, float], running: list[int], overdue: list[int],
                      procs) -> Exception:
-    """The error that ended a run: a configuration error as it was raised; else the rank at fault as the client's
+    """The error that ended a run: a configuration error as it was raised; else the rank to blame as the client's
     RankError, in one line, with its own exception as the cause. A rank's own error beats the transport errors the
     others then see; a rank still running when the others gave up waiting for it hung."""
     import pickle
