@@ -3,8 +3,8 @@
 Usage:  python assets/train_tiny.py gptj_split/tiny-gptj            # train (minutes on a CPU), save, evaluate
         python assets/train_tiny.py gptj_split/tiny-gptj --evaluate # only evaluate the saved model
 
-The text is `gh.training_text()`'s source, the standard library's pydoc help topics; the last 10% of the
-topics (in sorted order) are held out from the weights. The tokenizer is `gh.train_tiny_tokenizer`'s, the very one
+The text is `training_text()`'s source, the standard library's pydoc help topics; the last 10% of the
+topics (in sorted order) are held out from the weights. The tokenizer is `train_tiny_tokenizer`'s, the very one
 the random tiny model uses (its merges were counted on all topics), so both models' losses are in the same units.
 Not used by the notebooks: they load the result.
 """
@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gptj_helpers as gh  # noqa: E402
+from gptj_split.models import quiet_progress, tiny_model_path, train_tiny_tokenizer
 
 # Settings: one seed, a fixed number of steps (not a time budget), so a rerun gives the same weights.
 SEED = 0
@@ -126,7 +127,7 @@ def train(out_dir: Path) -> float:
     """Train from the random tiny model's starting point and save weights + tokenizer into out_dir; seconds spent."""
     from transformers import AutoTokenizer, GPTJForCausalLM
 
-    gh.train_tiny_tokenizer(out_dir)
+    train_tiny_tokenizer(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
     train_names, held_names = split_topics()
     train_ids, held_ids = encode_topics(tokenizer, train_names), encode_topics(tokenizer, held_names)
@@ -159,7 +160,7 @@ def train(out_dir: Path) -> float:
                   flush=True)
     seconds = time.perf_counter() - start
     model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.0
-    with gh.quiet_progress():
+    with quiet_progress():
         model.eval().save_pretrained(str(out_dir))
     return seconds
 
@@ -173,7 +174,7 @@ def evaluate(path: Path) -> dict:
     held_ids = encode_topics(tokenizer, held_names)
     vocabulary = text_vocabulary(train_names)
     results = {}
-    for label, folder in (("trained", path), ("random", gh.tiny_model_path())):
+    for label, folder in (("trained", path), ("random", tiny_model_path())):
         model = gh.load_model(str(folder))
         loss = held_out_loss(model, held_ids)
         texts = sample_texts(model, tokenizer)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 import gptj_helpers as gh
+from gptj_split.models import quiet_progress
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -26,7 +27,7 @@ def save_random_model(config, out: Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPTJForCausalLM(config).eval()
-    with gh.quiet_progress():
+    with quiet_progress():
         model.save_pretrained(str(out))
     copy_tiny_tokenizer(out)
     return Path(out)

@@ -3,7 +3,7 @@
 Everything else in this project runs on a tiny stand-in; this script shows that splitting, memory accounting and
 the pipeline hold at the real size (random weights: the real ones cannot be downloaded everywhere, and the
 numbers do not depend on the values). Each stage process materialises only its own stage's weights, tensor by
-tensor from per-tensor seeds (`gh.place_stages` on a folder written by `gh.write_random_model`: a config and a
+tensor from per-tensor seeds (`gh.place_stages` on a folder written by `write_random_model`: a config and a
 seed, no weights on disk), so any process rebuilds any module identically.
 
 1. measures this machine's copy bandwidth (one core, then all), the physical limit of decoding;
@@ -37,6 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gptj_helpers as gh  # noqa: E402
+from gptj_split.devices import peak_rss, reset_peak_rss  # noqa: E402
+from gptj_split.generate import StageRecorder  # noqa: E402
+from gptj_split.random_models import write_random_model  # noqa: E402
 from common import copy_tiny_tokenizer  # noqa: E402
 from common import time_generate as common_time_generate  # noqa: E402
 
@@ -130,7 +133,7 @@ def time_generate(model, ids: torch.Tensor, new_tokens: int, threads: int) -> di
     torch.set_num_threads(threads)
     try:
         common_time_generate(model, ids, 2)  # warm-up
-        with gh.StageRecorder(model) as recorder:
+        with StageRecorder(model) as recorder:
             run = common_time_generate(model, ids, new_tokens)
     finally:
         torch.set_num_threads(old)
@@ -139,12 +142,12 @@ def time_generate(model, ids: torch.Tensor, new_tokens: int, threads: int) -> di
 
 def run_naive(config, plan: gh.Plan, ids: torch.Tensor, new_tokens: int, seed: int, threads: list[int]) -> dict:
     """Build the naive split in this process from the seeds; generate with each thread count; peak RSS over it all."""
-    baseline = gh.reset_peak_rss()
+    baseline = reset_peak_rss()
     start = time.perf_counter()
     model = gh.place_stages(config, plan, torch.bfloat16, seed=seed)
     build = time.perf_counter() - start
     runs = {t: time_generate(model, ids, new_tokens, t) for t in threads}
-    peak = gh.peak_rss()
+    peak = peak_rss()
     memory = gh.measure_memory(model, runs[threads[-1]]["cache"])
     for run in runs.values():
         del run["cache"]
@@ -190,14 +193,14 @@ def main() -> int:
 
     # 2. the pipeline: one process per stage, one thread each, pinned to its own core
     with tempfile.TemporaryDirectory(prefix="gptj-full-size-") as tmp:
-        folder = gh.write_random_model(config, Path(tmp) / "model", seed=args.seed)
+        folder = write_random_model(config, Path(tmp) / "model", seed=args.seed)
         copy_tiny_tokenizer(folder)
         mask = torch.ones_like(ids)
         jobs = [gh.make_job(ids, mask, 1, max_new_tokens=2, greedy=True, seed=0),  # warm-up
                 gh.make_job(ids, mask, 1, max_new_tokens=args.new_tokens, greedy=True, seed=0)]
         start = time.perf_counter()
         options = gh.LaunchOptions(timeout=args.timeout, threads=1, affinity=[[cores[0]], [cores[1]]])
-        record = gh.run_pipeline_jobs(str(folder), None, jobs, plan=plan, dtype=dtype, options=options)[-1]
+        record = gh.run_pipeline(str(folder), jobs, plan=plan, dtype=dtype, options=options)[-1]
         pipeline_wall = time.perf_counter() - start
     print(f"pipeline: 2 stage processes done in {pipeline_wall:.1f} s (start, build, warm-up, run, exit)", flush=True)
 

@@ -37,6 +37,12 @@ import traceback
 import torch
 
 import gptj_helpers as gh
+from gptj_split.compiled import compare_runs
+from gptj_split.devices import peak_rss, reset_peak_rss
+from gptj_split.generate import run_generate
+from gptj_split.models import mini_config
+from gptj_split.plan import as_config
+from gptj_split.quantize import MissingBackend, check_backend
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +101,7 @@ def sized(full_size: bool, device: str):
     cuda = device.startswith("cuda")
     if full_size:
         return "gpt-j-6b-random", "gpt-j-6b-random", torch.float16 if cuda else torch.bfloat16, "10GiB"
-    return gh.mini_config(), "tiny", torch.float16 if cuda else torch.float32, "64MiB"
+    return mini_config(), "tiny", torch.float16 if cuda else torch.float32, "64MiB"
 
 
 def check_params(plan, record, rel: float = 0.01) -> None:
@@ -115,7 +121,7 @@ def full_size_naive(tokens: int, device: str = "cuda:0", full_size: bool = True)
     read_rate = gh.read_bandwidth(device, GIB if full_size else GIB // 8)  # half of what the copy moves
     print(f"copy bandwidth on {device} ({'1 GiB' if full_size else '128 MiB'}, read + write): "
           f"{2 * read_rate / 1e9:.0f} GB/s")
-    base_rss = gh.reset_peak_rss()
+    base_rss = reset_peak_rss()
     plan = gh.plan_split(model_name, f"3x{device}={budget}", dtype=dtype,
                          prompt_tokens=len(tokenizer(PROMPT)["input_ids"]), max_new_tokens=tokens)
     print(gh.format_plan(plan))
@@ -129,7 +135,7 @@ def full_size_naive(tokens: int, device: str = "cuda:0", full_size: bool = True)
     print(gh.format_timing(record))
     check(f"generated {tokens} tokens", record.new_tokens == tokens)
     check_params(plan, record)
-    print("estimate vs measured:\n" + gh.format_estimates(gh.compare_estimates(record, gh.as_config(model_name))))
+    print("estimate vs measured:\n" + gh.format_estimates(gh.compare_estimates(record, as_config(model_name))))
     planned = sum(st.param_bytes + st.kv_cache_bytes for st in plan.devices)
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated(device)
@@ -141,7 +147,7 @@ def full_size_naive(tokens: int, device: str = "cuda:0", full_size: bool = True)
     rate = weights / seconds
     print(f"decode {record.tokens_per_second:.1f} tokens/s = {seconds * 1000:.1f} ms/token; weights read per token "
           f"{gh.format_size(weights)} -> {rate / 1e9:.0f} GB/s = {rate / read_rate:.2f} x the copy's read rate")
-    rss = gh.peak_rss()
+    rss = peak_rss()
     if base_rss is not None and rss is not None:
         print(f"host peak RSS over this case's start: {gh.format_size(rss - base_rss)} (Colab has 12.7 GB in all)")
     del model
@@ -168,7 +174,7 @@ def compiled_case(tokens: int, device: str = "cuda:0", full_size: bool = True) -
     start = time.perf_counter()
     gh.generate_compiled(compiled, tokenizer, PROMPT, max_new_tokens=tokens, greedy=True)
     print(f"first compiled run (compiling): {time.perf_counter() - start:.1f} s", flush=True)
-    _, eager = gh.run_generate(model, tokenizer, PROMPT, tokens, greedy, output_logits=True)
+    _, eager = run_generate(model, tokenizer, PROMPT, tokens, greedy, output_logits=True)
     _, fast = gh.generate_compiled(compiled, tokenizer, PROMPT, max_new_tokens=tokens, greedy=True, keep_logits=True)
     check(f"generated {tokens} tokens compiled", fast.new_tokens == tokens and fast.mode == "compiled")
     weights = gh.decode_limit(model, prompt_tokens + tokens // 2, read_rate)["bytes"]
@@ -177,7 +183,7 @@ def compiled_case(tokens: int, device: str = "cuda:0", full_size: bool = True) -
         print(f"{label:8} decode {record.tokens_per_second:7.1f} tokens/s; {gh.format_size(weights)} read per token "
               f"-> {rate / 1e9:.0f} GB/s = {rate / read_rate:.2f} x the copy's read rate")
     print(f"compiled decode speedup: {fast.tokens_per_second / eager.tokens_per_second:.2f}x")
-    diff = gh.compare_runs(eager, fast)
+    diff = compare_runs(eager, fast)
     print(f"first divergence: {diff['first_divergence']} (None: none in {diff['steps']} tokens); largest logit "
           f"difference before it {diff['largest_logit_difference']:.2e}")
     if not device.startswith("cuda"):  # float32 on the CPU: the same tokens; float16 on CUDA may part ways, reported
@@ -189,8 +195,8 @@ def compiled_case(tokens: int, device: str = "cuda:0", full_size: bool = True) -
 def backend_missing(weights: str, backend: str | None = None, device: str = "cuda:0") -> str | None:
     """Why a quantized case cannot run here (its backend is not installed, or not for this device), else None."""
     try:
-        gh.check_backend(weights, backend, [device])
-    except (gh.MissingBackend, ValueError) as err:
+        check_backend(weights, backend, [device])
+    except (MissingBackend, ValueError) as err:
         return str(err)
     return None
 
@@ -220,7 +226,7 @@ def quantized_case(tokens: int, weights: str, device: str = "cuda:0", full_size:
     print(f"placed and quantized block by block in {time.perf_counter() - start:.1f} s")
     if cuda:
         loading_peak = torch.cuda.max_memory_allocated(device)
-        block16 = gh.module_sizes(gh.as_config(model_name), torch.float16)["block"]
+        block16 = gh.module_sizes(as_config(model_name), torch.float16)["block"]
         bound = plan.devices[0].param_bytes + 1.5 * block16
         check(f"peak while quantizing {gh.format_size(loading_peak)} within plan + 1.5 x one float16 block "
               f"{gh.format_size(bound)}", loading_peak <= bound)

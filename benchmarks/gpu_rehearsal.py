@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gptj_helpers as gh  # noqa: E402
+from gptj_split.devices import peak_rss, reset_peak_rss  # noqa: E402
 from gptj_split.ranks import cap_memory  # noqa: E402
 
 PROMPT = "Thanks very much to Paul for his awesome notebook"
@@ -65,7 +66,7 @@ def rehearse_colab(device: str, tokens: int) -> None:
     model, dtype = sized(device)
     spec = line_spec("colab", device)
     print("\n".join(p.line() for p in gh.pipeline_dry_run(model, spec, max_new_tokens=tokens, dtype=dtype)))
-    base_rss = gh.reset_peak_rss()
+    base_rss = reset_peak_rss()
     plan = gh.plan_split(model, spec, dtype=dtype, prompt_tokens=16, max_new_tokens=tokens)
     budget = plan.devices[0].budget_bytes
     if device.startswith("cuda"):
@@ -84,7 +85,7 @@ def rehearse_colab(device: str, tokens: int) -> None:
         peak = torch.cuda.max_memory_allocated(plan.devices[0].device)
         check(f"{plan.devices[0].device} peak {gh.format_size(peak)} within its budget {gh.format_size(budget)}",
               peak <= budget)
-    rss = gh.peak_rss()
+    rss = peak_rss()
     if base_rss is not None and rss is not None:
         check(f"host peak RSS {rss / 1e9:.2f} GB within Colab's {HOST_RAM['colab'] / 1e9} GB", rss <= HOST_RAM["colab"])
     del split
@@ -100,7 +101,7 @@ def rehearse_kaggle(device: str, tokens: int) -> None:
     if places[0].backend == "gloo" and device.startswith("cuda"):
         print("one GPU here: Kaggle's two T4s rehearsed as two budget slices of it, over gloo (NCCL needs a GPU each)")
     options = gh.LaunchOptions(cap_memory=device.startswith("cuda"))
-    rss = gh.peak_rss()
+    rss = peak_rss()
     _, record = gh.run_pipeline(model, [PROMPT], spec, max_new_tokens=tokens, greedy=True, dtype=dtype,
                                 options=options)
     print(gh.format_timing(record))

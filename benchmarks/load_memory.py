@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gptj_helpers as gh  # noqa: E402
+from gptj_split.models import quiet_progress
 
 
 def rss() -> int:
@@ -83,7 +84,7 @@ def main() -> None:
                         n_positions=2048, bos_token_id=0, eos_token_id=0)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        with gh.quiet_progress():
+        with quiet_progress():
             GPTJForCausalLM(config).save_pretrained(tmp)
         size = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
         plan = gh.plan_split(config, "2xcpu", dtype=torch.bfloat16)

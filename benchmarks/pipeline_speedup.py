@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import gptj_helpers as gh
+from gptj_split.compare import balanced_plans
 
 
 def breakdown(record, start: float, end: float) -> list[dict]:
@@ -77,7 +78,7 @@ def main() -> int:
               f"torch {torch.__version__}")
         # measured seconds per module, one thread, for one micro-batch of each phase: the planner balances these
         model = gh.load_model(str(path))
-        plans = gh.balanced_plans(model, prefill_ids, decode_ids, args.prefill_micro_batches,
+        plans = balanced_plans(model, prefill_ids, decode_ids, args.prefill_micro_batches,
                                   args.decode_micro_batches, cores)
         del model
         for phase, plan in plans.items():

@@ -23,6 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gptj_helpers as gh  # noqa: E402
+from gptj_split.devices import peak_rss, reset_peak_rss
+from gptj_split.place import stored_bytes
+from gptj_split.quantize import check_backend
 from gptj_split import quality  # noqa: E402
 
 FORMATS = [*quality.FORMAT_ROWS]  # float32, bfloat16, int8 (torchao), int8 (bitsandbytes), nf4 (bitsandbytes)
@@ -74,12 +77,12 @@ def child_peak(model: str, width: int, layers: int, label: str, dtype: str) -> N
     config = gh.load_config(model) if model else blocks_config(width, layers)
     weights, backend = QUANTIZED[label]
     plan = gh.plan_split(config, "cpu=100GiB", dtype=dtype, weights=weights)
-    gh.check_backend(weights, backend)  # imports the backend before the baseline
+    check_backend(weights, backend)  # imports the backend before the baseline
     gh.meta_model(config)  # and transformers' lazy modules
-    base = gh.reset_peak_rss()
+    base = reset_peak_rss()
     placed = gh.place_quantized(model or config, plan, backend=backend)
-    peak = gh.peak_rss()
-    measured = sum(gh.stored_bytes(p) for p in placed.parameters())  # the plan counts parameters, not rotary tables
+    peak = peak_rss()
+    measured = sum(stored_bytes(p) for p in placed.parameters())  # the plan counts parameters, not rotary tables
     print(json.dumps({"peak": peak - base if base is not None and peak is not None else None,
                       "planned": plan.devices[0].param_bytes, "measured": measured,
                       "block_dtype": gh.module_sizes(config, getattr(torch, dtype))["block"]}))

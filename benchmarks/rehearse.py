@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gptj_helpers as gh  # noqa: E402
+from gptj_split.convert import jax_config_of  # noqa: E402
+from gptj_split.models import seeded_tensor  # noqa: E402
+from gptj_split.setups import setup_hardware  # noqa: E402
 from ledger import LEDGER_CELL, LEDGER_VARIABLE, Watchdog, read_ledger  # noqa: E402
 from gptj_split.measure import measure_command  # noqa: E402
 
@@ -62,7 +65,7 @@ def cpu_devices(setup: str, quick: bool) -> str:
     """A README line's devices on the CPU: as many, with the same budgets (with --quick, budgets the tiny model
     fills as GPT-J-6B fills the real ones)."""
     spec = gh.SETUPS[setup][1]
-    budgets = [d.budget_bytes for d in gh.parse_devices(spec, gh.setup_hardware(setup))]
+    budgets = [d.budget_bytes for d in gh.parse_devices(spec, setup_hardware(setup))]
     if quick:
         return ",".join(f"cpu={max(4, 24 // len(budgets))}MiB" for _ in budgets)
     return ",".join(f"cpu={b / GIB:g}GiB" for b in budgets)
@@ -175,7 +178,7 @@ def rehearse_conversions(quick: bool, work: Path) -> list[dict]:
     from convert_memory import largest_merged_bytes, write_random_slim
 
     config = gptj_width_config(2, quick)
-    jcfg = {**gh.jax_config_of(config), "layers": 2}
+    jcfg = {**jax_config_of(config), "layers": 2}
     largest = largest_merged_bytes(jcfg)
     rows = []
     bin_dir = work / "bin"
@@ -183,7 +186,7 @@ def rehearse_conversions(quick: bool, work: Path) -> list[dict]:
     config.save_pretrained(str(bin_dir))
     state = {}
     for name, shape in ((n, p.shape) for n, p in gh.meta_model(config).named_parameters()):
-        state[name] = gh.seeded_tensor(name, shape, config, 0, torch.float16, torch.device("cpu"))
+        state[name] = seeded_tensor(name, shape, config, 0, torch.float16, torch.device("cpu"))
     torch.save(state, bin_dir / "pytorch_model.bin")
     del state
     run = measure_command(["convert-bin", str(bin_dir), str(work / "from-bin"), "--no-progress"])

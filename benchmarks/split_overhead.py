@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import gptj_helpers as gh
+from gptj_split.models import mini_config
 from common import save_random_model
 
 
@@ -68,7 +69,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bench("tiny", gh.resolve_model("tiny"), args.reps, args.tokens, args.prompt)
     with tempfile.TemporaryDirectory() as tmp:
-        bench("mini", save_random_model(gh.mini_config(), Path(tmp)), args.reps, args.tokens, args.prompt)
+        bench("mini", save_random_model(mini_config(), Path(tmp)), args.reps, args.tokens, args.prompt)
     print("\ngoal: ratio >= 0.95 (the split costs at most 5% of tokens/s)")
 
 

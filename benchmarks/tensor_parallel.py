@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import gptj_helpers as gh
+from gptj_split.devices import peak_rss, reset_peak_rss
 from gptj_split.random_models import bench_config, write_bench_model
 from gptj_split.tp_compare import comm_per_token, compare_splits, decode_seconds, decode_seconds_of, pinned
 
@@ -77,20 +78,20 @@ def full_size(args, cores: list[int]) -> None:
                          max_new_tokens=args.tokens)
     print(f"model: GPT-J-6B, random weights, bfloat16, 2 devices; one prompt of {args.prompt_tokens} tokens, "
           f"{args.tokens} new", flush=True)
-    baseline = gh.reset_peak_rss()
+    baseline = reset_peak_rss()
     naive = gh.place_stages(path, plan, dtype=torch.bfloat16)
     rows = {}
     for threads in (1, 2):
         with pinned(cores[:threads], threads):
             seconds, out = decode_seconds(naive, ids, args.tokens)
-        rows[f"naive split, {threads} thread(s)"] = (seconds, [gh.peak_rss() - baseline])
+        rows[f"naive split, {threads} thread(s)"] = (seconds, [peak_rss() - baseline])
     del naive
     gc.collect()
     job = gh.make_job(ids, torch.ones_like(ids), 1, args.tokens, greedy=True)
     one_core = gh.LaunchOptions(threads=1, affinity=[[c] for c in cores])
-    pipe = gh.run_pipeline_jobs(path, None, [job], plan=plan, dtype=torch.bfloat16, options=one_core)[0]
+    pipe = gh.run_pipeline(path, [job], plan=plan, dtype=torch.bfloat16, options=one_core)[0]
     rows["pipeline, 2 stages"] = (decode_seconds_of(pipe), [m.peak_rss_bytes for m in pipe.memory])
-    tp = gh.run_tensor_parallel_jobs(path, "cpu,cpu", [gh.tensor_parallel_job(job)], dtype=torch.bfloat16,
+    tp = gh.run_tensor_parallel(path, [gh.variant_job(job)], "cpu,cpu", dtype=torch.bfloat16,
                                      options=one_core)[0]
     rows["tensor parallel, 2 ranks"] = (decode_seconds_of(tp), [m.peak_rss_bytes for m in tp.memory])
     print(f"tokens equal (naive, pipeline, tensor parallel): "

@@ -30,8 +30,8 @@ from .ranks import DEFAULT_TIMEOUT, LaunchOptions, RankError, leave_process, ser
 from .jobs import prompt_jobs
 from .launch import torchrun_launch
 from .pipeline import pipeline_dry_run, pipeline_job, pipeline_settings, run_pipeline
-from .tensor_parallel import (run_tensor_parallel, run_tensor_parallel_jobs, tensor_parallel_dry_run,
-                              tensor_parallel_job, tensor_parallel_rank_job, tensor_parallel_settings)
+from .tensor_parallel import (run_tensor_parallel, tensor_parallel_dry_run, tensor_parallel_job,
+                              tensor_parallel_settings, variant_job)
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> None:
@@ -201,12 +201,12 @@ def cmd_tensor_parallel(args: argparse.Namespace) -> None:
     first = not under_torchrun() or int(os.environ["RANK"]) == 0
 
     def jobs():
-        return [tensor_parallel_job(j, args.variant) for j in prompt_jobs(args.model, groups, args.max_new_tokens,
-                                                                          sampling)] if first else None
+        return [variant_job(j, args.variant) for j in prompt_jobs(args.model, groups, args.max_new_tokens,
+                                                                  sampling)] if first else None
 
     def start():
         if not args.stream:
-            return run_tensor_parallel_jobs(args.model, args.devices, jobs(), dtype, options)
+            return run_tensor_parallel(args.model, jobs(), args.devices, dtype=dtype, options=options)
         records = []  # one start of the ranks per prompt, its text relayed here token by token
         for prompts in groups:
             records.append(run_tensor_parallel(args.model, prompts, args.devices, args.max_new_tokens, args.variant,
@@ -219,7 +219,7 @@ def cmd_tensor_parallel(args: argparse.Namespace) -> None:
         relay = PrintRelay(load_tokenizer(args.model), args.prompt) if args.stream and first else None
         settings = tensor_parallel_settings(args.model, args.devices, jobs=jobs(), variant=args.variant,
                                             dtype=dtype, relay=relay)
-        return tensor_parallel_rank_job(settings, options)
+        return tensor_parallel_job(settings, options)
 
     records = launch_ranks(start, rank_job)
     if not args.stream:  # streamed: already printed as it came

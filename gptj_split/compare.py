@@ -19,7 +19,7 @@ from .plan import Plan, plan_split
 from .records import RunRecord
 from .jobs import make_job
 from .ranks import LaunchOptions
-from .pipeline import run_pipeline_jobs
+from .pipeline import run_pipeline
 
 
 @contextlib.contextmanager
@@ -146,8 +146,8 @@ def measure_pipeline_speedup(model_path: str | Path, prefill_ids: torch.Tensor, 
             run.seconds.setdefault(f"naive{threads} prefill", []).append(prefill)
             run.seconds.setdefault(f"naive{threads} decode", []).append(decode)
         for phase in ("prefill", "decode"):
-            record = run_pipeline_jobs(model_path, None, [jobs[phase], jobs[phase]], plan=plans[phase],
-                                       options=LaunchOptions(threads=1, affinity=[[c] for c in cores]))[1]
+            record = run_pipeline(model_path, [jobs[phase], jobs[phase]], plan=plans[phase],
+                                  options=LaunchOptions(threads=1, affinity=[[c] for c in cores]))[1]
             run.records[phase] = record
             run.seconds.setdefault(f"pipeline {phase}", []).append(
                 record.time_to_first_token if phase == "prefill" else record.total_seconds - record.time_to_first_token)

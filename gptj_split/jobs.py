@@ -1,6 +1,7 @@
-"""Notebooks 05 and 07: a job, what the ranks of one run generate (left-padded prompt ids, micro-batches, sampling),
-checked in the caller before any process starts; how the rank that picks tokens picks them; and the ranks' reports
-merged into one RunRecord, trimmed as `generate` trims.
+"""Notebooks 05 and 07: what both clients share as plain types. A job is what the ranks of one run generate
+(left-padded prompt ids, micro-batches, sampling), checked in the caller before any process starts; a rank report is
+what each rank measured; the rank that picks tokens picks them as `generate` does; the reports merge into one
+RunRecord, trimmed as `generate` trims.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import torch
 
 from .hub import load_config, load_tokenizer, resolve_model
 from .plan import Plan
-from .records import RunRecord
+from .records import MemoryRow, RunRecord
 from .sampling import Sampling, as_sampling, check_max_new_tokens, check_prompts, pad_left
 
 
 @dataclass
-class PipelineJob:
+class GenerationJob:
     """One batch for the ranks: left-padded token ids, micro-batch count, sampling (notebooks 05, 07). Each
     micro-batch samples with its own torch.Generator seeded with `sampling.seed`."""
 
@@ -30,9 +31,20 @@ class PipelineJob:
     stoppable: bool = False  # a one-number "go on / stop" message goes ahead of each hidden state (Stop, eos)
 
 
+@dataclass
+class RankReport:
+    """What one rank measured in one job (notebooks 05, 07): its timing events, its memory row, and on the rank that
+    picks the tokens, the new tokens (and each step's logits, where the job kept them)."""
+
+    events: list
+    memory: MemoryRow
+    new_tokens: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
 def make_job(input_ids: torch.Tensor, attention_mask: torch.Tensor, micro_batches: int = 1,
              max_new_tokens: int = 50, sampling: Sampling | None = None, stoppable: bool = False,
-             **knobs) -> PipelineJob:
+             **knobs) -> GenerationJob:
     """Check the options of one generation on the ranks and bundle them; `knobs` or `sampling` as generate_text's;
     `stoppable` lets the run end early, on a Stop or when every row has ended (notebook 05)."""
     batch = input_ids.shape[0]
@@ -44,7 +56,7 @@ def make_job(input_ids: torch.Tensor, attention_mask: torch.Tensor, micro_batche
     sampling = as_sampling(sampling, **knobs)
     if sampling.seed is None:  # like generate without a seed: whatever torch's global generator gives
         sampling = dataclasses.replace(sampling, seed=int(torch.randint(2**62, ())))
-    return PipelineJob(input_ids, attention_mask, micro_batches, max_new_tokens, sampling, stoppable)
+    return GenerationJob(input_ids, attention_mask, micro_batches, max_new_tokens, sampling, stoppable)
 
 
 def model_folder(model) -> Path:
@@ -59,7 +71,7 @@ def locate_model(settings) -> Path:
 
 
 def prompts_job(model_path: Path, config, prompts: list[str], micro_batches: int = 1, max_new_tokens: int = 50,
-                sampling: Sampling | None = None, stoppable: bool = False, **knobs) -> PipelineJob:
+                sampling: Sampling | None = None, stoppable: bool = False, **knobs) -> GenerationJob:
     """Tokenize and left-pad prompts as generate_text does, checked the same way, into a job (notebooks 05, 07)."""
     sampling = as_sampling(sampling, **knobs)
     tokenizer = load_tokenizer(str(model_path))
@@ -68,14 +80,14 @@ def prompts_job(model_path: Path, config, prompts: list[str], micro_batches: int
     return make_job(input_ids, mask, micro_batches, max_new_tokens, sampling=sampling, stoppable=stoppable)
 
 
-def prompt_jobs(model, groups: list[list[str]], max_new_tokens: int, sampling: Sampling) -> list[PipelineJob]:
+def prompt_jobs(model, groups: list[list[str]], max_new_tokens: int, sampling: Sampling) -> list[GenerationJob]:
     """One job per group of prompts, tokenized and checked as generate_text does (the command line)."""
     path = model_folder(model)
     config = load_config(str(path))
     return [prompts_job(path, config, prompts, 1, max_new_tokens, sampling=sampling) for prompts in groups]
 
 
-def next_tokens(logits: torch.Tensor, job: PipelineJob, warpers, generator: torch.Generator | None,
+def next_tokens(logits: torch.Tensor, job: GenerationJob, warpers, generator: torch.Generator | None,
                 unfinished: torch.Tensor, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens a rank picks from one step's logits, as `generate` picks them (greedy, or sampled with `generator`),
     with eos after a row's end; and which rows go on (notebooks 05, 07)."""
@@ -85,18 +97,19 @@ def next_tokens(logits: torch.Tensor, job: PipelineJob, warpers, generator: torc
     return token, unfinished & (token != eos).long()
 
 
-def merge_results(results: list[dict], job: PipelineJob, tokenizer, plan: Plan | None, eos: int) -> RunRecord:
+def merge_results(results: list[RankReport], job: GenerationJob, tokenizer, plan: Plan | None,
+                  eos: int) -> RunRecord:
     """The ranks' reports (events, memory, and the last rank's new tokens) as one RunRecord, trimmed like generate:
     each row ends at its eos (notebooks 05, 07)."""
-    new = results[-1]["new_tokens"]
+    new = next(r.new_tokens for r in reversed(results) if r.new_tokens is not None)
     done = (new == eos).int()
     finished_at = torch.where(done.any(1), done.argmax(1), torch.full_like(done[:, 0], new.shape[1] - 1))
     length = int(finished_at.max()) + 1
     output = torch.cat([job.input_ids, new[:, :length]], dim=1)
     counts = (finished_at + 1).tolist()  # each row's tokens up to its eos, as generate_text counts them
     texts = [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, counts)]
-    events = sorted((e for r in results for e in r["events"]), key=lambda e: (e.start, e.stage))
-    memory = [r["memory"] for r in results]
+    events = sorted((e for r in results for e in r.events), key=lambda e: (e.start, e.stage))
+    memory = [r.memory for r in results]
     for row in memory if plan else []:
         row.budget_bytes = plan.devices[row.stage].budget_bytes
     last = len(results) - 1

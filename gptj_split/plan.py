@@ -174,7 +174,7 @@ def as_config(model_or_config):
 
 def plan_split(model_or_config, devices: str | list[Device], dtype: torch.dtype | str | None = None,
                reserve: int | str = 0, prompt_tokens: int = 0, max_new_tokens: int = 0, batch_size: int = 1,
-               cost: list[float] | None = None, model_name: str | None = None, explain: bool = True,
+               cost: list[float] | None = None, model_name: str | None = None,
                weights: str | None = None) -> Plan:
     """Split embedding, blocks and head into contiguous stages minimising the fullest device, or with `cost` (one
     number per module) the slowest stage within every budget: a min-max partition by dynamic programming.
@@ -225,9 +225,26 @@ def plan_split(model_or_config, devices: str | list[Device], dtype: torch.dtype 
     plan = Plan(model_name, dtype_name(dtype),
                 sizes["params"], stages, {k: sizes[k] for k in ("embedding", "block", "head")}, weights)
     if best[n][n_layer] == math.inf or max(s.fill for s in stages) > 1:
-        raise MemoryError(explain_infeasible(config, devices, dtype, reserve, prompt_tokens, max_new_tokens, batch_size,
-                                             weights) if explain else "does not fit")
+        raise DoesNotFit(config, devices, dtype, reserve, prompt_tokens, max_new_tokens, batch_size, weights)
     return plan
+
+
+class DoesNotFit(MemoryError):
+    """The planner's refusal (notebooks 02, 08). Its message, what is needed and the smallest change that would fit
+    (`explain_infeasible`, which plans again to find it), is worked out when first read: a caller that only asks
+    whether something fits pays nothing for it."""
+
+    def __init__(self, *why):
+        super().__init__()
+        self.why, self.message = why, None
+
+    def __str__(self) -> str:
+        if self.message is None:
+            self.message = explain_infeasible(*self.why)
+        return self.message
+
+    def __reduce__(self):  # crosses processes as the plain MemoryError it reads as
+        return MemoryError, (str(self),)
 
 
 def explain_infeasible(config, devices: list[Device], dtype: torch.dtype, reserve: int, prompt_tokens: int,
@@ -252,7 +269,7 @@ def explain_infeasible(config, devices: list[Device], dtype: torch.dtype, reserv
     def fits(devs, dt=dtype, res=reserve, pt=prompt_tokens, mnt=max_new_tokens, w=weights) -> bool:
         try:
             plan_split(config, devs, dtype=dt, reserve=res, prompt_tokens=pt, max_new_tokens=mnt, batch_size=batch_size,
-                       explain=False, weights=w if w in QUANTIZED_FORMATS else None)
+                       weights=w if w in QUANTIZED_FORMATS else None)
             return True
         except MemoryError:
             return False
@@ -279,13 +296,13 @@ def explain_infeasible(config, devices: list[Device], dtype: torch.dtype, reserv
     return msg + (": " + ", or ".join(ideas) if ideas else "") + "."
 
 
-def check_free_memory(plan: Plan, who: str = "the stages") -> None:
+def check_free_memory(plan: Plan, who: str = "the stages", stages: set[int] | None = None) -> None:
     """Refuse, before any process starts, a launch whose stages need more than their devices have free right now
-    (a split model still held by this kernel, say): named by device, with what is free and what is needed
-    (notebooks 05 to 07)."""
+    (a split model still held by this kernel, say): named by device, with what is free and what is needed; `stages`:
+    only those (the ones on this node) (notebooks 05 to 07)."""
     need: dict[str, int] = {}
-    for st in plan.devices:
-        if st.device == "cuda":  # bare "cuda": each torchrun rank's own GPU, not this process's to look at
+    for i, st in enumerate(plan.devices):
+        if stages is not None and i not in stages:  # another node's device: not this process's to look at
             continue
         if st.device.startswith("cuda") and not torch.cuda.is_initialized():
             continue  # this process holds nothing on the GPUs, and asking would create a CUDA context on each

@@ -188,7 +188,7 @@ def memory_table(model_name: str = "gpt-j-6b", formats=("float16", "int8", "nf4"
         for fmt in formats:
             try:
                 plan = plan_split(model_name, devices, dtype="float16", weights=fmt, reserve=reserve,
-                                  prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, explain=False)
+                                  prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens)
             except MemoryError:
                 cells.append("does not fit")
                 continue

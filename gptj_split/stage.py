@@ -1,6 +1,7 @@
 """Notebook 05, part 1: one pipeline stage. A stage process holds transformers' `GPTJModel` with only its own blocks
-(the embedding on the first stage, the final norm and head on the last), runs its micro-batches in the schedule's
-order, and sends hidden states on (token ids back to the first stage) with `torch.distributed`'s send and receive.
+(the embedding on the first stage, the final norm and head on the last), computes them (`forward_stage`), and sends
+hidden states on (token ids back to the first stage) with `torch.distributed`'s send and receive (Inbox, Outbox).
+The schedule that drives them is pipeline.py's `run_stage`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import torch
 
 from .models import eos_token_id, gptj_modeling
 from .plan import Plan
-from .records import EventClock, MemoryRow
-from .place import WeightReader, block_prefix, kv_bytes, replace_module, tensor_bytes
+from .records import EventClock
+from .place import WeightReader, block_prefix, replace_module, tensor_bytes
 from .sampling import position_ids
-from .jobs import PipelineJob, next_tokens
 
 
 def check_stage_count(n: int, n_layer: int) -> None:
@@ -193,83 +193,3 @@ class Outbox:
     def flush(self) -> None:
         while self.pending:
             self.pending.pop(0)[1].wait()
-
-
-def run_stage(stage: PipelineStage, job: PipelineJob, clock: EventClock, relay=None) -> dict:
-    """One stage's share of a pipelined generation, micro-batches in the same order on every stage: events (on the
-    run's one `clock`), memory, and on the last stage the new tokens, also handed to `relay` (a RelayEnd) step by
-    step (notebook 05).
-
-    In a stoppable job, the last stage decides after each step's first micro-batch whether to go on (no Stop asked,
-    some row not ended); a stop goes to the first stage in place of the tokens, and from stage to stage as the
-    one-number message that precedes each hidden state, so every stage ends after the same token."""
-    rank, n, dev = stage.rank, stage.world_size, stage.device
-    first, last = rank == 0, rank == n - 1
-    rows = torch.arange(job.input_ids.shape[0]).tensor_split(job.micro_batches)
-    ids = [job.input_ids[r].to(dev) for r in rows]
-    masks = [job.attention_mask[r].to(dev) for r in rows]
-    caches = [new_stage_cache(stage) for _ in rows]
-    prompt_len, steps, width = job.input_ids.shape[1], job.max_new_tokens, stage.config.n_embd
-    go, stop = torch.ones(1, dtype=torch.long), torch.full((1,), -1, dtype=torch.long)
-    inbox = None
-    if not first:  # hidden states from the previous stage, in schedule order (each after a go/stop if stoppable)
-        shapes = [((len(r), prompt_len if s == 0 else 1, width), stage.dtype) for s in range(steps) for r in rows]
-        if job.stoppable:
-            shapes = [m for shape in shapes for m in (((1,), torch.long), shape)]
-        inbox = Inbox(stage, rank - 1, shapes, clock, ahead=1 if job.stoppable else 2)
-    elif n > 1:  # token ids from the last stage, for every step but the last
-        inbox = Inbox(stage, n - 1, [((len(r),), torch.long) for s in range(steps - 1) for r in rows], clock,
-                      ahead=1 if job.stoppable else 2)
-    outbox = Outbox(stage, clock)
-    tokens = [[] for _ in rows]
-    unfinished = [torch.ones(len(r), dtype=torch.long, device=dev) for r in rows]
-    generators = ([torch.Generator(device=dev).manual_seed(job.sampling.seed) for _ in rows]
-                  if last and not job.sampling.greedy else None)
-    warpers = job.sampling.warpers()
-    stopping = False  # last stage: a stop was sent, this step is the last
-    with torch.inference_mode():
-        for step in range(steps):
-            clock.step = step
-            for m in range(len(rows)):
-                if first:
-                    x = ids[m] if step == 0 else (inbox.get(step, m) if n > 1 else tokens[m][-1])
-                    if step > 0 and n > 1 and bool((x < 0).all()):  # the last stage said stop
-                        outbox.send(stop, rank + 1, step, m)
-                        break
-                    x = x.view(len(rows[m]), -1)
-                else:
-                    if job.stoppable and bool((inbox.get(step, m) < 0).all()):
-                        if not last:
-                            outbox.send(stop, rank + 1, step, m)
-                        break
-                    x = inbox.get(step, m)
-                start = clock.stamp(dev)
-                out = forward_stage(stage, x, masks[m], caches[m])
-                if last:
-                    out, unfinished[m] = next_tokens(out, job, warpers, generators[m] if generators else None,
-                                                     unfinished[m], stage.eos_token_id)
-                    tokens[m].append(out)
-                clock.note(rank, start, dev, micro_batch=m)
-                masks[m] = torch.cat([masks[m], masks[m].new_ones((len(rows[m]), 1))], dim=-1)
-                if last and relay is not None:
-                    relay.put(out)
-                if last and job.stoppable and m == 0 and step < steps - 1:
-                    stopping = (relay is not None and relay.stop_requested()) or not any(u.any() for u in unfinished)
-                if not last:
-                    if job.stoppable:
-                        outbox.send(go, rank + 1, step, m)
-                    outbox.send(out, rank + 1, step, m)
-                elif n > 1 and step < steps - 1 and not (stopping and m > 0):
-                    outbox.send(stop.expand(len(out)) if stopping else out, 0, step, m)
-            else:
-                if not (stopping and n == 1):
-                    continue
-            break  # a stop: this stage's last step is done
-        outbox.flush()
-    if relay is not None:
-        relay.end()
-    kv = sum(kv_bytes(layer) for c in caches for layer in c.layers)
-    memory = MemoryRow(rank, str(dev), stage.param_bytes, kv,
-                       cuda_peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None)
-    new = torch.cat([torch.stack(t, dim=1) for t in tokens]).cpu() if last else None
-    return {"events": clock.events(), "memory": memory, "new_tokens": new}

@@ -1,7 +1,8 @@
-"""Notebook 07, part 2: tensor parallelism, a client of the rank runtime (ranks.py) and the twin of pipeline.py. One
-rank per device, started from a notebook or by torchrun: rank 0 tokenizes and plans, every rank builds its own shards
-(shards.py), all ranks compute every token together, and rank 0 picks each token (greedy or sampled, on its own
-device, as generate does there) and broadcasts it with a stop flag.
+"""Notebook 07, part 2: tensor parallelism, a client of the rank runtime (ranks.py) and the twin of pipeline.py, in the
+same order: settings; the plan, made and checked on one path; the rank's build; the step loop (`run_rank`); the one
+run function; the widget's generate function; the dry run. One rank per device, started from a notebook or by
+torchrun: every rank builds its own shards (shards.py), all ranks compute every token together, and rank 0 picks each
+token (greedy or sampled, on its own device, as generate does there) and broadcasts it with a stop flag.
 """
 
 from __future__ import annotations
@@ -13,39 +14,21 @@ from pathlib import Path
 import torch
 
 from .models import as_dtype, default_dtype, dtype_name, gptj_modeling
-from .devices import Device, parse_devices, peak_rss, reset_peak_rss
+from .devices import Device, peak_rss, reset_peak_rss
+from .hardware import Hardware
 from .hub import load_config, load_tokenizer
 from .plan import Plan, check_free_memory
 from .records import MemoryRow, RunRecord
 from .place import kv_bytes
 from .sampling import Sampling, as_sampling
 from .generate import make_streamer
-from .relay import TokenRelay
-from .hardware import Hardware
+from .relay import RelayEnd, TokenRelay
 from .launch import Launch, RankPlace, check_place_dtype, notebook_places, plan_spec, torchrun_places, with_plan
 from .ranks import LaunchOptions, RankContext, RankError, RankJob, loading, run_jobs, start_ranks
-from .jobs import PipelineJob, locate_model, make_job, merge_results, model_folder, next_tokens, prompts_job
+from .jobs import GenerationJob, RankReport, locate_model, merge_results, model_folder, next_tokens, prompts_job
 from .shards import VARIANTS, RankModel, build_rank_model, forward_rank, plan_tensor_parallel
 
 TP_VARIANT = "block"  # the default: one all-reduce per block (notebook 07 measures both)
-
-
-@dataclass
-class TensorParallelJob(PipelineJob):
-    """A batch for the tensor-parallel ranks: a pipeline job plus the variant; `keep_logits` (tests) keeps every
-    step's logits (notebook 07)."""
-
-    variant: str = TP_VARIANT
-    keep_logits: bool = False
-
-
-def tensor_parallel_job(job: PipelineJob, variant: str = TP_VARIANT, keep_logits: bool = False) -> TensorParallelJob:
-    """A pipeline job (from `make_job` or `prompts_job`) for the tensor-parallel ranks, checked (notebook 07)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant={variant!r}: use 'torch' (parallelize_module, an all-reduce per layer) or 'block' "
-                         "(one all-reduce per block)")
-    fields = {f.name: getattr(job, f.name) for f in dataclasses.fields(PipelineJob)}
-    return TensorParallelJob(**fields, variant=variant, keep_logits=keep_logits)
 
 
 class TensorParallelError(RankError):
@@ -55,19 +38,40 @@ class TensorParallelError(RankError):
 
 
 @dataclass
+class TensorParallelJob:
+    """A job for the tensor-parallel ranks: the shared GenerationJob, the variant that cuts the blocks, and whether
+    to keep every step's logits (notebook 07)."""
+
+    job: GenerationJob
+    variant: str = TP_VARIANT
+    keep_logits: bool = False
+
+
+def variant_job(job: GenerationJob, variant: str = TP_VARIANT, keep_logits: bool = False) -> TensorParallelJob:
+    """A job (from `make_job` or `prompts_job`) for the tensor-parallel ranks, with its variant, checked (notebook
+    07)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: use 'torch' (parallelize_module, an all-reduce per layer) or 'block' "
+                         "(one all-reduce per block)")
+    if job.micro_batches != 1:
+        raise ValueError(f"tensor parallelism runs the whole batch at once: micro_batches={job.micro_batches}, use 1")
+    return TensorParallelJob(job, variant, keep_logits)
+
+
+@dataclass
 class TensorParallelSettings:
     """What every rank of one tensor-parallel run needs, the same under both launchers (notebook 07)."""
 
     model: str  # a model name or folder: each node finds its own copy
     spec: str  # the device spec: one rank per entry (launch.py decides where each runs)
-    plan_json: str | None = None
+    plan_json: str | None = None  # the plan, when the caller made it; else rank 0 plans over the ranks' places
     prompts: list[str] | None = None  # the texts to continue (rank 0), or else `jobs`
     jobs: list[TensorParallelJob] | None = None
     max_new_tokens: int = 50
     sampling: Sampling = dataclasses.field(default_factory=Sampling)
     variant: str = TP_VARIANT
     dtype: str | None = None  # None: the plan's
-    relay: object = None  # rank 0 streams every job's tokens there and reads the caller's Stop
+    relay: RelayEnd | None = None  # rank 0 streams every job's tokens there and reads the caller's Stop
 
 
 def tensor_parallel_settings(model, devices: str | list[Device] | None = None, plan: Plan | None = None,
@@ -78,13 +82,14 @@ def tensor_parallel_settings(model, devices: str | list[Device] | None = None, p
     once, by the runtime, where the ranks start (notebook 07)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: use one of {VARIANTS}")
-    return TensorParallelSettings(str(model), plan_spec(devices, plan), plan.to_json() if plan else None, prompts, jobs,
-                                  max_new_tokens, sampling or Sampling(), variant,
+    return TensorParallelSettings(str(model), plan_spec(devices, plan), plan.to_json() if plan else None, prompts,
+                                  jobs, max_new_tokens, sampling or Sampling(), variant,
                                   dtype_name(dtype) if dtype else None, relay)
 
 
-def tensor_parallel_rank_job(settings: TensorParallelSettings, options: LaunchOptions | None = None) -> RankJob:
-    """What the rank runtime runs for a tensor-parallel run: one rank per device (notebook 07)."""
+def tensor_parallel_job(settings: TensorParallelSettings, options: LaunchOptions | None = None) -> RankJob:
+    """What the rank runtime runs for a tensor-parallel run: one rank per device (notebook 07; its twin is
+    pipeline_job)."""
     return RankJob(TensorParallelError, prepare_tensor_parallel, serve_tensor_parallel, settings.spec, settings,
                    options or LaunchOptions(), locate_model, settings.dtype)
 
@@ -100,28 +105,40 @@ def check_variant_backend(jobs: list[TensorParallelJob], places: list[RankPlace]
                          "over gloo is not supported: use variant='block', or one GPU per rank")
 
 
+def plan_tensor_parallel_run(config, places: list[RankPlace], jobs: list[TensorParallelJob],
+                             dtype: torch.dtype | None, model_name: str, options: LaunchOptions | None = None,
+                             plan_json: str | None = None, check_free: bool = True) -> Plan:
+    """The one path to a tensor-parallel run's plan, in the caller before any process starts and on rank 0 under
+    torchrun: the plan given, or every block cut over the ranks with KV cache room for the longest and widest job;
+    then every check (the variant against the backend, no quantized weights, and with `check_free` free memory on
+    this node now) (notebook 07)."""
+    if plan_json:
+        plan = Plan.from_json(plan_json)
+    else:
+        devices = [p.as_device for p in places]
+        plan = plan_tensor_parallel(config, devices, dtype or default_dtype(config, devices),
+                                    max_new_tokens=max(j.job.input_ids.shape[1] + j.job.max_new_tokens for j in jobs),
+                                    batch_size=max(j.job.input_ids.shape[0] for j in jobs), model_name=model_name)
+    check_variant_backend(jobs, places)
+    if check_free:
+        check_free_memory(plan, "the tensor-parallel ranks", {p.rank for p in places if p.node == 0})
+    if plan.quantized or (options is not None and options.transform is not None):
+        raise ValueError("tensor parallelism cuts full-precision weights by heads: quantized blocks (notebook 08) run "
+                         "on the naive split or the pipeline")
+    return plan
+
+
 def prepare_tensor_parallel(settings: TensorParallelSettings, places: list[RankPlace],
                             model_path: Path) -> tuple[Plan, list[TensorParallelJob]]:
-    """On rank 0: the jobs and the plan over every rank's device and budget, checked; nothing loaded yet (notebook
-    07)."""
+    """On rank 0: the jobs and the plan over every rank's place, checked; nothing loaded yet (notebook 07)."""
     config = load_config(str(model_path))
     jobs = settings.jobs
     if jobs is None:
-        jobs = [tensor_parallel_job(prompts_job(model_path, config, settings.prompts, 1, settings.max_new_tokens,
-                                                sampling=settings.sampling), settings.variant)]
-    if settings.plan_json:
-        plan = Plan.from_json(settings.plan_json)
-    else:
-        plan = plan_for_jobs(config, [p.as_device for p in places], jobs, settings.dtype, settings.model)
-    check_variant_backend(jobs, places)
+        jobs = [variant_job(prompts_job(model_path, config, settings.prompts, 1, settings.max_new_tokens,
+                                        sampling=settings.sampling), settings.variant)]
+    plan = plan_tensor_parallel_run(config, places, jobs, as_dtype(settings.dtype), settings.model, None,
+                                    settings.plan_json, check_free=settings.plan_json is None)
     return plan, jobs
-
-
-def plan_for_jobs(config, devices: list[Device], jobs: list[PipelineJob], dtype, model_name: str) -> Plan:
-    """The tensor-parallel plan with KV cache room for the longest and widest job (notebook 07)."""
-    return plan_tensor_parallel(config, devices, dtype, max_new_tokens=max(j.input_ids.shape[1] + j.max_new_tokens
-                                                                           for j in jobs),
-                                batch_size=max(j.input_ids.shape[0] for j in jobs), model_name=model_name)
 
 
 def serve_tensor_parallel(context: RankContext, settings: TensorParallelSettings, setup) -> list[RunRecord] | None:
@@ -147,25 +164,25 @@ def serve_tensor_parallel(context: RankContext, settings: TensorParallelSettings
     gptj_modeling()
     built = {"model": None}
 
-    def run(job, t0):
+    def run(work, t0):
         rm = built["model"]
-        if rm is None or rm.variant != job.variant:
+        if rm is None or rm.variant != work.variant:
             built["model"] = rm = None  # one model at a time: free the other variant first
             gc.collect()
             built["baseline"] = reset_peak_rss()
             start = time.perf_counter()
             with loading(context, max(st.param_bytes for st in plan.devices)):
-                rm = built["model"] = build_rank_model(model_path, rank, world, dtype, device, job.variant, mesh,
+                rm = built["model"] = build_rank_model(model_path, rank, world, dtype, device, work.variant, mesh,
                                                        str(context.comm_device))
                 built["load_seconds"] = time.perf_counter() - start
-        report = run_rank(rm, job, t0, settings.relay if rank == 0 else None)
-        report["memory"].load_seconds = built["load_seconds"]
+        report = run_rank(rm, work, t0, settings.relay if rank == 0 else None)
+        report.memory.load_seconds = built["load_seconds"]
         if built["baseline"] is not None:  # host memory of this rank over its RSS after imports, before building
-            report["memory"].peak_rss_bytes = peak_rss() - built["baseline"]
+            report.memory.peak_rss_bytes = peak_rss() - built["baseline"]
         return report
 
-    def merge(reports, job):
-        record = merge_rank_results(reports, job, tokenizer, plan, built["model"].eos_token_id)
+    def merge(reports, work):
+        record = merge_rank_results(reports, work, tokenizer, plan, built["model"].eos_token_id)
         record.settings["backend"] = context.backend  # as the runtime decided it (launch.py)
         record.prompts = list(settings.prompts or [])
         return record
@@ -173,13 +190,14 @@ def serve_tensor_parallel(context: RankContext, settings: TensorParallelSettings
     return run_jobs(context, jobs, run, merge)
 
 
-def run_rank(rm: RankModel, job: TensorParallelJob, t0: float, relay=None) -> dict:
+def run_rank(rm: RankModel, work: TensorParallelJob, t0: float, relay=None) -> RankReport:
     """One rank's share of a generation: every step, the forward on its shards, then rank 0 picks the tokens on its
     own device (a CUDA generator there, as generate_text's seed gives) and broadcasts them with a stop flag
     (notebook 07)."""
     import torch.distributed as dist
     from transformers import DynamicCache
 
+    job = work.job
     dev, batch = rm.device, job.input_ids.shape[0]
     x, mask = job.input_ids.to(dev), job.attention_mask.to(dev)
     cache = DynamicCache(config=rm.config)
@@ -211,7 +229,7 @@ def run_rank(rm: RankModel, job: TensorParallelJob, t0: float, relay=None) -> di
             if relay is not None:
                 relay.put(token.view(batch, 1))
             tokens.append(token)
-            kept += [logits.cpu()] if job.keep_logits else []
+            kept += [logits.cpu()] if work.keep_logits else []
             if not unfinished.any() or message[batch]:  # every rank sees the same tokens and flag: all stop here
                 break
             x = token.view(batch, 1).to(dev)
@@ -221,69 +239,73 @@ def run_rank(rm: RankModel, job: TensorParallelJob, t0: float, relay=None) -> di
     kv = sum(kv_bytes(layer) for layer in cache.layers)
     memory = MemoryRow(rm.rank, str(dev), rm.param_bytes, kv,
                        cuda_peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None)
-    return {"events": rm.clock.events(), "memory": memory, "new_tokens": torch.stack(tokens, dim=1),
-            "logits": torch.stack(kept, dim=1) if kept else None}
+    return RankReport(rm.clock.events(), memory, torch.stack(tokens, dim=1), torch.stack(kept, dim=1) if kept else None)
 
 
-def merge_rank_results(results: list[dict], job: TensorParallelJob, tokenizer, plan: Plan, eos: int) -> RunRecord:
+def merge_rank_results(results: list[RankReport], work: TensorParallelJob, tokenizer, plan: Plan,
+                       eos: int) -> RunRecord:
     """The ranks' reports as one RunRecord, trimmed like generate; `record.logits` when the job kept them (notebook
     07)."""
-    record = merge_results(results, job, tokenizer, plan, eos)
+    record = merge_results(results, work.job, tokenizer, plan, eos)
     record.mode = "tensor-parallel"
     record.settings.pop("micro_batches", None)
-    record.settings["variant"] = job.variant
-    if results[0]["logits"] is not None:
-        record.logits = results[0]["logits"]
+    record.settings["variant"] = work.variant
+    if results[0].logits is not None:
+        record.logits = results[0].logits
     return record
 
 
-def run_tensor_parallel_jobs(model, devices: str | list[Device] | None, jobs: list[TensorParallelJob],
-                             dtype: torch.dtype | None = None, options: LaunchOptions | None = None,
-                             relay=None) -> list[RunRecord]:
-    """Several generations in one start of the ranks (tests and benchmarks); everything is planned and checked here,
-    before any process starts (notebook 07)."""
-    model_path = model_folder(model)
-    config = load_config(str(model_path))
-    if not devices:
-        raise ValueError("give devices, one per rank (like 'cpu,cpu')")
-    parsed = parse_devices(devices) if isinstance(devices, str) else list(devices)
-    plan = plan_for_jobs(config, parsed, jobs, as_dtype(dtype), str(model))
-    check_free_memory(plan, "the tensor-parallel ranks")
-    settings = tensor_parallel_settings(model_path, plan=plan, jobs=jobs, dtype=dtype or plan.dtype, relay=relay)
-    job = tensor_parallel_rank_job(settings, options)
-    check_variant_backend(jobs, notebook_places(job))
-    return start_ranks(job, model_path)
-
-
-def run_tensor_parallel(model, prompts: str | list[str], devices: str | list[Device] | None = None,
-                        max_new_tokens: int = 50, variant: str = TP_VARIANT, dtype: torch.dtype | None = None,
+def run_tensor_parallel(model, prompts: str | list[str] | list[TensorParallelJob],
+                        devices: str | list[Device] | None = None, max_new_tokens: int = 50,
+                        variant: str = TP_VARIANT, dtype: torch.dtype | None = None,
                         options: LaunchOptions | None = None, stream=False, stopping_criteria=None,
-                        sampling: Sampling | None = None, **knobs) -> tuple[list[str], RunRecord]:
+                        sampling: Sampling | None = None, **knobs):
     """Generate with one process per device, every block cut across all of them (notebook 07).
 
     Returns `(texts, record)` like generate_text, with its sampling keywords and defaults (greedy, temperature,
-    top_p, top_k, seed, or `sampling=`). Greedy tokens equal `model.generate`; seeded sampling equals
-    `generate_text(seed=...)` on rank 0's device: rank 0 alone samples, from the gathered logits with a generator
-    of its device seeded as generate's, and broadcasts each token. `variant`: "block" (one all-reduce per block) or
-    "torch" (parallelize_module, one per layer). `stream` and `stopping_criteria` work as in generate_text (notebook
-    06's widget uses both): rank 0 sends each token to this process as it is picked, the criteria run here, and a
-    stop travels with the next token's broadcast, so every rank ends after the same token (usually one token later
-    than in generate). `options` (a LaunchOptions): timeouts, threads, cores.
+    top_p, top_k, seed, or `sampling=`). `prompts` may instead be a list of jobs (`variant_job`): several generations
+    in one start of the ranks, one RunRecord each, returned as a list. Greedy tokens equal `model.generate`; seeded
+    sampling equals `generate_text(seed=...)` on rank 0's device: rank 0 alone samples, from the gathered logits with
+    a generator of its device seeded as generate's, and broadcasts each token. `variant`: "block" (one all-reduce per
+    block) or "torch" (parallelize_module, one per layer). `stream` and `stopping_criteria` work as in generate_text
+    (notebook 06's widget uses both): rank 0 sends each token to this process as it is picked, the criteria run here,
+    and a stop travels with the next token's broadcast, so every rank ends after the same token (usually one token
+    later than in generate). `options` (a LaunchOptions): timeouts, threads, cores. The plan is made and checked
+    here, before any process starts.
     """
     import multiprocessing
 
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     model_path = model_folder(model)
-    job = tensor_parallel_job(prompts_job(model_path, load_config(str(model_path)), prompts, 1, max_new_tokens,
-                                          sampling=as_sampling(sampling, **knobs)), variant)
+    config = load_config(str(model_path))
+    if isinstance(prompts, list) and prompts and isinstance(prompts[0], TensorParallelJob):
+        return start_tensor_parallel(model_path, config, devices, prompts, dtype, options)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    work = variant_job(prompts_job(model_path, config, prompts, 1, max_new_tokens,
+                                   sampling=as_sampling(sampling, **knobs)), variant)
     if stream is False and stopping_criteria is None:
-        record = run_tensor_parallel_jobs(model_path, devices, [job], dtype, options)[0]
+        record = start_tensor_parallel(model_path, config, devices, [work], dtype, options)[0]
     else:
         streamer = make_streamer(load_tokenizer(str(model_path)), prompts, stream)
-        with TokenRelay(multiprocessing.get_context("spawn"), job.input_ids, streamer, stopping_criteria) as relay:
-            record = run_tensor_parallel_jobs(model_path, devices, [job], dtype, options, relay.worker_end())[0]
+        with TokenRelay(multiprocessing.get_context("spawn"), work.job.input_ids, streamer,
+                        stopping_criteria) as relay:
+            record = start_tensor_parallel(model_path, config, devices, [work], dtype, options,
+                                           relay.worker_end())[0]
     record.prompts = prompts
     return record.texts, record
+
+
+def start_tensor_parallel(model_path: Path, config, devices, jobs: list[TensorParallelJob], dtype,
+                          options: LaunchOptions | None, relay: RelayEnd | None = None) -> list[RunRecord]:
+    """Plan and check on the one path, then start the ranks once for every job (notebook 07)."""
+    if not devices:
+        raise ValueError("give devices, one per rank (like 'cpu,cpu')")
+    settings = tensor_parallel_settings(model_path, devices, jobs=jobs, dtype=dtype, relay=relay)
+    job = tensor_parallel_job(settings, options)
+    places = notebook_places(job)
+    plan = plan_tensor_parallel_run(config, places, jobs, as_dtype(dtype), str(model_path), job.options)
+    settings.plan_json, settings.dtype = plan.to_json(), settings.dtype or plan.dtype
+    job.dtype = settings.dtype
+    return start_ranks(job, model_path)
 
 
 def tensor_parallel_generate(devices: str | list[Device], **options):
@@ -303,14 +325,12 @@ def tensor_parallel_dry_run(model, devices: str, prompt_tokens: int = 0, max_new
     """Where each rank of a tensor-parallel run would go, decided as the real run decides it, and which shards it
     would hold; nothing is loaded and no group forms (notebook 07; `tensor-parallel --dry-run`). A spec the real
     run would refuse is refused here, the same way."""
-    job = tensor_parallel_rank_job(tensor_parallel_settings(model, devices, variant=variant, dtype=dtype))
+    job = tensor_parallel_job(tensor_parallel_settings(model, devices, variant=variant, dtype=dtype))
     places = torchrun_places(job, launch, hardware) if launch else notebook_places(job, hardware)
     config = load_config(str(model))
-    parsed = [p.as_device for p in places]
-    plan = plan_tensor_parallel(config, parsed, as_dtype(dtype) or default_dtype(config, parsed), prompt_tokens,
-                                max_new_tokens, batch_size, model_name=str(model))
-    check_variant_backend([tensor_parallel_job(make_job(torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1)),
-                                               variant)], places)
+    ids = torch.zeros(batch_size, prompt_tokens or 1, dtype=torch.long)
+    shape = variant_job(GenerationJob(ids, torch.ones_like(ids), 1, max_new_tokens), variant)
+    plan = plan_tensor_parallel_run(config, places, [shape], as_dtype(dtype), str(model), LaunchOptions())
     n, heads = len(places), config.n_head
     holds = [f"heads {r * heads // n}-{(r + 1) * heads // n - 1} of every block + embedding + 1/{n} of the head"
              for r in range(n)]

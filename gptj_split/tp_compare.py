@@ -17,9 +17,9 @@ from .records import compare_outputs
 from .place import measure_memory, place_stages
 from .jobs import make_job
 from .ranks import LaunchOptions
-from .pipeline import run_pipeline_jobs
+from .pipeline import run_pipeline
 from .compare import pinned, time_phases
-from .tensor_parallel import TP_VARIANT, run_tensor_parallel_jobs, tensor_parallel_job
+from .tensor_parallel import TP_VARIANT, run_tensor_parallel, variant_job
 
 COMM_KINDS = ("all-reduce", "all-gather", "broadcast", "send")
 
@@ -90,13 +90,13 @@ def compare_splits(path, devices: str = "cpu,cpu", new_tokens: int = 8, batch: i
                                                                               greedy=True),
             make_job(many, torch.ones_like(many), min(n, batch), new_tokens, greedy=True)]
     one_core = LaunchOptions(threads=1, affinity=affinity)
-    pipe = run_pipeline_jobs(path, None, jobs, plan=plan, dtype=torch.bfloat16, options=one_core)
+    pipe = run_pipeline(path, jobs, plan=plan, dtype=torch.bfloat16, options=one_core)
     result["pipeline"] = {"decode": decode_seconds_of(pipe[1]), "record": pipe[1], "tokens": pipe[1].output_ids,
                           "throughput": batch * new_tokens / pipe[2].total_seconds,
                           "memory": [r.param_bytes + r.kv_cache_bytes for r in pipe[2].memory]}
-    tp_jobs = [tensor_parallel_job(make_job(job.input_ids, job.attention_mask, 1, job.max_new_tokens, greedy=True), v,
-                                   keep_logits=job is jobs[1]) for v in variants for job in jobs]
-    records = run_tensor_parallel_jobs(path, devices, tp_jobs, dtype=torch.bfloat16, options=one_core)
+    tp_jobs = [variant_job(make_job(job.input_ids, job.attention_mask, 1, job.max_new_tokens, greedy=True), v,
+                           keep_logits=job is jobs[1]) for v in variants for job in jobs]
+    records = run_tensor_parallel(path, tp_jobs, devices, dtype=torch.bfloat16, options=one_core)
     for i, variant in enumerate(variants):
         _, rec, rec_many = records[3 * i:3 * i + 3]
         result[f"tp-{variant}"] = {"decode": decode_seconds_of(rec), "record": rec, "tokens": rec.output_ids,

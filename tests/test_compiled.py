@@ -5,6 +5,9 @@ import pytest
 import torch
 
 import gptj_helpers as gh
+from gptj_split.compiled import compare_runs
+from gptj_split.generate import run_generate
+from gptj_split.models import REPO_DIR
 import gptj_split.compiled
 from gptj_split.compiled import MAX_GRAPHS
 
@@ -72,12 +75,12 @@ def test_what_cannot_compile_falls_back_with_one_line(tiny, monkeypatch, capsys)
 
 def test_compare_runs_names_the_first_divergence(tiny, compiled_split):
     model, compiled = compiled_split
-    _, eager = gh.run_generate(model, tiny[1], "The list", 10, gh.Sampling(greedy=True), output_logits=True)
+    _, eager = run_generate(model, tiny[1], "The list", 10, gh.Sampling(greedy=True), output_logits=True)
     _, fast = gh.generate_compiled(compiled, tiny[1], "The list", 10, greedy=True, keep_logits=True)
-    same = gh.compare_runs(eager, fast)
+    same = compare_runs(eager, fast)
     assert same["first_divergence"] is None and same["steps"] == 10 and same["largest_logit_difference"] < 1e-4
     fast.output_ids[0, -4] += 1  # the 7th new token picked differently
-    assert gh.compare_runs(eager, fast)["first_divergence"] == 6
+    assert compare_runs(eager, fast)["first_divergence"] == 6
 
 
 def test_the_limit_counts_every_weight_read_once_and_the_cache(tiny):
@@ -104,7 +107,7 @@ def test_the_compiled_decode_benchmark_parses_its_arguments(monkeypatch, capsys)
     import importlib
     import sys
 
-    monkeypatch.syspath_prepend(str(gh.REPO_DIR / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO_DIR / "benchmarks"))
     module = importlib.import_module("compiled_decode")
     with pytest.raises(SystemExit) as done:
         module.main(["--help"])

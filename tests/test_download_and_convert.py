@@ -14,6 +14,13 @@ import torch
 from safetensors.torch import load_file, save
 
 import gptj_helpers as gh
+from gptj_split.cli import build_parser
+from gptj_split.convert import target_group
+from gptj_split.convert_bin import MASK_BUFFERS, converted_copy, safetensors_complete
+from gptj_split.hub import WEIGHTS_VARIABLE
+from gptj_split.models import quiet_progress, tiny_model_path
+from gptj_split.place import stage_parameter_names
+from gptj_split.random_models import make_tiny_gptj
 from conftest import call_cli
 
 # ---------------------------------------------------------------- a small hub on 127.0.0.1
@@ -117,7 +124,7 @@ def layout_files(tiny_path: Path, layout: str) -> dict[str, bytes]:
         return {**files, "pytorch_model.bin": saved(with_mask_buffers(state, gh.tiny_config().n_layer))}
     names = list(state)
     cut = len(names) // 2 + 3
-    assert gh.target_group(names[cut - 1]) == gh.target_group(names[cut])  # one block's tensors in both files
+    assert target_group(names[cut - 1]) == target_group(names[cut])  # one block's tensors in both files
     ext, prefix, index = ((".safetensors", "model", "model.safetensors.index.json") if layout == "safetensors-sharded"
                           else (".bin", "pytorch_model", "pytorch_model.bin.index.json"))
     weight_map = {}
@@ -232,9 +239,9 @@ def check_placeable(path: Path, tiny) -> None:
     """`path` places as two stages whose greedy tokens equal the original model's, and holds no mask buffers."""
     model, tokenizer = tiny
     tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.eos_token
-    assert gh.safetensors_complete(path)
-    names = gh.stage_parameter_names(path)
-    assert sorted(names) == sorted(model.state_dict()) and not any(k.endswith(gh.MASK_BUFFERS) for k in names)
+    assert safetensors_complete(path)
+    names = stage_parameter_names(path)
+    assert sorted(names) == sorted(model.state_dict()) and not any(k.endswith(MASK_BUFFERS) for k in names)
     plan = gh.plan_split(path, "cpu,cpu", dtype=torch.float32)
     assert [st.blocks[1] > st.blocks[0] for st in plan.devices] == [True, True]
     split = gh.place_stages(path, plan)
@@ -321,13 +328,13 @@ def test_generate_command_converts_a_local_bin_folder_once(tmp_path, tiny_path, 
     assert r.returncode == 0, r.stderr
     assert r.stdout == "The list" + want[0] + "\n"
     assert "converting 1 .bin file(s)" in r.stderr
-    assert (folder / "pytorch_model.bin").exists() and gh.safetensors_complete(folder)
+    assert (folder / "pytorch_model.bin").exists() and safetensors_complete(folder)
     mode = (folder / "pytorch_model.bin").stat().st_mode
     assert all(f.stat().st_mode == mode for f in folder.glob("model*"))  # readable as the .bin is, not 0600
     index = (folder / "model.safetensors.index.json").stat().st_mtime_ns
     assert gh.resolve_model(str(folder)) == folder
     assert (folder / "model.safetensors.index.json").stat().st_mtime_ns == index  # converted once
-    assert gh.build_parser().parse_args(["generate", "--devices", "cpu", "--prompt", "x", "--delete-bin"]).delete_bin
+    assert build_parser().parse_args(["generate", "--devices", "cpu", "--prompt", "x", "--delete-bin"]).delete_bin
 
 
 @pytest.mark.timeout(120)
@@ -363,7 +370,7 @@ def test_conversion_refuses_a_disk_without_room(tmp_path, tiny_path, monkeypatch
     monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**12, used=10**12 - 1000, free=1000))
     with pytest.raises(OSError, match=r"needs .* in .*bin-only, which has 1000 B free"):
         gh.resolve_model(str(folder))
-    assert not gh.safetensors_complete(folder) and not list(folder.glob(".*"))
+    assert not safetensors_complete(folder) and not list(folder.glob(".*"))
 
 
 def test_read_only_bin_folder_is_converted_into_the_cache(tmp_path, tiny_path, tiny, monkeypatch):
@@ -373,7 +380,7 @@ def test_read_only_bin_folder_is_converted_into_the_cache(tmp_path, tiny_path, t
     before = sorted(p.name for p in folder.iterdir())
     monkeypatch.setattr(gptj_split.convert_bin, "writable", lambda f: False)
     path = gh.resolve_model(str(folder))
-    assert path == gh.converted_copy(folder) and path.is_relative_to(gh.cache_dir())
+    assert path == converted_copy(folder) and path.is_relative_to(gptj_split.models.cache_dir())
     assert sorted(p.name for p in folder.iterdir()) == before
     check_placeable(path, tiny)
     assert gh.resolve_model(str(folder)) == path
@@ -514,7 +521,7 @@ def small_slim(tmp_path_factory):
 def hf_logits(path, tokens, dtype=torch.float32):
     from transformers import GPTJForCausalLM
 
-    with gh.quiet_progress():
+    with quiet_progress():
         model = GPTJForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].double().numpy()
@@ -566,7 +573,7 @@ def test_tiny_in_jax_layout_converts_back_to_tiny_rounded(tmp_path):
                 str(tmp_path / "slim" / "jax_config.json"), "--dtype", "float32")
     assert r.returncode == 0, r.stderr
     assert "converting slim" in r.stderr and "86/86" in r.stderr  # the progress bar counts tensors
-    original = load_file(gh.tiny_model_path() / "model.safetensors")  # make-tiny writes the random one
+    original = load_file(tiny_model_path() / "model.safetensors")  # make-tiny writes the random one
     converted = gh.load_model(str(tmp_path / "hf")).state_dict()
     assert sorted(converted) == sorted(original)
     assert all(torch.equal(converted[k], original[k].to(torch.bfloat16).float()) for k in original)
@@ -642,7 +649,7 @@ def test_pickle_converts_to_safetensors_without_mask_buffers(tmp_path, tiny_path
         (src / name).write_bytes((tiny_path / name).read_bytes())
     r = call_cli("convert-bin", str(src), str(tmp_path / "st"), "--dtype", "float16")
     assert r.returncode == 0, r.stderr
-    with gh.quiet_progress():
+    with quiet_progress():
         model = GPTJForCausalLM.from_pretrained(str(tmp_path / "st"))
     assert model.dtype == torch.float16
     converted = {}
@@ -719,7 +726,7 @@ def test_sharded_bin_folder_converts_to_a_new_folder(tmp_path, tiny_path, layout
 @pytest.mark.timeout(120)
 def test_measured_peak_is_the_child_own_not_the_parent(tmp_path):
     held = torch.ones(75_000_000)  # 300 MB in this (parent) process: a forked child must not report it
-    gh.make_tiny_gptj(tmp_path / "slim", format="jax-slim")
+    make_tiny_gptj(tmp_path / "slim", format="jax-slim")
     run = gh.measure_command(["convert-jax", str(tmp_path / "slim"), str(tmp_path / "hf"), "--config",
                               str(tmp_path / "slim" / "jax_config.json"), "--no-progress"])
     assert run["rc"] == 0 and (tmp_path / "hf" / "model.safetensors.index.json").exists()
@@ -760,7 +767,7 @@ def test_a_tokenizer_fetches_only_small_files_into_the_weights_folder(hub, tmp_p
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv(gh.WEIGHTS_VARIABLE, str(tmp_path / "drive" / "gpt-j-6b"))
+    monkeypatch.setenv(WEIGHTS_VARIABLE, str(tmp_path / "drive" / "gpt-j-6b"))
     tokenizer = gh.load_tokenizer("gpt-j-6b")
     assert tokenizer("The list")["input_ids"] == tiny[1]("The list")["input_ids"]
     fetched = {entry[1].rsplit("/", 1)[1] for entry in handler.log if entry[0] == "GET" and "/resolve/" in entry[1]}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import gptj_helpers as gh
+from gptj_split.devices import parse_size
 from conftest import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "full_size_cpu.py"
@@ -37,8 +38,8 @@ def test_reduced_run_pipeline_equals_naive_and_reports_memory(monkeypatch, capsy
     assert [r[0] for r in rows] == ["0", "1"], text
     for _, planned, measured, planned_kv, measured_kv, _total, peak, ratio in rows:
         assert planned == measured  # placement made exactly the planned parameters
-        assert gh.parse_size(measured_kv) <= gh.parse_size(planned_kv)  # the last token is never fed back
-        assert gh.parse_size(peak) >= gh.parse_size(measured)  # a stage process's peak holds at least its weights
+        assert parse_size(measured_kv) <= parse_size(planned_kv)  # the last token is never fed back
+        assert parse_size(peak) >= parse_size(measured)  # a stage process's peak holds at least its weights
         assert float(ratio) >= 0.95
     assert "worst peak / planned" in text and "GB/s" in text
     assert "summary to paste" not in text  # only the full-size run prints the README block

@@ -9,14 +9,19 @@ import pytest
 import torch
 
 import gptj_helpers as gh
+from gptj_split.devices import GPU_RESERVE, read_spec
+from gptj_split.hardware import CARDS
+from gptj_split.launch import Launch, decide_ranks, notebook_launch, notebook_places
+from gptj_split.pipeline import pipeline_job, pipeline_settings
+from gptj_split.ranks import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, RankJob, load_timeout, start_ranks
 import gptj_split.launch
 from conftest import call_cli
 
 
-def decide(spec: str, hardware: str, launch: gh.Launch | None = None, dtype: str | None = None) -> list:
+def decide(spec: str, hardware: str, launch: Launch | None = None, dtype: str | None = None) -> list:
     """Every rank's place for `spec` on described hardware, from a notebook unless a torchrun launch is given."""
-    launch = launch or gh.notebook_launch(len(gh.read_spec(spec)))
-    return gh.decide_ranks(spec, gh.describe_hardware(hardware), launch, dtype)
+    launch = launch or notebook_launch(len(read_spec(spec)))
+    return decide_ranks(spec, gh.describe_hardware(hardware), launch, dtype)
 
 
 def summary(places) -> list[tuple]:
@@ -24,8 +29,8 @@ def summary(places) -> list[tuple]:
     return [(p.node, p.local_rank, p.device, p.backend) for p in places]
 
 
-T4 = gh.CARDS["T4"]
-FREE_LESS_RESERVE = T4.free_bytes - gh.GPU_RESERVE
+T4 = CARDS["T4"]
+FREE_LESS_RESERVE = T4.free_bytes - GPU_RESERVE
 
 MATRIX = [  # (setup, hardware, spec, launch, [(node, local rank, device, backend), ...])
     ("Colab 1 x T4, one stage or one rank", "1 x T4", "cuda:0=14GiB", None, [(0, 0, "cuda:0", "nccl")]),
@@ -41,7 +46,7 @@ MATRIX = [  # (setup, hardware, spec, launch, [(node, local rank, device, backen
     ("slices of one GPU, sizes (gloo)", "1 x T4", "2x7GiB", None, [(0, 0, "cuda:0", "gloo"), (0, 1, "cuda:0", "gloo")]),
     ("the CPU", "cpu", "cpu,cpu", None, [(0, 0, "cpu", "gloo"), (0, 1, "cpu", "gloo")]),
     ("the CPU, sizes", "cpu", "3x4MiB", None, [(0, r, "cpu", "gloo") for r in range(3)]),
-] + [(f"2 nodes x 2 T4 under torchrun, {form}", "2 x T4", spec, gh.Launch(4, 2, 0),
+] + [(f"2 nodes x 2 T4 under torchrun, {form}", "2 x T4", spec, Launch(4, 2, 0),
       [(n, r, f"cuda:{r}", "nccl") for n in range(2) for r in range(2)])
      for form, spec in [("one entry", "cuda"), ("one entry with a budget", "cuda=14GiB"),
                         ("node-local", "cuda:0,cuda:1"),
@@ -83,7 +88,7 @@ def test_gpt_j_6b_defaults_to_float16_on_every_gpu_and_bfloat16_on_the_cpu():
 
 
 @pytest.mark.parametrize("spec, hardware, launch, message", [
-    ("cuda:0,cuda:1,cuda:0", "2 x T4", gh.Launch(4, 2, 1), "the device spec has 3 entries, which fits no form for 4 "
+    ("cuda:0,cuda:1,cuda:0", "2 x T4", Launch(4, 2, 1), "the device spec has 3 entries, which fits no form for 4 "
      "ranks on 2 node(s) of 2: give 1 entry (every rank takes its local GPU: 'cuda' or 'cuda=14GiB'), 2 (node-local: "
      "the same list on every node, entry LOCAL_RANK) or 4 (global, in rank order)"),
     ("cuda:0=15GiB,cuda:1=14GiB", "2 x T4", None, "device spec part 'cuda:0=15GiB': cuda:0 is a Tesla T4 with 14.75 "
@@ -104,9 +109,9 @@ def test_a_spec_that_cannot_run_is_refused_naming_the_part_and_what_works(spec, 
 
 def test_a_world_size_that_does_not_match_is_refused():
     with pytest.raises(ValueError, match="WORLD_SIZE 3 is not a multiple of LOCAL_WORLD_SIZE 2"):
-        decide("cuda", "2 x T4", gh.Launch(3, 2, 0))
+        decide("cuda", "2 x T4", Launch(3, 2, 0))
     with pytest.raises(ValueError, match=r"3 device\(s\) for 2 rank\(s\): give one device per rank"):
-        gh.decide_ranks("cpu,cpu,cpu", gh.describe_hardware("cpu"), gh.notebook_launch(2))
+        decide_ranks("cpu,cpu,cpu", gh.describe_hardware("cpu"), notebook_launch(2))
 
 
 def test_ranks_started_from_a_kernel_under_torchrun_ignore_its_variables(monkeypatch):
@@ -116,8 +121,8 @@ def test_ranks_started_from_a_kernel_under_torchrun_ignore_its_variables(monkeyp
                         ("GROUP_RANK", "1"), ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(gptj_split.launch, "read_hardware", lambda free=False: gh.describe_hardware("2 x T4"))
-    job = gh.pipeline_job(gh.pipeline_settings("tiny", "cuda:0,cuda:1"))
-    assert summary(gh.notebook_places(job)) == [(0, 0, "cuda:0", "nccl"), (0, 1, "cuda:1", "nccl")]
+    job = pipeline_job(pipeline_settings("tiny", "cuda:0,cuda:1"))
+    assert summary(notebook_places(job)) == [(0, 0, "cuda:0", "nccl"), (0, 1, "cuda:1", "nccl")]
     assert not set(gptj_split.launch.TORCHRUN_VARIABLES) & set(gptj_split.launch.without_launcher_variables(
         dict(os.environ)))
 
@@ -136,8 +141,8 @@ def prepare_nothing(payload, places, located) -> None:
 def test_real_ranks_from_a_kernel_under_torchrun_see_none_of_its_variables(monkeypatch):
     for name, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
         monkeypatch.setenv(name, value)
-    job = gh.RankJob(gh.PipelineError, prepare_nothing, report_environment, "cpu,cpu", None)
-    assert gh.start_ranks(job) == {"device": "cpu", "rank": 0, "RANK": None, "LOCAL_RANK": None}
+    job = RankJob(gh.PipelineError, prepare_nothing, report_environment, "cpu,cpu", None)
+    assert start_ranks(job) == {"device": "cpu", "rank": 0, "RANK": None, "LOCAL_RANK": None}
 
 
 @pytest.fixture
@@ -237,9 +242,9 @@ def test_times_across_nodes_are_each_ranks_own_durations():
 
 
 def test_a_run_has_a_default_deadline_and_its_load_limit_follows_the_bytes():
-    assert gh.LaunchOptions().deadline == gh.DEFAULT_DEADLINE == 3600
-    assert gh.load_timeout(0) == gh.DEFAULT_TIMEOUT
-    full = gh.load_timeout(int(12.1e9) // 2)  # half of GPT-J-6B, a stage of two: minutes, not the step's 60 s
+    assert gh.LaunchOptions().deadline == DEFAULT_DEADLINE == 3600
+    assert load_timeout(0) == DEFAULT_TIMEOUT
+    full = load_timeout(int(12.1e9) // 2)  # half of GPT-J-6B, a stage of two: minutes, not the step's 60 s
     assert 300 < full < 400
 
 

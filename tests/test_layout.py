@@ -12,6 +12,15 @@ import pytest
 import torch
 
 import gptj_helpers as gh
+from gptj_split.devices import parse_size
+from gptj_split.hub import transport_errors
+from gptj_split.launch import Launch, decide_ranks, notebook_launch, notebook_places, torchrun_places
+from gptj_split.measure import LoadWatch, QUIET_SHARE
+from gptj_split.models import build_atomically, default_dtype, quiet_progress, random_tiny_model
+from gptj_split.pipeline import pipeline_job, pipeline_settings, prepare_pipeline
+from gptj_split.ranks import RankJob, is_neighbour_error
+from gptj_split.runner import run_notebooks
+from gptj_split.tensor_parallel import prepare_tensor_parallel, tensor_parallel_settings
 import gptj_split.models
 import gptj_split.pipeline
 import gptj_split.ranks
@@ -74,6 +83,32 @@ def test_the_import_check_can_fail(tmp_path):
     bad = tmp_path / "models.py"
     bad.write_text("from .launch import run_pipeline\nif TYPE_CHECKING:\n    from .plan import Plan\n")
     assert package_imports(bad) == {"launch"}
+
+
+TYPES_SHOWN = {  # the types the series' tools take and return, re-exported beside them though no cell spells gh.NAME
+    "Device", "Hardware", "Card", "GPTJ_6B_RANDOM", "read_hardware", "Plan", "StagePlan", "SETUPS", "settings_line",
+    "setups_markdown", "Sampling", "RunRecord", "MemoryRow", "TimingEvent", "EventClock", "compare_outputs",
+    "RankError", "PipelineError", "RankPlace", "GenerationJob", "TensorParallelError", "TensorParallelJob"}
+
+
+def facade_names() -> set[str]:
+    """The names gptj_helpers re-exports."""
+    return {n for n in vars(gh) if not n.startswith("_") and n not in ("annotations", "sys")}
+
+
+def test_the_table_of_contents_holds_what_the_notebooks_use_and_no_plumbing():
+    """gh.NAME is the series' tools: every name a notebook, the README or an exercise uses, the types they meet, and
+    nothing else (benchmarks and tests import the rest from gptj_split.<file>); about 150 names at most."""
+    import json
+    import re
+
+    used = set(re.findall(r"\bgh\.([A-Za-z_]\w*)", (ROOT / "README.md").read_text()))
+    for notebook in (ROOT / "notebooks").glob("*.ipynb"):
+        for cell in json.loads(notebook.read_text())["cells"]:
+            used |= set(re.findall(r"\bgh\.([A-Za-z_]\w*)", "".join(cell["source"])))
+    assert used <= facade_names(), f"used but not re-exported: {sorted(used - facade_names())}"
+    assert facade_names() <= used | TYPES_SHOWN, f"plumbing in the table of contents: {sorted(facade_names() - used)}"
+    assert len(facade_names()) <= 150
 
 
 def test_gptj_helpers_is_only_a_table_of_contents():
@@ -139,19 +174,19 @@ def test_building_the_tiny_model_leaves_the_callers_random_state():
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    gh.random_tiny_model(seed=0)
+    random_tiny_model(seed=0)
     assert torch.equal(torch.rand(3), expected)
 
 
-@pytest.mark.parametrize("settings_of, prepare", [(gh.pipeline_settings, gh.prepare_pipeline),
-                                                   (gh.tensor_parallel_settings, gh.prepare_tensor_parallel)])
+@pytest.mark.parametrize("settings_of, prepare", [(pipeline_settings, prepare_pipeline),
+                                                   (tensor_parallel_settings, prepare_tensor_parallel)])
 def test_run_settings_are_one_checked_object_and_rank_0_plans_over_every_ranks_place(tiny_path, settings_of, prepare):
     """Both clients' settings carry the spec as given (the runtime reads it where the ranks start); rank 0 plans over
     the places the ranks report, not over a spec of its own."""
     settings = settings_of(tiny_path, "cpu,cpu", prompts=["a"], max_new_tokens=3,
                            sampling=gh.Sampling(greedy=True), dtype=torch.float32)
     assert settings.spec == "cpu,cpu" and settings.dtype == "float32" and settings.sampling.greedy
-    places = gh.decide_ranks("cpu=5MiB,cpu=6MiB", gh.describe_hardware("cpu"), gh.notebook_launch(2))
+    places = decide_ranks("cpu=5MiB,cpu=6MiB", gh.describe_hardware("cpu"), notebook_launch(2))
     plan, jobs = prepare(settings, places, tiny_path)
     assert [s.budget_bytes for s in plan.devices] == [5 * 2**20, 6 * 2**20] and len(jobs) == 1
     with pytest.raises(ValueError, match="give devices"):
@@ -166,9 +201,9 @@ SPEC_PATHS = {  # every path that takes devices, each called with the spec "cpu=
     "check_split": lambda spec, tiny_path: gh.check_split(tiny_path, spec, None, torch.ones(1, 2, dtype=torch.long), 1),
     "pipeline_dry_run": lambda spec, tiny_path: gh.pipeline_dry_run(tiny_path, spec),
     "tensor_parallel_dry_run": lambda spec, tiny_path: gh.tensor_parallel_dry_run(tiny_path, spec),
-    "notebook_places": lambda spec, tiny_path: gh.notebook_places(gh.pipeline_job(gh.pipeline_settings("tiny", spec))),
-    "torchrun_places": lambda spec, tiny_path: gh.torchrun_places(
-        gh.pipeline_job(gh.pipeline_settings("tiny", spec)), gh.Launch(2, 2, 1), gh.describe_hardware("cpu")),
+    "notebook_places": lambda spec, tiny_path: notebook_places(pipeline_job(pipeline_settings("tiny", spec))),
+    "torchrun_places": lambda spec, tiny_path: torchrun_places(
+        pipeline_job(pipeline_settings("tiny", spec)), Launch(2, 2, 1), gh.describe_hardware("cpu")),
     "setups_markdown": lambda spec, tiny_path: gh.setups_markdown(),
     "cli devices": lambda spec, tiny_path: gh.main(["devices", spec]),
     "cli plan": lambda spec, tiny_path: gh.main(["plan", "--devices", spec]),
@@ -205,7 +240,7 @@ def test_public_functions_take_about_ten_parameters_at_most_besides_sampling():
         obj = getattr(gh, name)
         if inspect.isfunction(obj) and obj.__module__.startswith("gptj_split"):
             params = set(inspect.signature(obj).parameters) - sampling
-            assert len(params) <= 11, f"{name} takes {len(params)} parameters: {sorted(params)}"
+            assert len(params) <= 10, f"{name} takes {len(params)} parameters: {sorted(params)}"
 
 
 def test_one_memory_row_type_on_every_path(tiny, tiny_path):
@@ -228,7 +263,7 @@ def test_a_rank_error_keeps_its_type_and_cause_in_its_callers_words(tmp_path, er
         return gptj_split.ranks.FailureReport(rank, at, f"{type(err).__name__}: {err}", "", neighbour,
                                               pickle.dumps(err))
 
-    job = gh.RankJob(error, None, None, "cpu,cpu", None, gh.LaunchOptions(timeout=7, deadline=30))
+    job = RankJob(error, None, None, "cpu,cpu", None, gh.LaunchOptions(timeout=7, deadline=30))
     describe = gptj_split.ranks.describe_failure
     (tmp_path / "rank1.pkl").write_bytes(pickle.dumps(report(FileNotFoundError("no weights here"))))
     got = describe(job, str(tmp_path), {1: 1.0}, [], [], [Proc(), Proc()])
@@ -260,16 +295,16 @@ class Unrebuildable(Exception):
 def test_neighbour_errors_are_recognised_by_class():
     import torch.distributed as dist
 
-    assert gh.is_neighbour_error(dist.DistNetworkError("peer went away"))
-    assert gh.is_neighbour_error(ConnectionResetError())
-    assert not gh.is_neighbour_error(RuntimeError("connection to gloo timed out"))  # words alone are not a class
+    assert is_neighbour_error(dist.DistNetworkError("peer went away"))
+    assert is_neighbour_error(ConnectionResetError())
+    assert not is_neighbour_error(RuntimeError("connection to gloo timed out"))  # words alone are not a class
     # but gloo raises a vanished peer as a RuntimeError from its transport (seen when a rank exits mid all-reduce)
-    assert gh.is_neighbour_error(RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] "
+    assert is_neighbour_error(RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] "
                                               "Read error [127.0.0.1]:3488: Connection reset by peer."))
 
 
 def test_dropped_downloads_are_caught_for_both_http_clients():
-    names = {f"{c.__module__.split('.')[0]}.{c.__name__}" for c in gh.transport_errors()}
+    names = {f"{c.__module__.split('.')[0]}.{c.__name__}" for c in transport_errors()}
     assert "httpx.TransportError" in names
     pytest.importorskip("httpx2")
     assert "httpx2.TransportError" in names
@@ -280,12 +315,12 @@ def test_quiet_progress_restores_what_it_found():
 
     hf_logging.disable_progress_bar()
     try:
-        with gh.quiet_progress():
+        with quiet_progress():
             pass
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()
-    with gh.quiet_progress():
+    with quiet_progress():
         assert not hf_logging.is_progress_bar_enabled()
     assert hf_logging.is_progress_bar_enabled()
 
@@ -297,7 +332,7 @@ def test_run_notebooks_restores_the_environment(tmp_path, monkeypatch):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os; print(os.environ['GPTJ_HELPERS_OUT'])")])
     path = tmp_path / "n.ipynb"
     nbformat.write(nb, path)
-    gh.run_notebooks([path], out_dir=tmp_path / "out")
+    run_notebooks([path], out_dir=tmp_path / "out")
     assert os.environ["GPTJ_HELPERS_OUT"] == "before"
     ran = nbformat.read(tmp_path / "out" / "n.ipynb", as_version=4)
     assert ran.cells[0].outputs[0]["text"].strip() == str((tmp_path / "out" / "figures").resolve())
@@ -320,9 +355,9 @@ def test_parse_size_agrees_with_accelerate_where_both_read_a_size():
     from accelerate.utils import convert_file_size_to_int
 
     for text in ("10GiB", "512MiB", "5GB", "300MB", "2KiB"):
-        assert gh.parse_size(text) == convert_file_size_to_int(text), text
-    assert gh.parse_size("1.5gb") == 1_500_000_000  # accelerate reads lowercase "gb" as gigabits
-    assert gh.parse_size("1024") == 1024  # accelerate refuses a bare number
+        assert parse_size(text) == convert_file_size_to_int(text), text
+    assert parse_size("1.5gb") == 1_500_000_000  # accelerate reads lowercase "gb" as gigabits
+    assert parse_size("1024") == 1024  # accelerate refuses a bare number
 
 
 def test_build_happens_once_under_concurrency(tmp_path):
@@ -332,7 +367,7 @@ def test_build_happens_once_under_concurrency(tmp_path):
         calls.append(tmp)
         (tmp / "config.json").write_text("{}")
 
-    threads = [threading.Thread(target=lambda: results.append(gh.build_atomically(tmp_path / "m", build)))
+    threads = [threading.Thread(target=lambda: results.append(build_atomically(tmp_path / "m", build)))
                for _ in range(4)]
     [t.start() for t in threads]
     [t.join(10) for t in threads]
@@ -374,13 +409,13 @@ def test_installed_wheel_ships_the_trained_tiny_model(tiny, tmp_path):
 
 def test_default_dtype_is_one_rule():
     tiny = gh.load_config("tiny")
-    assert gh.default_dtype(tiny) == torch.float32
+    assert default_dtype(tiny) == torch.float32
     six = gh.gptj_6b_config()
-    assert gh.default_dtype(six, ["cuda:0", "cuda:1"]) == torch.float16
-    assert gh.default_dtype(six, ["cpu"]) == gh.default_dtype(six) == torch.bfloat16
+    assert default_dtype(six, ["cuda:0", "cuda:1"]) == torch.float16
+    assert default_dtype(six, ["cpu"]) == default_dtype(six) == torch.bfloat16
     half = gh.tiny_config()
     half.dtype = "float16"
-    assert gh.default_dtype(half) == torch.float16
+    assert default_dtype(half) == torch.float16
     assert gh.plan_split(tiny, "2x4MiB").dtype == "float32"
     assert gh.plan_split(six, "2x14GiB").dtype == "bfloat16"
 
@@ -403,7 +438,7 @@ def test_load_watch_tells_our_processes_from_others():
     other = int(theirs.stdout)  # orphaned at once: not a descendant of this process
     ours = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        with gh.LoadWatch(every=0.2) as watch:
+        with LoadWatch(every=0.2) as watch:
             time.sleep(1.5)
     finally:
         ours.kill()
@@ -411,7 +446,7 @@ def test_load_watch_tells_our_processes_from_others():
         os.kill(other, signal.SIGKILL)
     pids = {pid for pid, _ in watch.ours}
     assert ours.pid in pids and os.getpid() in pids and other not in pids
-    assert watch.share() > gh.QUIET_SHARE  # the other spinner alone is a core's worth
+    assert watch.share() > QUIET_SHARE  # the other spinner alone is a core's worth
 
 
 @pytest.mark.timeout(60)
@@ -431,13 +466,13 @@ def test_in_place_runs_refuse_a_busy_machine_unless_forced(tmp_path):
     pid = int(spin.stdout)  # its shell has exited: not a process of ours, so it counts as another's
     try:
         with pytest.raises(RuntimeError, match=r"the machine is busy: other processes used \d+% of its cores"):
-            gh.run_notebooks([path], inplace=True, watch=1.5)
+            run_notebooks([path], inplace=True, watch=1.5)
         assert path.read_text() == before
-        gh.run_notebooks([path], inplace=True, watch=1.5, force=True)
+        run_notebooks([path], inplace=True, watch=1.5, force=True)
     finally:
         os.kill(pid, signal.SIGKILL)
     recorded = nbformat.read(path, as_version=4).metadata["recorded"]
-    assert recorded["forced"] and recorded["others_cpu_share_before"] > gh.QUIET_SHARE
+    assert recorded["forced"] and recorded["others_cpu_share_before"] > QUIET_SHARE
 
 
 def test_no_test_hooks_in_the_product():

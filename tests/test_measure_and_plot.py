@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import gptj_helpers as gh
+from gptj_split.plots import shared_span_ms
 
 matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +127,7 @@ def test_timelines_of_two_runs_share_one_time_axis():
                             tokens_per_second=0.0, total_seconds=seconds, events=events)
 
     slow, fast = run_of(0.2, "naive"), run_of(0.1, "pipeline")
-    assert gh.shared_span_ms([slow, fast], max_step=0, first_step=0) == pytest.approx(200)
+    assert shared_span_ms([slow, fast], max_step=0, first_step=0) == pytest.approx(200)
     fig = gh.plot_timelines([slow, fast], max_step=0, first_step=0)
     assert len(fig.axes) == 2 and fig.axes[0].get_xlim() == fig.axes[1].get_xlim()
     assert fig.axes[1].get_xlim()[1] == pytest.approx(204)

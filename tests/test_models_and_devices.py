@@ -7,6 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 import gptj_helpers as gh
+from gptj_split.devices import GPU_RESERVE, parse_size
+from gptj_split.hub import download_model, hub_id
+from gptj_split.models import EOS_TOKEN, default_dtype, is_gptj_6b, tiny_model_path
+from gptj_split.random_models import (build_seeded_model, make_tiny_gptj, save_tokenizer, write_random_model,
+                                      write_seeded_files)
 from conftest import ROOT, call_cli, run_cli
 
 
@@ -16,10 +21,10 @@ def greedy(model, tokenizer, text="The list", n=12):
 
 
 def test_tiny_random_is_deterministic_and_reloads_bit_identical(tmp_path):
-    a, b = gh.make_tiny_gptj(tmp_path / "a"), gh.make_tiny_gptj(tmp_path / "b")
+    a, b = make_tiny_gptj(tmp_path / "a"), make_tiny_gptj(tmp_path / "b")
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    model, tokenizer = gh.load_model(str(gh.tiny_model_path())), gh.load_tokenizer(str(gh.tiny_model_path()))
+    model, tokenizer = gh.load_model(str(tiny_model_path())), gh.load_tokenizer(str(tiny_model_path()))
     loaded = {k: v for k, v in model.state_dict().items()}
     assert all(torch.equal(loaded[k], wa[k]) for k in wa)
     assert (a / "vocab.json").read_bytes() == (b / "vocab.json").read_bytes()
@@ -29,8 +34,8 @@ def test_tiny_random_is_deterministic_and_reloads_bit_identical(tmp_path):
 
 
 def test_tiny_seed_matters(tmp_path):
-    other = load_file(gh.make_tiny_gptj(tmp_path / "s1", seed=1) / "model.safetensors")
-    base = load_file(gh.tiny_model_path() / "model.safetensors")
+    other = load_file(make_tiny_gptj(tmp_path / "s1", seed=1) / "model.safetensors")
+    base = load_file(tiny_model_path() / "model.safetensors")
     assert not torch.equal(other["transformer.h.0.mlp.fc_in.weight"], base["transformer.h.0.mlp.fc_in.weight"])
 
 
@@ -47,7 +52,7 @@ def test_tokenizer_round_trips_unicode(tiny, text):
     ids = tokenizer.encode(text)
     assert tokenizer.decode(ids) == text
     assert all(0 <= i < gh.tiny_config().vocab_size for i in ids)
-    assert len(tokenizer) > 500 and tokenizer.eos_token == gh.EOS_TOKEN
+    assert len(tokenizer) > 500 and tokenizer.eos_token == EOS_TOKEN
 
 
 def test_gptj_6b_counts_on_meta_device():
@@ -63,7 +68,7 @@ def test_gptj_6b_counts_on_meta_device():
 @pytest.mark.parametrize("text,expected", [("10GiB", 10 * 2**30), ("5GB", 5 * 10**9), ("512 MiB", 512 * 2**20),
                                            ("1.5gb", 1_500_000_000), ("100", 100), ("2MB", 2_000_000)])
 def test_parse_size(text, expected):
-    assert gh.parse_size(text) == expected
+    assert parse_size(text) == expected
 
 
 def test_parse_devices_good():
@@ -159,20 +164,20 @@ def test_hub_id_offline_fails_fast(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     start = time.perf_counter()
     with pytest.raises(ConnectionError, match="needs the internet"):
-        gh.download_model("someone/some-model", cache_dir=tmp_path)
+        download_model("someone/some-model", cache_dir=tmp_path)
     assert time.perf_counter() - start < 10
 
 
 def test_unreachable_endpoint_fails_fast(tmp_path):
     with pytest.raises(ConnectionError, match="cannot reach 127.0.0.1"):
-        gh.download_model("someone/some-model", endpoint="http://127.0.0.1:9", cache_dir=tmp_path)
+        download_model("someone/some-model", endpoint="http://127.0.0.1:9", cache_dir=tmp_path)
 
 
 def test_resolve_model_paths(tmp_path, tiny_path):
     assert gh.resolve_model(str(tiny_path)) == tiny_path
     with pytest.raises(FileNotFoundError, match="config.json"):
         gh.resolve_model(str(tmp_path))
-    assert gh.hub_id("gpt-j-6b") == ("EleutherAI/gpt-j-6b", "float16")
+    assert hub_id("gpt-j-6b") == ("EleutherAI/gpt-j-6b", "float16")
     assert gh.load_config("gpt-j-6b").n_layer == 28  # known offline
 
 
@@ -189,7 +194,7 @@ def test_gpt_j_6b_random_is_a_named_model_without_weight_files():
     folder = gh.resolve_model("gpt-j-6b-random")
     assert (folder / "random_weights.json").exists() and not list(folder.glob("*.safetensors"))
     config = gh.load_config("gpt-j-6b-random")
-    assert gh.is_gptj_6b(config) and gh.default_dtype(config) == torch.bfloat16
+    assert is_gptj_6b(config) and default_dtype(config) == torch.bfloat16
     assert gh.load_tokenizer("gpt-j-6b-random")("The list")["input_ids"]
     plan = gh.plan_split("gpt-j-6b-random", "2x7GiB")
     assert plan.dtype == "bfloat16" and [s.blocks for s in plan.devices] == [(0, 14), (14, 28)]
@@ -218,7 +223,7 @@ def test_a_budget_larger_than_the_named_card_is_refused(monkeypatch):
                        r"the budget of 15\.00 GiB: give at most 14GiB"):
         gh.parse_devices("cuda:0=15GiB")
     assert gh.parse_devices("cuda:0=14GiB") == [gh.Device("cuda:0", 14 * 2**30)]
-    assert gh.parse_devices("cuda:0") == [gh.Device("cuda:0", 15_000_000_000 - gh.GPU_RESERVE)]  # free less reserve
+    assert gh.parse_devices("cuda:0") == [gh.Device("cuda:0", 15_000_000_000 - GPU_RESERVE)]  # free less reserve
     with pytest.raises(ValueError, match=r"2 budgets on cuda:0 add up to 16\.00 GiB, more than the Tesla T4's"):
         gh.parse_devices("2x8GiB")
     with pytest.raises(ValueError, match=r"cuda:1 does not exist, this node has 1 GPU\(s\) \(cuda:0: 1 x Tesla T4\)"):
@@ -232,12 +237,12 @@ def test_seeded_weights_written_as_safetensors_load_with_from_pretrained_and_equ
     the model built from the seed."""
     from transformers import GPTJForCausalLM
 
-    seeded = gh.write_random_model(gh.tiny_config(), tmp_path / "seeded", seed=3)
-    gh.save_tokenizer(seeded)
-    files = gh.write_seeded_files(seeded, tmp_path / "files", torch.bfloat16)
+    seeded = write_random_model(gh.tiny_config(), tmp_path / "seeded", seed=3)
+    save_tokenizer(seeded)
+    files = write_seeded_files(seeded, tmp_path / "files", torch.bfloat16)
     assert len(list(files.glob("model-*.safetensors"))) == gh.tiny_config().n_layer + 1
     loaded = GPTJForCausalLM.from_pretrained(str(files))
-    built = gh.build_seeded_model(seeded, gh.tiny_config(), torch.bfloat16, "cpu")
+    built = build_seeded_model(seeded, gh.tiny_config(), torch.bfloat16, "cpu")
     assert loaded.dtype == torch.bfloat16
     for (name, a), (_, b) in zip(loaded.state_dict().items(), built.state_dict().items()):
         assert torch.equal(a, b), name

@@ -13,6 +13,10 @@ import pytest
 import torch
 
 import gptj_helpers as gh
+from gptj_split.jobs import merge_results
+from gptj_split.plan import kv_cache_bytes_per_layer
+from gptj_split.ranks import RankJob, free_port
+from gptj_split.stage import check_pipeline_plan, load_stage
 import gptj_split.cli
 import gptj_split.pipeline
 import gptj_split.ranks
@@ -60,7 +64,7 @@ def jobs_for(batch):
 def runs(request, tiny_path, batch):
     """One start of n stage processes running greedy (1, 2, 4 micro-batches) and sampling (1, 2) jobs."""
     n = request.param
-    records = gh.run_pipeline_jobs(str(tiny_path), ",".join(["cpu"] * n), jobs_for(batch),
+    records = gh.run_pipeline(str(tiny_path), jobs_for(batch), ",".join(["cpu"] * n),
                                    options=gh.LaunchOptions(timeout=30))
     return n, records
 
@@ -122,7 +126,7 @@ def test_record_has_schedule_and_memory_per_stage(runs, tiny, batch):
             blocks = record.plan.devices[s].blocks
             assert row.param_bytes == record.plan.devices[s].param_bytes
             # keys and values of prompt + all but the last new token, for every row and layer of the stage
-            per_layer = gh.kv_cache_bytes_per_layer(config, torch.float32, ids.shape[1] + NEW - 1, ids.shape[0])
+            per_layer = kv_cache_bytes_per_layer(config, torch.float32, ids.shape[1] + NEW - 1, ids.shape[0])
             assert row.kv_cache_bytes == (blocks[1] - blocks[0]) * per_layer
         assert 0 < record.time_to_first_token <= record.total_seconds
 
@@ -139,11 +143,11 @@ def test_eos_padding_and_trim_like_generate():
                       greedy=True)
     new = torch.tensor([[3, 0, 0, 0, 0], [4, 4, 0, 0, 0]])
     events = [gh.TimingEvent(0, "prefill", 0, 0.0, 1.0), gh.TimingEvent(0, "decode", 1, 1.0, 2.0)]
-    record = gh.merge_results([{"events": events, "memory": {}, "new_tokens": new}], job, Tok(), None, 0)
+    record = merge_results([{"events": events, "memory": {}, "new_tokens": new}], job, Tok(), None, 0)
     assert record.output_ids.tolist() == [[5, 6, 3, 0, 0], [7, 8, 4, 4, 0]]
     assert record.texts == ["3 0", "4 4 0"] and record.new_tokens == 5  # up to each row's eos, as generate_text
     never = torch.tensor([[3, 1, 2, 1, 2], [4, 4, 0, 0, 0]])
-    record = gh.merge_results([{"events": events, "memory": {}, "new_tokens": never}], job, Tok(), None, 0)
+    record = merge_results([{"events": events, "memory": {}, "new_tokens": never}], job, Tok(), None, 0)
     assert record.output_ids.shape == (2, 7)
 
 
@@ -170,21 +174,21 @@ def test_one_stage_streams_each_token_and_stops_on_request_or_when_every_row_end
     model, tokenizer = tiny
     ids, mask = batch
     plan = gh.plan_split(model.config, "cpu", dtype=torch.float32)
-    stage = gh.load_stage(tiny_path, plan, 0, torch.float32, "cpu")
+    stage = load_stage(tiny_path, plan, 0, torch.float32, "cpu")
     relay = FakeRelay()
     job = gh.make_job(ids, mask, max_new_tokens=NEW, greedy=True, stoppable=True)
     result = gh.run_stage(stage, job, gh.EventClock(), relay=relay)
-    assert torch.equal(result["new_tokens"], reference[:, ids.shape[1]:]) and relay.ended
-    assert [list(step) for step in zip(*result["new_tokens"].tolist())] == relay.tokens
+    assert torch.equal(result.new_tokens, reference[:, ids.shape[1]:]) and relay.ended
+    assert [list(step) for step in zip(*result.new_tokens.tolist())] == relay.tokens
     relay = FakeRelay(stop_after=3)
     job = gh.make_job(ids, mask, max_new_tokens=NEW, greedy=True, stoppable=True)
     result = gh.run_stage(stage, job, gh.EventClock(), relay=relay)
-    assert torch.equal(result["new_tokens"], reference[:, ids.shape[1]:ids.shape[1] + 3])
+    assert torch.equal(result.new_tokens, reference[:, ids.shape[1]:ids.shape[1] + 3])
     stage.eos_token_id = int(reference[0, ids.shape[1] + 1])  # pretend the second token of row 0 ends text
     first_row = gh.make_job(ids[:1], mask[:1], max_new_tokens=NEW, greedy=True, stoppable=True)
-    assert gh.run_stage(stage, first_row, gh.EventClock())["new_tokens"].shape == (1, 2)
+    assert gh.run_stage(stage, first_row, gh.EventClock()).new_tokens.shape == (1, 2)
     plain = gh.make_job(ids[:1], mask[:1], max_new_tokens=NEW, greedy=True)  # not stoppable: runs every step
-    assert gh.run_stage(stage, plain, gh.EventClock())["new_tokens"].shape == (1, NEW)
+    assert gh.run_stage(stage, plain, gh.EventClock()).new_tokens.shape == (1, NEW)
     with pytest.raises(ValueError, match="micro_batches=1"):
         gh.make_job(ids, mask, 2, max_new_tokens=NEW, stoppable=True)
 
@@ -252,7 +256,7 @@ def test_two_nodes_on_localhost_sampling(tiny, tiny_path, tmp_path, batch):
     ids, mask = batch
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    port = str(gh.free_port())
+    port = str(free_port())
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
               "--max-restarts", "0"]
     cli = ["-m", "gptj_helpers", "pipeline", "--model", str(tiny_path), "--devices", "cpu,cpu", "--prompts-file",
@@ -286,12 +290,12 @@ def report_environment(context, payload, prepared) -> list:
 def test_stages_fork_from_one_server_and_see_the_callers_environment_of_now(tmp_path, monkeypatch):
     """The rank processes fork from one server (ranks.process_context), yet each run sees the environment as the
     caller has it when the run starts, as a spawned process would."""
-    job = gh.RankJob(gh.PipelineError, prepare_nothing, report_environment, "cpu,cpu", None)
+    job = RankJob(gh.PipelineError, prepare_nothing, report_environment, "cpu,cpu", None)
     monkeypatch.setenv("GPTJ_TEST_MARK", "first")
-    first = gh.start_ranks(job, "tiny")
+    first = gptj_split.ranks.start_ranks(job, "tiny")
     monkeypatch.setenv("GPTJ_TEST_MARK", "second")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    second = gh.start_ranks(job, "tiny")
+    second = gptj_split.ranks.start_ranks(job, "tiny")
     assert first[0] == "first" and second[:2] == ["second", str(tmp_path)]
     assert first[2] == second[2] != os.getpid()  # the same server, still running, forked both
     assert "forkserver" in " ".join(psutil.Process(second[2]).cmdline())
@@ -318,7 +322,7 @@ def test_bad_job_options_refused(tiny_path, monkeypatch):
         gh.run_pipeline(str(tiny_path), PROMPTS, "cpu,cpu", micro_batches=6)
     plan = gh.plan_split(gh.load_config(str(tiny_path)), "cpu,cpu", dtype=torch.float32)
     with pytest.raises(ValueError, match="3 process"):
-        gh.check_pipeline_plan(plan, 8, world_size=3)
+        check_pipeline_plan(plan, 8, world_size=3)
 
 
 def test_torchrun_world_size_must_match_stages(tiny_path, tmp_path, monkeypatch):

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import gptj_helpers as gh
+from gptj_split.plan import kv_cache_bytes_per_layer
+from gptj_split.random_models import write_random_model
 from conftest import call_cli
 
 GB = 10**9
@@ -22,7 +24,7 @@ def tiny_config(n_layer):
 def brute_force(config, devices, dtype, tokens, cost):
     """Every contiguous split, scored like the planner: the smallest worst fill, or worst cost within budgets."""
     sizes = gh.module_sizes(config, dtype)
-    kv = gh.kv_cache_bytes_per_layer(config, dtype, tokens)
+    kv = kv_cache_bytes_per_layer(config, dtype, tokens)
     n, L = len(devices), config.n_layer
     best = None
     for cuts in itertools.combinations_with_replacement(range(L + 1), n - 1):
@@ -204,7 +206,7 @@ def test_random_weights_are_the_same_in_any_process(tmp_path):
     import sys
 
     config = gh.tiny_config()
-    folder = gh.write_random_model(config, tmp_path / "random", seed=3)
+    folder = write_random_model(config, tmp_path / "random", seed=3)
     plan = gh.plan_split(config, "2xcpu", dtype=torch.float32)
     whole = gh.place_stages(config, plan, seed=3)
     only_last = gh.place_stages(folder, plan, stages=[1])  # another stage set, rebuilt from the folder

@@ -9,6 +9,10 @@ import pytest
 import torch
 
 import gptj_helpers as gh
+from gptj_split.place import plan_of, stored_bytes
+from gptj_split.plan import linear_bytes, map_device
+from gptj_split.quantize import BlockQuantizer, MissingBackend, check_backend, import_backend
+from gptj_split.stage import forward_stage, load_stage, new_stage_cache
 import gptj_split.place
 import gptj_split.quantize
 from gptj_split import quality
@@ -23,9 +27,9 @@ def needs(backend):
 
 
 def test_bytes_per_weight_include_scales_and_zero_points():
-    assert gh.linear_bytes(4096, 4096, "int8", torch.bfloat16) == 4096 * 4096 + 4096 * 5  # int8 + fp32 scale + zp
-    assert gh.linear_bytes(4096, 4096, "nf4", torch.bfloat16) == 4096 * 4096 * 0.5625 + 64  # absmax per 64, code
-    assert gh.linear_bytes(8, 4, "float16", torch.float16) == 64
+    assert linear_bytes(4096, 4096, "int8", torch.bfloat16) == 4096 * 4096 + 4096 * 5  # int8 + fp32 scale + zp
+    assert linear_bytes(4096, 4096, "nf4", torch.bfloat16) == 4096 * 4096 * 0.5625 + 64  # absmax per 64, code
+    assert linear_bytes(8, 4, "float16", torch.float16) == 64
     sizes = {w: gh.planned_sizes(gh.gptj_6b_config(), torch.float16, w)["total"] / GB for w in (None, "int8", "nf4")}
     assert sizes[None] == pytest.approx(12.10, abs=0.01)
     assert sizes["int8"] == pytest.approx(6.47, abs=0.01) and sizes["nf4"] == pytest.approx(4.00, abs=0.01)
@@ -54,7 +58,7 @@ def test_unknown_or_mismatched_formats_are_refused_listing_the_known_ones():
         gh.plan_split("tiny", "cpu", dtype=torch.float32, weights="float16")
     assert gh.plan_split("tiny", "cpu", weights="bfloat16").dtype == "bfloat16"  # a float format names the dtype
     with pytest.raises(ValueError, match="unknown quantized weight format 'fp4': use one of int8, nf4"):
-        gh.check_backend("fp4")
+        check_backend("fp4")
 
 
 def test_plans_round_trip_and_plans_saved_before_weight_formats_still_load(tiny_path):
@@ -64,7 +68,7 @@ def test_plans_round_trip_and_plans_saved_before_weight_formats_still_load(tiny_
     assert "weights" not in json.loads((ROOT / "tests" / "data" / "plan_before_weight_formats.json").read_text())
     assert old.weights == old.dtype == "float32" and not old.quantized
     model = gh.place_stages(tiny_path, old)
-    assert gh.plan_of(model).weights == "float32"
+    assert plan_of(model).weights == "float32"
 
 
 def test_device_map_covers_every_tensor_once_and_agrees_with_the_plan():
@@ -77,9 +81,9 @@ def test_device_map_covers_every_tensor_once_and_agrees_with_the_plan():
     for name in names:
         owners = [k for k in device_map if name == k or name.startswith(k + ".")]
         assert len(owners) == 1, (name, owners)
-        assert device_map[owners[0]] == gh.map_device(plan.devices[gptj_split.place.tensor_stage(plan, name)].device)
+        assert device_map[owners[0]] == map_device(plan.devices[gptj_split.place.tensor_stage(plan, name)].device)
     assert set(device_map.values()) == {"cpu", 1, 0} and device_map["lm_head"] == 0
-    assert gh.map_device("cuda") == 0 and gh.map_device("cpu") == "cpu"
+    assert map_device("cuda") == 0 and map_device("cpu") == "cpu"
 
 
 @needs("bitsandbytes")
@@ -89,7 +93,7 @@ def test_from_pretrained_takes_the_device_map_with_and_without_bitsandbytes(tiny
     assert all(p.device.type == "cpu" for p in plain.parameters())  # all-"cpu": accepted, no hooks to attach
     assert type(plain.transformer.h[0].mlp.fc_in) is torch.nn.Linear
     rows = gh.measure_memory(plain)  # it carries its plan: counted stage by stage, as the plan has it
-    assert gh.plan_of(plain) is plan and [r.param_bytes for r in rows][1] == plan.devices[1].param_bytes
+    assert plan_of(plain) is plan and [r.param_bytes for r in rows][1] == plan.devices[1].param_bytes
     int8 = gh.load_pretrained(tiny_path, gh.plan_split(tiny_path, "2xcpu", dtype=torch.float32, weights="int8"),
                               backend="bitsandbytes")
     assert type(int8.transformer.h[0].mlp.fc_in).__name__ == "Linear8bitLt"
@@ -112,17 +116,17 @@ def test_stock_loading_is_refused_where_transformers_cannot_place_it(tiny_path):
 @needs("bitsandbytes")
 def test_a_backend_that_cannot_run_on_the_device_is_refused_before_loading(monkeypatch):
     with pytest.raises(ValueError, match=r"torchao 0\.\d+.* cannot run int8 weights on mps"):
-        gh.check_backend("int8", "torchao", ["cpu", "mps"])
+        check_backend("int8", "torchao", ["cpu", "mps"])
     with pytest.raises(ValueError, match="bitsandbytes .* cannot run nf4 weights on cuda:0"):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        gh.check_backend("nf4", None, ["cuda:0"])
+        check_backend("nf4", None, ["cuda:0"])
     with pytest.raises(ValueError, match="use bitsandbytes"):
-        gh.check_backend("nf4", "torchao")
+        check_backend("nf4", "torchao")
 
 
 def test_a_missing_backend_says_how_to_install_it(monkeypatch, tiny_path):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
-    with pytest.raises(gh.MissingBackend, match=r'pip install "gptj-helpers\[quant\]"'):
+    with pytest.raises(MissingBackend, match=r'pip install "gptj-helpers\[quant\]"'):
         gh.place_quantized(tiny_path, gh.plan_split(tiny_path, "cpu", weights="nf4"))
     assert "bitsandbytes missing" in gh.backend_versions()
 
@@ -144,7 +148,7 @@ def test_measured_block_bytes_equal_the_plan_and_blocks_quantize_one_at_a_time(t
                                                                                  monkeypatch):
     pytest.importorskip(backend)
     plan = gh.plan_split(tiny_path, "2xcpu", dtype=torch.float32, weights=weights)
-    events, quantizer, read = [], gh.BlockQuantizer(weights, backend, "float32"), gptj_split.place.WeightReader.read
+    events, quantizer, read = [], BlockQuantizer(weights, backend, "float32"), gptj_split.place.WeightReader.read
 
     def logged_read(self, name, *args):
         events.append(("read", name.rpartition(".")[0]))
@@ -166,7 +170,7 @@ def test_measured_block_bytes_equal_the_plan_and_blocks_quantize_one_at_a_time(t
     assert all(type(b.mlp.fc_in) is not torch.nn.Linear or backend == "torchao" for b in model.transformer.h)
     counted = gptj_split.quantize.quantized_bytes(model)
     assert counted["blocks"] == pytest.approx(plan.module_bytes["block"] * 8, rel=0.01)
-    rows, buffers = gh.measure_memory(model), sum(gh.stored_bytes(b) for b in model.buffers())  # rotary tables
+    rows, buffers = gh.measure_memory(model), sum(stored_bytes(b) for b in model.buffers())  # rotary tables
     assert rows[-1].param_bytes == pytest.approx(plan.devices[-1].param_bytes, rel=0.01)
     assert sum(r.param_bytes for r in rows) - buffers == pytest.approx(sum(s.param_bytes for s in plan.devices),
                                                                        rel=0.01)
@@ -178,7 +182,7 @@ def test_measured_block_bytes_equal_the_plan_and_blocks_quantize_one_at_a_time(t
 @needs("bitsandbytes")
 @pytest.mark.parametrize("shape", [(512, 128), (128, 512), (100, 48), (7, 64)])  # 48 wide: nf4 blocks cross rows
 def test_quantizing_slices_of_rows_equals_bitsandbytes_quantizing_the_whole_weight(shape, monkeypatch):
-    bnb = gh.import_backend("bitsandbytes")
+    bnb = import_backend("bitsandbytes")
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     monkeypatch.setattr(gptj_split.quantize, "CHUNK_ELEMENTS", 192)  # several slices, the last one short
     assert len(list(gptj_split.quantize.row_chunks(weight))) > 1
@@ -208,8 +212,8 @@ def test_a_quantized_split_makes_the_quantized_unsplit_models_tokens(tiny):
 @needs("bitsandbytes")
 def test_pipeline_stages_quantize_their_blocks_as_they_load(tiny_path):
     plan = gh.plan_split(tiny_path, "2xcpu", dtype=torch.float32, weights="nf4")
-    quantizer = gh.BlockQuantizer("nf4", "bitsandbytes", "float32")
-    stages = [gh.load_stage(tiny_path, plan, rank, torch.float32, "cpu", transform=quantizer) for rank in range(2)]
+    quantizer = BlockQuantizer("nf4", "bitsandbytes", "float32")
+    stages = [load_stage(tiny_path, plan, rank, torch.float32, "cpu", transform=quantizer) for rank in range(2)]
     for stage, st in zip(stages, plan.devices):
         assert all(type(b.mlp.fc_in).__name__ == "Linear4bit" for b in stage.model.h)
         assert stage.param_bytes == pytest.approx(st.param_bytes, rel=0.01)
@@ -217,8 +221,8 @@ def test_pipeline_stages_quantize_their_blocks_as_they_load(tiny_path):
     ids = torch.tensor([[5, 17, 300, 42]])
     mask = torch.ones_like(ids)
     with torch.inference_mode(), gh.quiet_backends():
-        hidden = gh.forward_stage(stages[0], ids, mask, gh.new_stage_cache(stages[0]))
-        logits = gh.forward_stage(stages[1], hidden, mask, gh.new_stage_cache(stages[1]))
+        hidden = forward_stage(stages[0], ids, mask, new_stage_cache(stages[0]))
+        logits = forward_stage(stages[1], hidden, mask, new_stage_cache(stages[1]))
         expected = whole(ids).logits[:, -1].float()
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
@@ -282,14 +286,14 @@ def pretend_card(monkeypatch, name: str, capability: tuple[int, int]) -> None:
 
 @needs("bitsandbytes")
 def test_int8_through_bitsandbytes_is_refused_on_a_p100_by_name(monkeypatch):
-    gh.import_backend("bitsandbytes")  # imported for this CPU first: it probes CUDA on import
+    import_backend("bitsandbytes")  # imported for this CPU first: it probes CUDA on import
     pretend_card(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0))
     with pytest.raises(ValueError, match=r"cuda:0 is a Tesla P100-PCIE-16GB \(compute capability 6.0\).*"
                                          r"needs 7.5.*use weights='nf4', or int8 through torchao"):
-        gh.check_backend("int8", "bitsandbytes", ["cuda:0"])
-    assert gh.check_backend("nf4", "bitsandbytes", ["cuda:0"]) == "bitsandbytes"  # the alternatives stay open
+        check_backend("int8", "bitsandbytes", ["cuda:0"])
+    assert check_backend("nf4", "bitsandbytes", ["cuda:0"]) == "bitsandbytes"  # the alternatives stay open
     pretend_card(monkeypatch, "Tesla T4", (7, 5))
-    assert gh.check_backend("int8", "bitsandbytes", ["cuda:0"]) == "bitsandbytes"
+    assert check_backend("int8", "bitsandbytes", ["cuda:0"]) == "bitsandbytes"
 
 
 def test_bfloat16_is_refused_on_a_card_that_only_emulates_it(monkeypatch):

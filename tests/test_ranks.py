@@ -9,6 +9,10 @@ import pytest
 import torch
 
 import gptj_helpers as gh
+from gptj_split.devices import read_spec
+from gptj_split.launch import decide_ranks, notebook_launch, pick_backend
+from gptj_split.ranks import RankJob, free_port, start_ranks
+from gptj_split.tensor_parallel import check_variant_backend
 import gptj_split.launch
 import gptj_split.ranks
 from conftest import FAULT_VARIABLE, call_cli
@@ -51,7 +55,7 @@ def launch_two_nodes(monkeypatch, spec: str) -> list:
     """Each rank of a torchrun launch of 2 nodes x 2 processes, each node two T4s, run in turn in this process as
     torchrun would set it up (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); returns what each rank served, or the
     error it raised."""
-    job = gh.RankJob(gh.PipelineError, prepare_setup, serve_placement, spec, None)
+    job = RankJob(gh.PipelineError, prepare_setup, serve_placement, spec, None)
     served = []
     for rank in range(4):
         for name, value in (("RANK", rank), ("WORLD_SIZE", 4), ("LOCAL_RANK", rank % 2), ("LOCAL_WORLD_SIZE", 2)):
@@ -83,31 +87,31 @@ def test_a_gpu_the_node_does_not_have_is_refused_by_rank_before_any_group(monkey
     assert mocked_group == []  # no device set, no group formed
     # from a notebook the same refusal comes before any process starts (this node read from torch: two T4s)
     monkeypatch.setattr(gptj_split.launch, "read_hardware", lambda free=False: gh.describe_hardware("2 x T4"))
-    job = gh.RankJob(gh.TensorParallelError, prepare_setup, serve_placement, "cuda:0=1GiB,cuda:5=1GiB", None)
+    job = RankJob(gh.TensorParallelError, prepare_setup, serve_placement, "cuda:0=1GiB,cuda:5=1GiB", None)
     with pytest.raises(ValueError, match="^tensor-parallel rank 1 was given cuda:5, which its node does not have"):
-        gh.start_ranks(job)
+        start_ranks(job)
 
 
 def test_backend_is_nccl_only_when_every_rank_has_a_gpu_of_its_own():
-    assert gh.pick_backend([["cuda:0", "cuda:1"]]) == "nccl"
-    assert gh.pick_backend([["cuda:0", "cuda:1"], ["cuda:0", "cuda:1"]]) == "nccl"  # per node
-    assert gh.pick_backend([["cuda:0", "cuda:0"]]) == "gloo"  # budget slices of one GPU
-    assert gh.pick_backend([["cuda:0", "cuda:1", "cuda:0", "cuda:1"]]) == "gloo"  # one node: two ranks per GPU
-    assert gh.pick_backend([["cpu", "cuda:0"]]) == "gloo"
+    assert pick_backend([["cuda:0", "cuda:1"]]) == "nccl"
+    assert pick_backend([["cuda:0", "cuda:1"], ["cuda:0", "cuda:1"]]) == "nccl"  # per node
+    assert pick_backend([["cuda:0", "cuda:0"]]) == "gloo"  # budget slices of one GPU
+    assert pick_backend([["cuda:0", "cuda:1", "cuda:0", "cuda:1"]]) == "gloo"  # one node: two ranks per GPU
+    assert pick_backend([["cpu", "cuda:0"]]) == "gloo"
 
 
 def places_of(spec: str, hardware: str = "2 x T4"):
     """Every rank's place for a notebook launch on described hardware."""
-    return gh.decide_ranks(spec, gh.describe_hardware(hardware), gh.notebook_launch(len(gh.read_spec(spec))))
+    return decide_ranks(spec, gh.describe_hardware(hardware), notebook_launch(len(read_spec(spec))))
 
 
 def test_torchs_variant_is_refused_where_ranks_share_a_gpu():
-    job = gh.tensor_parallel_job(gh.make_job(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2)), "torch")
+    job = gh.variant_job(gh.make_job(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2)), "torch")
     with pytest.raises(ValueError, match="variant='torch' .* needs NCCL, one GPU per rank.*use variant='block'"):
-        gh.check_variant_backend([job], places_of("cuda:0=1GiB,cuda:0=1GiB"))
-    gh.check_variant_backend([job], places_of("cuda:0,cuda:1"))
-    gh.check_variant_backend([job], places_of("cpu,cpu"))
-    gh.check_variant_backend([gh.tensor_parallel_job(job, "block")], places_of("cuda:0=1GiB,cuda:0=1GiB"))
+        check_variant_backend([job], places_of("cuda:0=1GiB,cuda:0=1GiB"))
+    check_variant_backend([job], places_of("cuda:0,cuda:1"))
+    check_variant_backend([job], places_of("cpu,cpu"))
+    check_variant_backend([gh.variant_job(job.job, "block")], places_of("cuda:0=1GiB,cuda:0=1GiB"))
 
 
 def processes_left(before: set[int]) -> list:
@@ -146,12 +150,12 @@ def test_a_rank_that_raises_exits_or_hangs_is_named_in_one_line(tiny_path, monke
 @pytest.mark.timeout(60)
 def test_a_run_past_its_deadline_is_ended_naming_the_ranks_still_running():
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    job = gh.RankJob(gh.TensorParallelError, prepare_setup, serve_forever, "cpu,cpu", None,
+    job = RankJob(gh.TensorParallelError, prepare_setup, serve_forever, "cpu,cpu", None,
                      gh.LaunchOptions(deadline=3))
     started = time.time()
     with pytest.raises(gh.TensorParallelError, match=r"^tensor-parallel rank 0 did not finish within the run's "
                        r"deadline of 3 s \(still running: 0, 1\)$"):
-        gh.start_ranks(job, "tiny")
+        start_ranks(job, "tiny")
     assert time.time() - started < 15
     assert processes_left(before) == []
 
@@ -169,7 +173,7 @@ def test_under_torchrun_a_rank_that_fails_ends_the_command_naming_it(tiny_path, 
     """This process as the one rank of a torchrun launch (torchrun's variables set): the command's one line names
     the rank in its own words. (torchrun itself stops the other ranks of a larger launch.)"""
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
-                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(gh.free_port()))):
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv(FAULT_VARIABLE, "0:1:raise")
     prompts = tmp_path / "prompts.txt"

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 import gptj_helpers as gh
+from gptj_split.setups import settings_comment
 from conftest import ROOT
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -153,7 +154,7 @@ def test_binder_provides_every_notebook_import():
 def test_settings_cell_is_one_line_to_switch_with_the_setups_table(path):
     """Every settings cell carries the same suggested lines, from gh.SETUPS, and one MODEL line to replace."""
     cell = next(source(c) for c in cells(path) if c["cell_type"] == "code" and source(c).startswith("# Settings"))
-    assert gh.settings_comment() in cell
+    assert settings_comment() in cell
     model_lines = [line for line in cell.splitlines() if line.startswith("MODEL = ")]
     assert len(model_lines) == 1 and "; DEVICES = " in model_lines[0] and "; DTYPE = torch." in model_lines[0]
     suggested = [line.split(": ", 1)[1].strip() for line in cell.splitlines() if line.startswith("#   ")]

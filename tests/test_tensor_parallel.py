@@ -14,6 +14,10 @@ import pytest
 import torch
 
 import gptj_helpers as gh
+from gptj_split.plan import kv_cache_bytes_per_layer
+from gptj_split.random_models import save_tokenizer, write_random_model
+from gptj_split.shards import check_head_split
+from gptj_split.tp_compare import greedy_agreement
 import gptj_split.ranks
 import gptj_split.tensor_parallel
 from conftest import FAULT_VARIABLE, ROOT, call_cli
@@ -42,10 +46,10 @@ def runs(tiny_path, batch):
     """One start of 2 ranks on the tiny model: greedy (logits kept) with each variant, then seeded sampling (rank 0
     samples the same way whichever variant made the logits)."""
     ids, mask = batch
-    jobs = [gh.tensor_parallel_job(gh.make_job(ids, mask, max_new_tokens=NEW, greedy=True), v, True)
+    jobs = [gh.variant_job(gh.make_job(ids, mask, max_new_tokens=NEW, greedy=True), v, True)
             for v in ("torch", "block")]
-    jobs.append(gh.tensor_parallel_job(gh.make_job(ids, mask, max_new_tokens=NEW, **SAMPLING), "block"))
-    return gh.run_tensor_parallel_jobs(str(tiny_path), "cpu,cpu", jobs, options=gh.LaunchOptions(timeout=30))
+    jobs.append(gh.variant_job(gh.make_job(ids, mask, max_new_tokens=NEW, **SAMPLING), "block"))
+    return gh.run_tensor_parallel(str(tiny_path), jobs, "cpu,cpu", options=gh.LaunchOptions(timeout=30))
 
 
 @pytest.mark.floor  # transformers 5.17 reshapes heads with the module's own count, 5.24 with -1
@@ -73,13 +77,13 @@ def test_greedy_agreement_tells_a_near_tie_from_a_wrong_split(runs, tiny, batch)
     row, ranks = record.output_ids[longest:longest + 1], record.logits[longest]
     with torch.inference_mode():  # the unsplit model's logits for the ranks' own tokens, teacher-forced
         logits = model(input_ids=row).logits[0, batch[0].shape[1] - 1:-1]
-    same = gh.greedy_agreement(row, logits, row, ranks, torch.bfloat16)
+    same = greedy_agreement(row, logits, row, ranks, torch.bfloat16)
     assert same["agree"] and same["first_divergence"] is None
     flipped = row.clone()
     flipped[0, -2] += 1  # parts one step before the end: that step still saw the same tokens, the last did not
-    tie = gh.greedy_agreement(row, logits, flipped, ranks, torch.bfloat16)
+    tie = greedy_agreement(row, logits, flipped, ranks, torch.bfloat16)
     assert tie["agree"] and tie["first_divergence"] == logits.shape[0] - 2
-    wrong = gh.greedy_agreement(row, logits, row, ranks + 0.5 * logits.abs().max(), torch.bfloat16)
+    wrong = greedy_agreement(row, logits, row, ranks + 0.5 * logits.abs().max(), torch.bfloat16)
     assert not wrong["agree"] and wrong["largest_logit_difference"] > wrong["tolerance"], wrong
 
 
@@ -105,7 +109,7 @@ def test_record_memory_and_collectives(runs, tiny, batch):
             planned = record.plan.devices[rank]
             assert row.param_bytes == planned.param_bytes
             steps = record.output_ids.shape[1] - ids.shape[1]
-            per_layer = gh.kv_cache_bytes_per_layer(config, torch.float32, ids.shape[1] + steps - 1, ids.shape[0])
+            per_layer = kv_cache_bytes_per_layer(config, torch.float32, ids.shape[1] + steps - 1, ids.shape[0])
             assert row.kv_cache_bytes == config.n_layer * per_layer // 2  # half the heads' keys and values
             # torch's DTensor keeps about 25 MB of its own (sharding caches): at this tiny size, that shows
             extra = 64 * 2**20 if variant == "torch" else 0
@@ -130,11 +134,11 @@ def test_planner_shares_and_refusals():
     assert share.param_bytes == plan.devices[1].param_bytes
     # the embedding on both, half of every block and of the head
     assert abs(share.param_bytes - (whole["embedding"] + (whole["total"] - whole["embedding"]) / 2)) < 2**20
-    assert share.kv_cache_bytes == gh.kv_cache_bytes_per_layer(six, torch.float16, 768) * 28 // 2
+    assert share.kv_cache_bytes == kv_cache_bytes_per_layer(six, torch.float16, 768) * 28 // 2
     with pytest.raises(ValueError, match="16 attention heads cannot be split 3 ways.*use 1, 2, 4, 8, 16 ranks"):
         gh.plan_tensor_parallel(six, "3x9GiB", torch.float16, model_name="GPT-J-6B")
     with pytest.raises(ValueError, match="32 ranks but GPT-J-6B has only 16 attention heads"):
-        gh.check_head_split(six, 32, "GPT-J-6B")
+        check_head_split(six, 32, "GPT-J-6B")
     with pytest.raises(MemoryError, match=r"device 0 \(cpu\) needs .*: use more devices"):
         gh.plan_tensor_parallel(six, "2x4GiB", torch.float16, model_name="GPT-J-6B")
 
@@ -160,8 +164,8 @@ def six_heads(tmp_path_factory):
     folder = tmp_path_factory.mktemp("six-heads")
     config = GPTJConfig(vocab_size=1024, n_positions=128, n_embd=96, n_layer=3, n_head=6, rotary_dim=8,
                         initializer_range=0.1, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
-    gh.write_random_model(config, folder, seed=3)
-    gh.save_tokenizer(folder)
+    write_random_model(config, folder, seed=3)
+    save_tokenizer(folder)
     return folder
 
 
@@ -171,8 +175,8 @@ def test_second_config_three_ranks(six_heads, batch):
     ids, mask = batch
     model = gh.load_model(str(six_heads), dtype=torch.float32)
     expected, logits = greedy_reference(model, ids, mask)
-    job = gh.tensor_parallel_job(gh.make_job(ids, mask, max_new_tokens=NEW, greedy=True), "block", True)
-    record = gh.run_tensor_parallel_jobs(str(six_heads), "3xcpu", [job], options=gh.LaunchOptions(timeout=30))[0]
+    job = gh.variant_job(gh.make_job(ids, mask, max_new_tokens=NEW, greedy=True), "block", True)
+    record = gh.run_tensor_parallel(str(six_heads), [job], "3xcpu", options=gh.LaunchOptions(timeout=30))[0]
     assert torch.equal(record.output_ids, expected)
     assert torch.allclose(record.logits, logits[:, :record.logits.shape[1]], rtol=0, atol=1e-5)
 
@@ -199,7 +203,7 @@ def generate_stdout(tiny_path, *flags) -> str:
 
 @pytest.mark.timeout(120)
 def test_self_launched_rank_that_dies_ends_run_naming_it(tiny_path, capsys, monkeypatch):
-    """The CLI starting its own ranks (run_tensor_parallel_jobs): rank 1 exits mid-generation."""
+    """The CLI starting its own ranks (run_tensor_parallel with jobs): rank 1 exits mid-generation."""
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     monkeypatch.setenv(FAULT_VARIABLE, "1:2:exit")  # the test-only route to the ranks
     with pytest.raises(SystemExit, match="^error: tensor-parallel rank 1 failed: process exited with code 3$") as info:

@@ -6,6 +6,8 @@ import pytest
 from safetensors import safe_open
 
 import gptj_helpers as gh
+import gptj_split.models
+from gptj_split.models import EOS_TOKEN, tiny_model_path
 from conftest import ROOT
 
 
@@ -19,16 +21,14 @@ def train_tiny():
 
 
 def test_tiny_resolves_to_committed_model_when_repository_is_present(monkeypatch, tmp_path):
-    import gptj_split.models
-
-    assert gh.TINY_TRAINED == ROOT / "gptj_split" / "tiny-gptj"
-    assert gh.resolve_model("tiny") == gh.TINY_TRAINED
+    assert gptj_split.models.TINY_TRAINED == ROOT / "gptj_split" / "tiny-gptj"
+    assert gh.resolve_model("tiny") == gptj_split.models.TINY_TRAINED
     monkeypatch.setattr(gptj_split.models, "TINY_TRAINED", tmp_path / "not-installed")  # e.g. an old install
-    assert gh.resolve_model("tiny") == gh.tiny_model_path()
+    assert gh.resolve_model("tiny") == tiny_model_path()
 
 
 def test_committed_model_has_the_tiny_shape_and_fits_in_8_mb():
-    folder = gh.TINY_TRAINED
+    folder = gptj_split.models.TINY_TRAINED
     config = json.loads((folder / "config.json").read_text())
     expected = gh.tiny_config()
     for key in ("model_type", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "rotary_dim",
@@ -36,7 +36,7 @@ def test_committed_model_has_the_tiny_shape_and_fits_in_8_mb():
         assert config[key] == getattr(expected, key), key
     weights = folder / "model.safetensors"
     assert weights.stat().st_size <= 8 * 10**6
-    random = gh.load_model(str(gh.tiny_model_path())).state_dict()
+    random = gh.load_model(str(tiny_model_path())).state_dict()
     with safe_open(str(weights), framework="pt") as f:
         assert set(f.keys()) == set(random)
         assert all(f.get_slice(k).get_shape() == list(random[k].shape) for k in f.keys())  # noqa: SIM118
@@ -48,7 +48,7 @@ def test_committed_tokenizer_round_trips(tiny):
     ids = tokenizer.encode(text)
     assert tokenizer.decode(ids) == text
     assert len(ids) < len(text) / 2  # BPE merges common English, not one token per byte
-    assert len(tokenizer) == gh.tiny_config().vocab_size and tokenizer.eos_token == gh.EOS_TOKEN
+    assert len(tokenizer) == gh.tiny_config().vocab_size and tokenizer.eos_token == EOS_TOKEN
 
 
 def test_trained_model_beats_random_on_held_out_text(train_tiny, tiny):
@@ -57,7 +57,7 @@ def test_trained_model_beats_random_on_held_out_text(train_tiny, tiny):
     assert held_names and not set(train_names) & set(held_names)
     held = train_tiny.encode_topics(tokenizer, held_names)
     trained = train_tiny.held_out_loss(model, held, max_tokens=2049)
-    random = train_tiny.held_out_loss(gh.load_model(str(gh.tiny_model_path())), held, max_tokens=2049)
+    random = train_tiny.held_out_loss(gh.load_model(str(tiny_model_path())), held, max_tokens=2049)
     assert random > 6.0  # about log(1024): a uniform guess
     assert trained < random - 2.0, (trained, random)
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import gptj_helpers as gh
+from gptj_split.ranks import free_port
 from conftest import ROOT
 
 pytestmark = pytest.mark.widget  # make test runs these again on ipywidgets 7.7.1 (Colab's)
@@ -372,7 +373,7 @@ def test_widget_in_a_real_browser(tmp_path, tiny_path):
     shown = next(i for i, c in enumerate(nb["cells"]) if "display(widget)" in "".join(c["source"]))
     nb["cells"] = nb["cells"][:shown + 1]
     (folder / NOTEBOOK.name).write_text(json.dumps(nb))
-    port, token = gh.free_port(), os.urandom(16).hex()
+    port, token = free_port(), os.urandom(16).hex()
     base = f"http://127.0.0.1:{port}"
     screenshot = tmp_path / "prompt_widget.png"
     log_path = tmp_path / "jupyterlab.log"
