@@ -4,8 +4,10 @@ one file per chapter, each readable in one sitting; a file imports only files of
 
 | notebook                     | file(s) in gptj_split/                                                           |
 |------------------------------|----------------------------------------------------------------------------------|
-| 00 start here                | models.py (configs, the tiny default, sizes, dtypes), devices.py (budgets, RSS)  |
+| 00 start here                | models.py (configs, sizes, dtypes), tiny.py (the tiny default, built or shipped) |
 |                              | hardware.py (what a node has: read once from torch, or described: "2 x T4")      |
+|                              | devices.py (device specs read by one function, budgets, RSS)                     |
+|                              | files.py (cache folder, builds once, locks, atomic writes), quiet.py (log noise) |
 | 00, 01 download and convert  | hub.py (names to folders, hub download, load_*), convert.py (JAX slim),          |
 |                              | convert_bin.py (pytorch_model*.bin to safetensors, once, beside them)            |
 |                              | random_models.py (seeded random GPT-Js: gpt-j-6b-random, tiny, bench models)     |
@@ -16,8 +18,8 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | 04 memory and timing         | measure.py (estimates vs measurements, scaling), plots.py (every figure)         |
 | 05 pipeline parallelism      | launch.py (each rank's device, backend, dtype, budget: decided once; dry run)    |
 |                              | ranks.py (one runtime for n ranks: start or join, one deadline, typed errors)    |
-|                              | jobs.py (prompts to jobs, picking tokens, reports to a RunRecord)                |
-|                              | stage.py (one stage: GPTJModel, send/recv), pipeline.py (the pipeline client)    |
+|                              | jobs.py (what both clients share: GenerationJob, RankReport, picking tokens)     |
+|                              | stage.py (one stage: GPTJModel, send/recv), pipeline.py (the client, schedule)   |
 | 05 to 07 (shared)            | relay.py (tokens streamed to this process, Stop sent back; printed by torchrun)  |
 |                              | preload.py (what the CPU ranks' fork server imports once, before forking)        |
 | 05 speedup, measured live    | compare.py (naive split on 1 and 2 threads vs the pipeline, the bubble)          |

@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gptj_helpers as gh  # noqa: E402
-from gptj_split.models import quiet_progress, tiny_model_path, train_tiny_tokenizer
+from gptj_split.tiny import tiny_model_path, train_tiny_tokenizer
+from gptj_split.quiet import quiet_progress
 
 # Settings: one seed, a fixed number of steps (not a time budget), so a rerun gives the same weights.
 SEED = 0

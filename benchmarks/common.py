@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import gptj_helpers as gh
-from gptj_split.models import quiet_progress
+from gptj_split.quiet import quiet_progress
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gptj_helpers as gh  # noqa: E402
-from gptj_split.models import quiet_progress
+from gptj_split.quiet import quiet_progress
 
 
 def rss() -> int:

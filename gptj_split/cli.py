@@ -11,7 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from .models import DTYPES, GPTJ_6B_REPO, GPTJ_6B_REVISION, TINY_SEED, as_dtype, build_atomically, default_dtype
+from .models import DTYPES, GPTJ_6B_REPO, GPTJ_6B_REVISION, as_dtype, default_dtype
+from .tiny import TINY_SEED
+from .files import build_atomically
 from .hardware import describe_hardware
 from .devices import list_devices, parse_devices
 from .hub import download_gptj, load_config, load_tokenizer, resolve_model, weights_dir

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .models import build_atomically
+from .files import build_atomically
 
 # The original mesh-transformer-jax "slim" checkpoint: shard_S/P.npz, facts in ../shared/reference.
 GPTJ_6B_JAX_CONFIG = {"layers": 28, "d_model": 4096, "n_heads": 16, "n_vocab": 50400, "pe_rotary_dims": 64,

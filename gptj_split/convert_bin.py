@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .models import build_atomically, build_lock, cache_dir
+from .files import build_atomically, build_lock, cache_dir
 from .devices import format_size
 from .convert import check_finite, refuse_existing, target_group, write_safetensors_shards
 

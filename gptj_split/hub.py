@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from .models import (GPTJ_6B_RANDOM, GPTJ_6B_REPO, GPTJ_6B_REVISION, RANDOM_WEIGHTS, as_dtype, gptj_6b_config,
-                     quiet_progress, sliced_config, tiny_folder, gptj_modeling)
+                     sliced_config, gptj_modeling)
+from .tiny import tiny_folder
+from .quiet import quiet_progress
 from .convert_bin import BIN_INDEX, SAFETENSORS_INDEX, files_complete, placeable_folder
 from .random_models import build_seeded_model, random_gptj_folder
 

@@ -188,11 +188,13 @@ def measure_command(argv: list[str], timeout: float = 3600) -> dict:
     import subprocess
 
     # the peak-RSS window opens after the imports (devices.reset_peak_rss and peak_rss)
-    code = ("import json, resource, sys, time, numpy, psutil, safetensors.torch, tqdm.auto, gptj_helpers as gh\n"
+    code = ("import json, resource, sys, time, numpy, psutil, safetensors.torch, tqdm.auto\n"
+            "from gptj_split.cli import main\n"
+            "from gptj_split.devices import peak_rss, reset_peak_rss\n"
             "from transformers import GPTJConfig\n"
-            "base = gh.reset_peak_rss() or psutil.Process().memory_info().rss\n"
-            "start = time.perf_counter(); rc = gh.main(sys.argv[1:]); seconds = time.perf_counter() - start\n"
-            "peak = gh.peak_rss() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "base = reset_peak_rss() or psutil.Process().memory_info().rss\n"
+            "start = time.perf_counter(); rc = main(sys.argv[1:]); seconds = time.perf_counter() - start\n"
+            "peak = peak_rss() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "print(json.dumps(dict(rc=rc, seconds=seconds, baseline=base, peak=peak)))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_DIR), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,52 +1,24 @@
-"""Notebook 00: what GPT-J-6B is made of. Configurations, the tiny default, sizes counted on the meta device, dtypes.
-
-The tiny default is a GPT-J of the same architecture, small enough for any laptop: trained weights ship with the
-package (`tiny-gptj/`), and where they are missing the same model is built from a seed.
+"""Notebook 00: what GPT-J-6B is made of. Its configuration and the tiny default's (tiny.py builds that model),
+sizes counted on the meta device, the one dtype rule, and the seeded weights of `gpt-j-6b-random`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 
 import torch
 
+from .quiet import quiet_imports
+
 GPTJ_6B_REPO = "EleutherAI/gpt-j-6b"
 GPTJ_6B_REVISION = "float16"
-TINY_SEED = 0
-TINY_VERSION = 1  # bump when the tiny recipe changes, so old caches are not reused
 EOS_TOKEN = "<|endoftext|>"
 REPO_DIR = Path(__file__).resolve().parent.parent  # the repository (or site-packages, when pip-installed)
-TINY_TRAINED = Path(__file__).resolve().parent / "tiny-gptj"  # package data: `make tiny-model` trains it
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 GPTJ_6B_RANDOM = "gpt-j-6b-random"  # GPT-J-6B's shapes with seeded random weights: rehearse a setup before downloading
-
-
-NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")  # import notes on CPU-only torch; bnb per matmul
-
-
-@contextlib.contextmanager
-def quiet_imports():
-    """Silence the log lines optional libraries write while being imported or run (torchao's notes about CUDA kernels
-    a CPU-only torch cannot load, torch's deprecation notes about them, bitsandbytes' "MatMul8bitLt: inputs will be
-    cast..." on every CPU matmul), then restore the levels found (notebooks 00, 08)."""
-    import logging
-
-    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
-    old = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, old):
-            logger.setLevel(level)
 
 
 def gptj_modeling():
@@ -79,126 +51,6 @@ def tiny_config():
         layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0,
         tie_word_embeddings=False,
     )
-
-
-def training_text() -> str:
-    """English text that ships with Python: the standard library's help topics (notebook 00)."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def train_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 1024) -> Path:
-    """Train a byte-level BPE (GPT-2's recipe, smaller) and save it where `AutoTokenizer` finds it (notebook 00)."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2TokenizerFast
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bpe = ByteLevelBPETokenizer()
-    text = training_text()
-    chunks = [text[i:i + 4096] for i in range(0, len(text), 4096)]
-    bpe.train_from_iterator(chunks, vocab_size=vocab_size, min_frequency=2,
-                            special_tokens=[EOS_TOKEN], show_progress=False)
-    bpe.save_model(str(out_dir))
-    vocab = (out_dir / "vocab.json").read_text(encoding="utf-8")
-    merges = (out_dir / "merges.txt").read_text(encoding="utf-8")
-
-    pairs = [tuple(line.split(" ")) for line in merges.splitlines()[1:] if line]
-    tok = GPT2TokenizerFast(vocab=json.loads(vocab), merges=pairs,
-                            unk_token=EOS_TOKEN, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN)
-    tok.model_max_length = tiny_config().n_positions
-    tok.save_pretrained(str(out_dir))
-    return out_dir
-
-
-@contextlib.contextmanager
-def quiet_progress():
-    """Silence transformers' progress bars inside the block, then restore the setting found (local, quick work)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def random_tiny_model(seed: int = TINY_SEED):
-    """The tiny GPT-J with weights drawn from `seed`, leaving the caller's random generator as it was (notebook 00)."""
-    GPTJForCausalLM = gptj_modeling().GPTJForCausalLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return GPTJForCausalLM(tiny_config()).eval()
-
-
-def write_tiny_model(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
-    """Write the tiny random GPT-J and its tokenizer to `out_dir`, as safetensors (notebook 00)."""
-    out_dir = Path(out_dir)
-    with quiet_progress():
-        random_tiny_model(seed).save_pretrained(str(out_dir))
-    train_tiny_tokenizer(out_dir)
-    return out_dir
-
-
-def cache_dir() -> Path:
-    """Where built models live: $GPTJ_HELPERS_CACHE, else ~/.cache/gptj_helpers (notebook 00)."""
-    return Path(os.environ.get("GPTJ_HELPERS_CACHE", Path.home() / ".cache" / "gptj_helpers"))
-
-
-def build_atomically(final: Path, build) -> Path:
-    """Run `build(tmp_dir)` once and rename the result to `final`; concurrent builders wait and share it (notebook
-    00)."""
-    if final.exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with build_lock(final.parent / f".{final.name}.lock"):
-        if final.exists():  # another builder finished while we waited
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-        try:
-            build(tmp)
-            try:
-                os.rename(tmp, final)
-            except OSError:  # a builder that did not take the lock (no fcntl) got there first
-                if not final.exists():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-@contextlib.contextmanager
-def build_lock(path: Path):
-    """An exclusive lock on `path` across threads and processes (flock; without fcntl, on Windows, no lock)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            Path(path).unlink(missing_ok=True)
-
-
-def tiny_folder() -> Path:
-    """The folder "tiny" names: the trained weights shipped in `TINY_TRAINED`, else the seeded random model
-    (notebook 00)."""
-    return TINY_TRAINED if (TINY_TRAINED / "model.safetensors").exists() else tiny_model_path()
-
-
-def tiny_model_path(seed: int = TINY_SEED) -> Path:
-    """The tiny random GPT-J's folder, built on first use; "tiny" without the repository's trained one (notebook 00)."""
-    final = cache_dir() / f"tiny-v{TINY_VERSION}-seed{seed}"
-    return build_atomically(final, lambda tmp: write_tiny_model(tmp, seed=seed))
 
 
 def meta_model(config):

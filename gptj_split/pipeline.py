@@ -76,8 +76,8 @@ def plan_pipeline(config, places: list[RankPlace], jobs: list[GenerationJob], dt
                   check_free: bool = True) -> Plan:
     """The one path to a pipelined run's plan, in the caller before any process starts and on rank 0 under torchrun:
     the plan given, or one stage per rank with KV cache room for the longest and widest job; then every check
-    (stages against blocks, a quantized plan's transform, and with `check_free` free memory on this node now)
-    (notebook 05)."""
+    (stages against blocks, a quantized plan's transform where the launch's `options` are known, and with
+    `check_free` free memory on this node now) (notebook 05)."""
     check_stage_count(len(places), config.n_layer)
     if plan_json:
         plan = Plan.from_json(plan_json)
@@ -89,7 +89,7 @@ def plan_pipeline(config, places: list[RankPlace], jobs: list[GenerationJob], dt
     check_pipeline_plan(plan, config.n_layer, len(places))
     if check_free:
         check_free_memory(plan, "the pipeline's stage processes", {p.rank for p in places if p.node == 0})
-    if plan.quantized and (options is None or options.transform is None):
+    if plan.quantized and options is not None and options.transform is None:
         raise ValueError(f"the plan stores the blocks in {plan.weights}: pass options=gh.LaunchOptions(transform="
                          "gh.quantizer_for(plan)), which quantizes each block as its stage loads it (notebook 08)")
     return plan

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from .devices import card_capability, trim_host_heap
-from .models import RANDOM_WEIGHTS, as_dtype, quiet_imports, quiet_progress, gptj_modeling
+from .models import RANDOM_WEIGHTS, as_dtype, gptj_modeling
+from .quiet import quiet_imports, quiet_progress
 from .hub import resolve_model
 from .plan import QUANTIZED_FORMATS, Plan
 from .place import place_stages

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from .models import (GPTJ_6B_RANDOM, GPTJ_6B_REPO, RANDOM_WEIGHTS, TINY_SEED, build_atomically, cache_dir,
-                     default_dtype, dtype_name, gptj_6b_config, gptj_modeling, module_sizes, random_tiny_model,
-                     seeded_tensor, tiny_config, tiny_folder, write_tiny_model)
+from .models import (GPTJ_6B_RANDOM, GPTJ_6B_REPO, RANDOM_WEIGHTS, default_dtype, dtype_name, gptj_6b_config,
+                     gptj_modeling, module_sizes, seeded_tensor, tiny_config)
+from .tiny import TINY_SEED, random_tiny_model, tiny_folder, write_tiny_model
+from .files import build_atomically, cache_dir
 from .devices import available_memory, format_size
 from .convert import write_jax_checkpoint
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .hardware import Hardware
+from .files import write_file
 from .launch import RankPlace, notebook_places, torchrun_launch, torchrun_places, without_launcher_variables
 
 DEFAULT_TIMEOUT = 60.0  # seconds a rank waits for another in a collective (once the weights are loaded)
@@ -333,13 +334,6 @@ class FailureReport:
             return pickle.loads(self.pickled) if self.pickled is not None else None
         except Exception:
             return None
-
-
-def write_file(path: Path, data: bytes) -> None:
-    """Write `data` under a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def leave_process(code: int = 0) -> None:

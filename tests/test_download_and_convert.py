@@ -18,7 +18,8 @@ from gptj_split.cli import build_parser
 from gptj_split.convert import target_group
 from gptj_split.convert_bin import MASK_BUFFERS, converted_copy, safetensors_complete
 from gptj_split.hub import WEIGHTS_VARIABLE
-from gptj_split.models import quiet_progress, tiny_model_path
+from gptj_split.tiny import tiny_model_path
+from gptj_split.quiet import quiet_progress
 from gptj_split.place import stage_parameter_names
 from gptj_split.random_models import make_tiny_gptj
 from conftest import call_cli
@@ -375,12 +376,13 @@ def test_conversion_refuses_a_disk_without_room(tmp_path, tiny_path, monkeypatch
 
 def test_read_only_bin_folder_is_converted_into_the_cache(tmp_path, tiny_path, tiny, monkeypatch):
     import gptj_split.convert_bin
+    import gptj_split.files
 
     folder = bin_folder(tmp_path, tiny_path)
     before = sorted(p.name for p in folder.iterdir())
     monkeypatch.setattr(gptj_split.convert_bin, "writable", lambda f: False)
     path = gh.resolve_model(str(folder))
-    assert path == converted_copy(folder) and path.is_relative_to(gptj_split.models.cache_dir())
+    assert path == converted_copy(folder) and path.is_relative_to(gptj_split.files.cache_dir())
     assert sorted(p.name for p in folder.iterdir()) == before
     check_placeable(path, tiny)
     assert gh.resolve_model(str(folder)) == path

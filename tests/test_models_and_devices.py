@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 import gptj_helpers as gh
 from gptj_split.devices import GPU_RESERVE, parse_size
 from gptj_split.hub import download_model, hub_id
-from gptj_split.models import EOS_TOKEN, default_dtype, is_gptj_6b, tiny_model_path
+from gptj_split.models import EOS_TOKEN, default_dtype, is_gptj_6b
+from gptj_split.tiny import tiny_model_path
 from gptj_split.random_models import (build_seeded_model, make_tiny_gptj, save_tokenizer, write_random_model,
                                       write_seeded_files)
 from conftest import ROOT, call_cli, run_cli

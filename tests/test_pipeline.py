@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gptj_helpers as gh
-from gptj_split.jobs import merge_results
+from gptj_split.jobs import RankReport, merge_results
 from gptj_split.plan import kv_cache_bytes_per_layer
 from gptj_split.ranks import RankJob, free_port
 from gptj_split.stage import check_pipeline_plan, load_stage
@@ -143,11 +143,11 @@ def test_eos_padding_and_trim_like_generate():
                       greedy=True)
     new = torch.tensor([[3, 0, 0, 0, 0], [4, 4, 0, 0, 0]])
     events = [gh.TimingEvent(0, "prefill", 0, 0.0, 1.0), gh.TimingEvent(0, "decode", 1, 1.0, 2.0)]
-    record = merge_results([{"events": events, "memory": {}, "new_tokens": new}], job, Tok(), None, 0)
+    record = merge_results([RankReport(events, None, new)], job, Tok(), None, 0)
     assert record.output_ids.tolist() == [[5, 6, 3, 0, 0], [7, 8, 4, 4, 0]]
     assert record.texts == ["3 0", "4 4 0"] and record.new_tokens == 5  # up to each row's eos, as generate_text
     never = torch.tensor([[3, 1, 2, 1, 2], [4, 4, 0, 0, 0]])
-    record = merge_results([{"events": events, "memory": {}, "new_tokens": never}], job, Tok(), None, 0)
+    record = merge_results([RankReport(events, None, never)], job, Tok(), None, 0)
     assert record.output_ids.shape == (2, 7)
 
 

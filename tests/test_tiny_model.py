@@ -6,8 +6,9 @@ import pytest
 from safetensors import safe_open
 
 import gptj_helpers as gh
-import gptj_split.models
-from gptj_split.models import EOS_TOKEN, tiny_model_path
+import gptj_split.tiny
+from gptj_split.models import EOS_TOKEN
+from gptj_split.tiny import tiny_model_path
 from conftest import ROOT
 
 
@@ -21,14 +22,14 @@ def train_tiny():
 
 
 def test_tiny_resolves_to_committed_model_when_repository_is_present(monkeypatch, tmp_path):
-    assert gptj_split.models.TINY_TRAINED == ROOT / "gptj_split" / "tiny-gptj"
-    assert gh.resolve_model("tiny") == gptj_split.models.TINY_TRAINED
-    monkeypatch.setattr(gptj_split.models, "TINY_TRAINED", tmp_path / "not-installed")  # e.g. an old install
+    assert gptj_split.tiny.TINY_TRAINED == ROOT / "gptj_split" / "tiny-gptj"
+    assert gh.resolve_model("tiny") == gptj_split.tiny.TINY_TRAINED
+    monkeypatch.setattr(gptj_split.tiny, "TINY_TRAINED", tmp_path / "not-installed")  # e.g. an old install
     assert gh.resolve_model("tiny") == tiny_model_path()
 
 
 def test_committed_model_has_the_tiny_shape_and_fits_in_8_mb():
-    folder = gptj_split.models.TINY_TRAINED
+    folder = gptj_split.tiny.TINY_TRAINED
     config = json.loads((folder / "config.json").read_text())
     expected = gh.tiny_config()
     for key in ("model_type", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "rotary_dim",
