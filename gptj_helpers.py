@@ -12,6 +12,7 @@ one file per chapter, each readable in one sitting; a file imports only files of
 |                              | convert_bin.py (pytorch_model*.bin to safetensors, once, beside them)            |
 |                              | random_models.py (seeded random GPT-Js: gpt-j-6b-random, tiny, bench models)     |
 | 02 layer splitting           | plan.py (Plan, min-max planner, refusals), place.py (load per stage, hooks)      |
+|                              | hooks.py (the one hook style: ModuleHook's pre_forward/post_forward, add_hook)   |
 |                              | setups.py (the README's setups table, every notebook's settings comment)         |
 | 03 generation                | sampling.py (Sampling, prompt checks), generate.py (generate_text, stage timing) |
 | 03 to 05 (shared)            | records.py (RunRecord, MemoryRow, TimingEvent)                                   |
@@ -61,7 +62,7 @@ from gptj_split.models import tiny_config
 
 # 02 layer splitting
 from gptj_split.compare import measure_module_seconds
-from gptj_split.place import (boundary_hook, check_split, measure_memory, move_to, place_stages)
+from gptj_split.place import BoundaryHook, check_split, measure_memory, move_to, place_stages
 from gptj_split.plan import (Plan, StagePlan, accelerate_plan, format_plan, plan_split)
 from gptj_split.plots import (plot_plan, show_figure)
 from gptj_split.setups import (SETUPS, settings_line, setups_markdown)
@@ -98,7 +99,7 @@ from gptj_split.widget import (StopOnEvent, format_run_line, prompt_widget)
 # 07 tensor parallelism
 from gptj_split.models import meta_model
 from gptj_split.random_models import (bench_config, write_bench_model)
-from gptj_split.shards import (build_rank_model, one_reduce_per_block, plan_tensor_parallel, rank_counts,
+from gptj_split.shards import (AllReduceBlock, HoldPartialSum, build_rank_model, one_reduce_per_block, plan_tensor_parallel, rank_counts,
                                rank_parameter_bytes, shard_dim, shard_of, tensor_parallel_plan)
 from gptj_split.tensor_parallel import (TensorParallelError, TensorParallelJob, run_tensor_parallel,
                                         tensor_parallel_dry_run, variant_job)

@@ -37,7 +37,7 @@ import traceback
 import torch
 
 import gptj_helpers as gh
-from gptj_split.compiled import compare_runs
+from gptj_split.records import compare_outputs
 from gptj_split.devices import peak_rss, reset_peak_rss
 from gptj_split.generate import run_generate
 from gptj_split.models import mini_config
@@ -183,7 +183,7 @@ def compiled_case(tokens: int, device: str = "cuda:0", full_size: bool = True) -
         print(f"{label:8} decode {record.tokens_per_second:7.1f} tokens/s; {gh.format_size(weights)} read per token "
               f"-> {rate / 1e9:.0f} GB/s = {rate / read_rate:.2f} x the copy's read rate")
     print(f"compiled decode speedup: {fast.tokens_per_second / eager.tokens_per_second:.2f}x")
-    diff = compare_runs(eager, fast)
+    diff = compare_outputs(eager.output_ids, eager.logits, fast.output_ids, fast.logits)
     print(f"first divergence: {diff['first_divergence']} (None: none in {diff['steps']} tokens); largest logit "
           f"difference before it {diff['largest_logit_difference']:.2e}")
     if not device.startswith("cuda"):  # float32 on the CPU: the same tokens; float16 on CUDA may part ways, reported

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import torch
 
 from .place import place_stages
 from .plan import Plan, plan_split
-from .records import RunRecord
+from .records import EventClock, RunRecord
+from .generate import StageRecorder
 from .jobs import make_job
 from .ranks import LaunchOptions
 from .pipeline import run_pipeline
@@ -35,55 +35,54 @@ def pinned(cores: list[int], threads: int):
         os.sched_setaffinity(0, before_cores)
 
 
-def time_phases(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
-    """(prefill seconds, decode seconds, tokens) of greedy `generate`: the prefill ends with the first logits."""
+def time_generate(model, ids: torch.Tensor, new_tokens: int, mask: torch.Tensor | None = None) -> dict:
+    """Greedy `generate` of exactly `new_tokens` on a placed model, timed on the one clock (EventClock: host seconds,
+    CUDA events on a GPU): its output (`sequences`, `cache`), the prefill's seconds (to the first logits), the
+    decode's (from there to the end: new_tokens - 1 steps), the mean seconds per decode step, and the whole call's
+    (notebooks 05, 07, 08)."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    marks: list[float] = []
+    clock, marks = EventClock(), []
 
     class Mark(LogitsProcessor):  # called once per step, right after that step's logits
         def __call__(self, input_ids, scores):
-            marks.append(time.perf_counter())
+            marks.append((clock.stamp(scores.device), scores.device))
             return scores
 
-    start = time.perf_counter()
+    first = ids.device
+    start = clock.stamp(first)
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, pad_token_id=model.config.eos_token_id,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask, do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             pad_token_id=model.config.eos_token_id, return_dict_in_generate=True,
                              logits_processor=LogitsProcessorList([Mark()]))
-    return marks[0] - start, time.perf_counter() - marks[0], out
+    last = marks[-1][1]
+    end = clock.stamp(last)
+    clock.sync()
+    begun, logits_at, ended = clock.seconds(start, first), clock.seconds(*marks[0]), clock.seconds(end, last)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)  # older transformers
+    return {"sequences": out.sequences, "cache": cache, "prefill": logits_at - begun, "decode": ended - logits_at,
+            "decode_step": (ended - logits_at) / max(1, new_tokens - 1), "total": ended - begun}
 
 
 def measure_module_seconds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            max_new_tokens: int = 4, repeats: int = 1) -> dict[str, list[float]]:
     """Seconds of each module (embedding, every block, head) for one prefill and one decode step, timed inside
     `generate` with hooks (the fastest of `repeats`): the `cost` to balance a pipeline's stages by (notebook 05)."""
-    import time
 
     if repeats > 1:
         runs = [measure_module_seconds(model, input_ids, attention_mask, max_new_tokens) for _ in range(repeats)]
         return {phase: [min(r[phase][i] for r in runs) for i in range(len(runs[0][phase]))] for phase in runs[0]}
-    t = model.transformer
-    parts = [(t.wte, t.wte), *((b, b) for b in t.h), (t.ln_f, model.lm_head)]  # (first module, last module)
+    n = model.config.n_layer
+    device = {name: next(m.parameters()).device for name, m in model.named_modules() if list(m.parameters())}
+    parts = [["transformer.wte"], *([f"transformer.h.{b}"] for b in range(n)), ["transformer.ln_f", "lm_head"]]
+    stages = [(names, device[names[-1]]) for names in parts]  # each part a "stage": the one clock, the one hook style
+    with StageRecorder(model, stages=stages, sizes=False) as recorder, torch.inference_mode():
+        model.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=max_new_tokens,
+                       min_new_tokens=max_new_tokens, pad_token_id=model.config.eos_token_id)
     seconds = {"prefill": [0.0] * len(parts), "decode": [0.0] * len(parts)}
-    started: dict[int, tuple[float, str]] = {}
-    handles = []
-    for i, (head_module, tail_module) in enumerate(parts):
-        def pre(module, args, i=i):
-            started[i] = (time.perf_counter(), "prefill" if args[0].shape[1] > 1 else "decode")
-
-        def post(module, args, out, i=i):
-            start, phase = started.pop(i)
-            seconds[phase][i] += time.perf_counter() - start
-
-        handles += [head_module.register_forward_pre_hook(pre), tail_module.register_forward_hook(post)]
-    try:
-        with torch.inference_mode():
-            model.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=max_new_tokens,
-                           min_new_tokens=max_new_tokens, pad_token_id=model.config.eos_token_id)
-    finally:
-        for h in handles:
-            h.remove()
+    for event in recorder.events():
+        seconds[event.phase][event.stage] += event.end - event.start
     seconds["decode"] = [s / max(1, max_new_tokens - 1) for s in seconds["decode"]]
     return seconds
 
@@ -137,12 +136,13 @@ def measure_pipeline_speedup(model_path: str | Path, prefill_ids: torch.Tensor, 
     run = SpeedupRun(micro_batches={"prefill": prefill_mb, "decode": decode_mb})
     for threads in (2, 1):  # warm-up, also of the thread pools
         with pinned(cores[:threads], threads):
-            time_phases(naive, prefill_ids[:2], 2)
+            time_generate(naive, prefill_ids[:2], 2)
     for _ in range(rounds):
         for threads in (1, 2):
             with pinned(cores[:threads], threads):
-                prefill, _, _ = time_phases(naive, prefill_ids, 1)
-                _, decode, naive_out = time_phases(naive, decode_ids, new_tokens)
+                prefill = time_generate(naive, prefill_ids, 1)["prefill"]
+                timing = time_generate(naive, decode_ids, new_tokens)
+                decode, naive_out = timing["decode"], timing["sequences"]
             run.seconds.setdefault(f"naive{threads} prefill", []).append(prefill)
             run.seconds.setdefault(f"naive{threads} decode", []).append(decode)
         for phase in ("prefill", "decode"):

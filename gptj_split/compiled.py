@@ -19,7 +19,7 @@ import time
 import torch
 
 from .generate import run_generate, stage_modules
-from .records import RunRecord, compare_outputs
+from .records import RunRecord
 from .sampling import Sampling, check_prompts
 
 MAX_GRAPHS = 4  # decode graphs per compiled model, one per batch size; dynamo's own limit is 8, then silently eager
@@ -133,10 +133,3 @@ def generate_compiled(compiled: CompiledDecode, tokenizer, prompts: str | list[s
                                      output_logits=keep_logits, **{compiled.keyword: compiled.cache_for(len(prompts))})
     record.mode = "compiled"
     return texts, record
-
-
-def compare_runs(eager: RunRecord, compiled: RunRecord) -> dict:
-    """Compiled against eager, both run with their logits kept: the first new token where they differ (None: equal
-    throughout) and the largest logit difference over the steps before it, where both saw the same tokens
-    (notebook 09)."""
-    return compare_outputs(eager.output_ids, eager.logits, compiled.output_ids, compiled.logits)

@@ -13,6 +13,7 @@ import torch
 from .devices import format_size
 from .plan import Plan
 from .records import EventClock, RunRecord, TimingEvent
+from .hooks import ModuleHook, add_hook
 from .place import measure_memory, plan_of, tensor_bytes
 from .sampling import Sampling, check_prompts, pad_left
 
@@ -36,22 +37,26 @@ def stage_modules(model) -> list[tuple[list[str], torch.device]]:
 class StageRecorder:
     """Times each stage's share of every forward pass from hooks at the stage boundaries (notebooks 03 and 04).
 
-    A forward pre-hook on a stage's first module and a forward hook on its last one stamp start and end on the
+    Hooks (hooks.py's style, all observing) on a stage's first module and its last one stamp start and end on the
     one `EventClock` of every way of generating: host seconds on the CPU, CUDA events on a GPU, read after one
     synchronize at the end, so the times are the device's and the hooks never stall it.
     The first forward of a run is the prefill, every later one a decode step. During the prefill, hooks on
     every module also note tensor sizes, for an estimate of each stage's peak activation memory (notebook 04).
     """
 
-    def __init__(self, model, hooks: bool = True):
+    def __init__(self, model, hooks: bool = True, stages: list[tuple[list[str], torch.device]] | None = None,
+                 sizes: bool = True):
         self.model, self.hooks = model, hooks  # hooks=False: the clock alone (a compiled forward, notebook 09)
-        self.stages = stage_modules(model)
+        self.stages = stages or stage_modules(model)  # any runs of modules: notebook 05 times every block alone
+        self.sizes = sizes  # False: time only (no size hooks in the prefill)
         self.cuda = sorted({d for _, d in self.stages if d.type == "cuda"}, key=str)
         self.step = -1
         self.clock = EventClock()  # restarted when the recording starts
         self.handles: list = []
         self.size_handles: list = []  # removed after the prefill
         self.activations = [0] * len(self.stages)  # bytes, an estimate; see note_sizes
+        self.opened: dict[int, object] = {}  # stage -> the clock's stamp as it started (StageStart)
+        self.entry_bytes: dict[int, int] = {}  # stage -> bytes that entered it in the prefill (StageEntry)
         self.peaks: dict[torch.device, int] = {}  # CUDA only: torch.cuda.max_memory_allocated during the run
 
     def now(self) -> float:
@@ -69,30 +74,16 @@ class StageRecorder:
         if not self.hooks:
             return self
 
-        def count_step(module, args):
-            self.step += 1
-            if self.step == 1:  # the prefill is over: its tensors were the largest
-                for handle in self.size_handles:
-                    handle.remove()
-
-        self.handles.append(self.model.register_forward_pre_hook(count_step))
+        self.handles.append(add_hook(self.model, CountSteps(self)))
         for s, (names, device) in enumerate(self.stages):
             if not names:
                 continue
-            opened = {}
-            self.handles.append(modules[names[0]].register_forward_pre_hook(
-                lambda m, a, s=s, device=device, opened=opened: opened.__setitem__(s, self.clock.stamp(device))))
-            self.handles.append(modules[names[-1]].register_forward_hook(
-                lambda m, a, out, s=s, device=device, opened=opened:
-                self.clock.note(s, opened.pop(s), device, step=self.step)))
-            entry = {}
-            self.size_handles.append(modules[names[0]].register_forward_pre_hook(
-                lambda m, a, entry=entry: entry.__setitem__("bytes", tensor_bytes(a))))
-            for name in names:
-                for sub in modules[name].modules():
-                    self.size_handles.append(sub.register_forward_hook(
-                        lambda m, a, kw, out, s=s, entry=entry: self.note_sizes(s, entry["bytes"], a, kw, out),
-                        with_kwargs=True))
+            self.handles += [add_hook(modules[names[0]], StageStart(self, s, device)),
+                             add_hook(modules[names[-1]], StageEnd(self, s, device))]
+            if self.sizes:
+                self.size_handles.append(add_hook(modules[names[0]], StageEntry(self, s)))
+                self.size_handles += [add_hook(sub, ModuleSizes(self, s))
+                                      for name in names for sub in modules[name].modules()]
         self.handles += self.size_handles
         return self
 
@@ -114,6 +105,68 @@ class StageRecorder:
     def events(self) -> list[TimingEvent]:
         """The recorded busy intervals, in seconds since the start, in the order they happened."""
         return self.clock.events()
+
+
+class CountSteps(ModuleHook):
+    """Observes the model's forward passes: the first is the prefill, every later one a decode step; once the prefill
+    is over, the size hooks go (its tensors were the largest) (notebook 04)."""
+
+    def __init__(self, recorder: StageRecorder):
+        self.recorder = recorder
+
+    def pre_forward(self, module, args, kwargs):
+        self.recorder.step += 1
+        if self.recorder.step == 1:
+            for handle in self.recorder.size_handles:
+                handle.remove()
+        return args, kwargs
+
+
+class StageStart(ModuleHook):
+    """Observes a stage's first module: a stamp on the run's clock, on the stage's device, as it starts (notebooks
+    03, 04)."""
+
+    def __init__(self, recorder: StageRecorder, stage: int, device: torch.device):
+        self.recorder, self.stage, self.device = recorder, stage, device
+
+    def pre_forward(self, module, args, kwargs):
+        self.recorder.opened[self.stage] = self.recorder.clock.stamp(self.device)
+        return args, kwargs
+
+
+class StageEnd(ModuleHook):
+    """Observes a stage's last module: the interval since its StageStart noted as the stage's, as it ends (notebooks
+    03, 04)."""
+
+    def __init__(self, recorder: StageRecorder, stage: int, device: torch.device):
+        self.recorder, self.stage, self.device = recorder, stage, device
+
+    def post_forward(self, module, args, kwargs, output):
+        r = self.recorder
+        r.clock.note(self.stage, r.opened.pop(self.stage), self.device, step=r.step)
+        return output
+
+
+class StageEntry(ModuleHook):
+    """Observes, during the prefill, the bytes that enter a stage: the hidden states it keeps for the residual
+    (notebook 04)."""
+
+    def __init__(self, recorder: StageRecorder, stage: int):
+        self.recorder, self.stage = recorder, stage
+
+    def pre_forward(self, module, args, kwargs):
+        self.recorder.entry_bytes[self.stage] = tensor_bytes(args)
+        return args, kwargs
+
+
+class ModuleSizes(StageEntry):
+    """Observes, during the prefill, one module's inputs and output, for `StageRecorder.note_sizes` (notebook 04)."""
+
+    pre_forward = ModuleHook.pre_forward  # only after the forward
+
+    def post_forward(self, module, args, kwargs, output):
+        self.recorder.note_sizes(self.stage, self.recorder.entry_bytes[self.stage], args, kwargs, output)
+        return output
 
 
 class TokenTimes:
@@ -151,8 +204,8 @@ def make_streamer(tokenizer, prompts: list[str], stream=False):
 
 def generate_text(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 50, greedy: bool = False,
                   temperature: float = 1.0, top_p: float = 0.7, top_k: int = 0, seed: int | None = None,
-                  stream=False, stopping_criteria=None,
-                  sampling: Sampling | None = None) -> tuple[list[str], RunRecord]:
+                  stream=False, stopping_criteria=None, sampling: Sampling | None = None,
+                  keep_logits: bool = False) -> tuple[list[str], RunRecord]:
     """Generate continuations with transformers' `generate` and KV cache through a split (or whole) model (notebook 03).
 
     Returns `(texts, record)`: `texts[i]` is the continuation of `prompts[i]` alone (the prompt is not
@@ -163,12 +216,14 @@ def generate_text(model, tokenizer, prompts: str | list[str], max_new_tokens: in
     different lengths are left-padded with the end-of-text token. `stream=True` prints the prompt and then
     each piece of text as it is produced (one prompt only); any transformers streamer may be passed instead.
     `stopping_criteria`, a list of transformers stopping criteria, can end generation early (notebook 06's Stop).
+    `keep_logits`: `record.logits` holds every step's logits, (batch, steps, vocab), for `compare_outputs`.
     """
     given = dict(greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if sampling is not None and given != dataclasses.asdict(Sampling()):
         raise ValueError("give either sampling=Sampling(...) or greedy/temperature/top_p/top_k/seed, not both")
     sampling = sampling if sampling is not None else Sampling(**given)
-    return run_generate(model, tokenizer, prompts, max_new_tokens, sampling, stream, stopping_criteria)
+    return run_generate(model, tokenizer, prompts, max_new_tokens, sampling, stream, stopping_criteria,
+                        **({"output_logits": True} if keep_logits else {}))
 
 
 def run_generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int, sampling: Sampling, stream=False,

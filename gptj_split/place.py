@@ -18,6 +18,7 @@ from .models import RANDOM_WEIGHTS, reference_blocks, seeded_tensor, sliced_conf
 from .hub import resolve_model
 from .devices import Device, parse_devices
 from .plan import Plan
+from .hooks import ModuleHook, add_hook
 from .records import MemoryRow
 
 
@@ -46,11 +47,27 @@ def move_to(value, device: torch.device, dtype: torch.dtype | None):
     return value
 
 
-def boundary_hook(device: torch.device, dtype: torch.dtype | None):
-    """A forward pre-hook moving everything a module receives to its stage's device: the seed's patch, as a hook."""
-    def hook(module, args, kwargs):
-        return move_to(args, device, dtype), move_to(kwargs, device, dtype)
-    return hook
+class BoundaryHook(ModuleHook):
+    """The 2021 post's patch, as a hook (notebook 02). It does more than observe: before the module runs, it moves
+    everything the module receives (hidden states, mask, position ids, rotary sin/cos) to the module's stage's device,
+    casting floating tensors to that stage's dtype."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype | None):
+        self.device, self.dtype = device, dtype
+
+    def pre_forward(self, module, args, kwargs):
+        return move_to(args, self.device, self.dtype), move_to(kwargs, self.device, self.dtype)
+
+
+class ReturnHook(ModuleHook):
+    """It does more than observe: the head's logits go back to the first stage's device, where `generate` keeps the
+    token ids (notebook 02)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def post_forward(self, module, args, kwargs, output):
+        return output.to(self.device)
 
 
 class WeightReader:
@@ -152,14 +169,12 @@ def hook_stages(model, plan: Plan, dtypes: list[torch.dtype]):
     need the mask, position ids and rotary sin/cos, which the model hands each block (notebook 02)."""
     model.hooks = {}  # module name -> hook handle, so a test can remove one and watch it fail
     for s, st in enumerate(plan.devices[1:], start=1):
-        for b in range(*st.blocks):
-            model.hooks[f"transformer.h.{b}"] = model.transformer.h[b].register_forward_pre_hook(
-                boundary_hook(torch.device(st.device), dtypes[s]), with_kwargs=True)
-    model.hooks["transformer.ln_f"] = model.transformer.ln_f.register_forward_pre_hook(
-        boundary_hook(torch.device(plan.devices[-1].device), dtypes[-1]), with_kwargs=True)
-    first_device = torch.device(plan.devices[0].device)
-    # logits go back to the first device, where generate keeps the token ids
-    model.hooks["lm_head"] = model.lm_head.register_forward_hook(lambda m, a, out: out.to(first_device))
+        for b in range(*st.blocks):  # moves tensors: every block of a later stage, each a boundary for the cache
+            model.hooks[f"transformer.h.{b}"] = add_hook(model.transformer.h[b],
+                                                         BoundaryHook(torch.device(st.device), dtypes[s]))
+    model.hooks["transformer.ln_f"] = add_hook(model.transformer.ln_f,
+                                               BoundaryHook(torch.device(plan.devices[-1].device), dtypes[-1]))
+    model.hooks["lm_head"] = add_hook(model.lm_head, ReturnHook(torch.device(plan.devices[0].device)))
     model.plan = plan
     return model
 

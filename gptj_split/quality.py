@@ -4,13 +4,14 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from .hub import load_tokenizer
 from .plan import plan_split
+from .records import compare_outputs
+from .compare import time_generate
 from .quantize import place_quantized, quiet_backends
 
 HELD_OUT = 0.10  # the last 10% of the help topics in sorted order: assets/train_tiny.py's held-out text
@@ -75,14 +76,10 @@ def greedy_ids(model, tokenizer, prompts=GREEDY_PROMPTS, new_tokens: int = 32) -
     return seq[:, ids.shape[1]:].tolist()
 
 
-def tokens_before_divergence(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two greedy continuations share (notebook 08)."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def compare_logits(ref: torch.Tensor, test: torch.Tensor, ids: torch.Tensor) -> dict:
-    """Held-out loss of `test`, its top-1 agreement with `ref`, and the mean KL(ref || test) per position (notebook
-    08)."""
+def score_logits(ref: torch.Tensor, test: torch.Tensor, ids: torch.Tensor) -> dict:
+    """A weight format's quality on held-out text, teacher-forced: the loss of `test`, its top-1 agreement with
+    `ref`, and the mean KL(ref || test) per position (notebook 08; two greedy runs are compared by
+    records.compare_outputs)."""
     n, window, vocab = test.shape
     targets = torch.stack([ids[i * window + 1:(i + 1) * window + 1] for i in range(n)])
     loss = torch.nn.functional.cross_entropy(test.reshape(-1, vocab), targets.reshape(-1)).item()
@@ -105,8 +102,9 @@ def measure_quality(model_name: str = "tiny", labels=tuple(FORMAT_ROWS), windows
         del model
         if ref is None:
             ref, ref_greedy = logits, greedy
-        row = {"format": label, **compare_logits(ref, logits, ids),
-               "greedy_same": sum(tokens_before_divergence(a, b) for a, b in zip(ref_greedy, greedy)),
+        row = {"format": label, **score_logits(ref, logits, ids),
+               "greedy_same": sum(compare_outputs(torch.tensor([a]), None, torch.tensor([b]), None)["same_tokens"]
+                                  for a, b in zip(ref_greedy, greedy)),
                "greedy_total": sum(len(a) for a in ref_greedy)}
         if label in labels:
             rows.append(row)
@@ -144,18 +142,11 @@ KERNELS = {  # what computes a batch-1 matmul on the CPU, per format (the questi
 @torch.inference_mode()
 def time_decode(model, new_tokens: int = 8, prompt_tokens: int = 8, reps: int = 2) -> float:
     """Best of `reps` mean seconds per decode step at batch 1 (prefill excluded) (notebook 08)."""
-    ids = torch.arange(1, prompt_tokens + 1).unsqueeze(0)
+    ids = torch.arange(1, prompt_tokens + 1).unsqueeze(0).to(next(model.parameters()).device)
     best = float("inf")
     for _ in range(reps):
         with quiet_backends():
-            start = time.perf_counter()
-            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=1,
-                           pad_token_id=0)
-            prefill = time.perf_counter() - start
-            start = time.perf_counter()
-            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens + 1,
-                           min_new_tokens=new_tokens + 1, pad_token_id=0)
-        best = min(best, (time.perf_counter() - start - prefill) / new_tokens)
+            best = min(best, time_generate(model, ids, new_tokens + 1)["decode_step"])  # the one clock
     return best
 
 

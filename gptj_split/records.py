@@ -138,16 +138,39 @@ class EventClock:
                 for stage, phase, step, a, b, kind, mb, d in self.marks]
 
 
-def compare_outputs(ids: torch.Tensor, logits: torch.Tensor, other_ids: torch.Tensor,
-                    other_logits: torch.Tensor) -> dict:
-    """Two greedy runs of one model (ids: prompt + new tokens; logits: one per new token, batch first): the first new
-    token where they differ (None: equal throughout) and the largest logit difference over the steps up to it, where
-    both had seen the same tokens (notebooks 07 and 09)."""
-    start = ids.shape[1] - logits.shape[1]
+def timed(fn, device: torch.device | str | None = None):
+    """`fn()`'s result and its seconds on the one clock (EventClock): host seconds on the CPU; on a GPU, CUDA events
+    recorded on `device` around it, read after one synchronize, so work still queued there is counted (notebooks 04
+    to 09)."""
+    device = torch.device(device) if device is not None else None
+    clock = EventClock()
+    start = clock.stamp(device)
+    result = fn()
+    end = clock.stamp(device)
+    clock.sync()
+    return result, clock.seconds(end, device) - clock.seconds(start, device)
+
+
+def compare_outputs(ids: torch.Tensor, logits: torch.Tensor | None, other_ids: torch.Tensor,
+                    other_logits: torch.Tensor | None, dtype: torch.dtype | None = None) -> dict:
+    """The one comparison of two greedy runs of one model (notebooks 07, 08, 09). `ids`: prompt + new tokens (or new
+    tokens alone where `logits` is None), batch first; `logits`: one per new token. Returns the first new token where
+    they part (`first_divergence`, None: equal throughout), how many new tokens they share before it
+    (`same_tokens`), and the largest logit difference over the steps up to it, where both had seen the same tokens;
+    with `dtype`, that difference against 10 roundings of the largest logit in it (`tolerance`, `agree`): within
+    it, parting is a near tie that another order of partial sums flips, while a wrong computation moves logits by
+    about the largest."""
+    start = ids.shape[1] - logits.shape[1] if logits is not None else 0
     a, b = ids[:, start:], other_ids[:, start:]
     steps = min(a.shape[1], b.shape[1])
     differ = (a[:, :steps] != b[:, :steps]).any(dim=0).nonzero()
     first = int(differ[0, 0]) if len(differ) else None
+    out = {"first_divergence": first, "same_tokens": steps if first is None else first, "steps": steps}
+    if logits is None or other_logits is None:
+        return out
     upto = steps if first is None else first + 1  # the step that picked differently still saw the same tokens
-    diff = (logits[:, :upto].float() - other_logits[:, :upto].float()).abs().max().item()
-    return {"first_divergence": first, "largest_logit_difference": diff, "steps": steps}
+    out["largest_logit_difference"] = (logits[:, :upto].float() - other_logits[:, :upto].float()).abs().max().item()
+    if dtype is not None:
+        out["tolerance"] = 10 * torch.finfo(dtype).eps * logits.float().abs().max().item()
+        out["agree"] = out["largest_logit_difference"] <= out["tolerance"]
+    return out

@@ -13,6 +13,7 @@ import torch
 
 from .models import as_dtype, default_dtype, dtype_name, eos_token_id, meta_model, gptj_modeling
 from .devices import Device, format_size, parse_devices
+from .hooks import ModuleHook, add_hook
 from .plan import Plan, StagePlan, as_config, kv_cache_bytes_per_layer
 from .records import EventClock
 from .place import WeightReader, tensor_bytes
@@ -136,62 +137,102 @@ def tensor_parallel_plan(lm_head: bool = True) -> dict:
     return layouts
 
 
+class CollectiveStart(ModuleHook):
+    """Observes, added ahead of torch's layout hook on a module (RowwiseParallel's all-reduce, the head's
+    all-gather): a stamp on the run's clock as the collective starts (notebook 07)."""
+
+    def __init__(self, rank_model: RankModel, marks: list):
+        self.rank_model, self.marks = rank_model, marks
+
+    def post_forward(self, module, args, kwargs, output):
+        self.marks.append(self.rank_model.clock.stamp(self.rank_model.comm))
+        return output
+
+
+class CollectiveEnd(CollectiveStart):
+    """Observes, added after the layout hook: the collective's interval noted once its result is ready. Funcol
+    results are lazy: it waits for them inside the timing, which changes no value (notebook 07)."""
+
+    def __init__(self, rank_model: RankModel, marks: list, kind: str):
+        super().__init__(rank_model, marks)
+        self.kind = kind
+
+    def post_forward(self, module, args, kwargs, output):
+        output = output.wait() if hasattr(output, "wait") else output
+        rm = self.rank_model
+        rm.clock.note(rm.rank, self.marks.pop(), rm.comm, self.kind)
+        return output
+
+
 def time_collective(module: torch.nn.Module, rank_model: RankModel, kind: str) -> None:
-    """Time the collective that torch's layout hook runs after `module` (it waits for the result) (notebook 07)."""
+    """Time the collective that torch's layout hook runs after `module` (notebook 07)."""
     marks: list = []
+    add_hook(module, CollectiveStart(rank_model, marks), prepend=True)
+    add_hook(module, CollectiveEnd(rank_model, marks, kind))
 
-    def before(m, args, out):
-        marks.append(rank_model.clock.stamp(rank_model.comm))
 
-    def after(m, args, out):
-        out = out.wait() if hasattr(out, "wait") else out  # funcol results are lazy: wait here, inside the timing
-        rank_model.clock.note(rank_model.rank, marks.pop(), rank_model.comm, kind)
-        return out
+class HoldPartialSum(ModuleHook):
+    """It does more than observe: attention's partial sum is held back for the MLP's hook, and the block gets a zero in
+    its place (notebook 07)."""
 
-    module.register_forward_hook(before, prepend=True)
-    module.register_forward_hook(after)
+    def __init__(self, held: list):
+        self.held = held
+
+    def post_forward(self, module, args, kwargs, output):
+        self.held.append(output[0])
+        return (torch.zeros_like(output[0]), *output[1:])
+
+
+class AllReduceBlock(ModuleHook):
+    """It does more than observe: the MLP's partial sum plus attention's held one, added over every rank by one
+    all-reduce, timed on the run's clock; the block then adds 0 + that sum + the residual (notebook 07)."""
+
+    def __init__(self, held: list, rank_model: RankModel):
+        self.held, self.rank_model = held, rank_model
+
+    def post_forward(self, module, args, kwargs, output):
+        import torch.distributed as dist
+
+        rm = self.rank_model
+        total = (self.held.pop() + output).to(rm.comm)
+        start = rm.clock.stamp(rm.comm)
+        dist.all_reduce(total)
+        rm.clock.note(rm.rank, start, rm.comm, "all-reduce")
+        return total.to(output.device)
 
 
 def one_reduce_per_block(block: torch.nn.Module, rank_model: RankModel) -> None:
-    """The hand-written variant: attention's partial sum waits for the MLP's, and one all-reduce adds both; the
-    block then adds 0 + that sum + the residual (notebook 07)."""
-    import torch.distributed as dist
-
+    """The hand-written variant: attention's partial sum waits for the MLP's, and one all-reduce adds both (notebook
+    07). Both hooks change what the block computes: that is the variant."""
     held: list[torch.Tensor] = []
+    add_hook(block.attn, HoldPartialSum(held))
+    add_hook(block.mlp, AllReduceBlock(held, rank_model))
 
-    def attn_out(m, args, out):
-        held.append(out[0])
-        return (torch.zeros_like(out[0]), *out[1:])
 
-    def mlp_out(m, args, out):
-        total = (held.pop() + out).to(rank_model.comm)
-        start = rank_model.clock.stamp(rank_model.comm)
-        dist.all_reduce(total)
-        rank_model.clock.note(rank_model.rank, start, rank_model.comm, "all-reduce")
-        return total.to(out.device)
+class GatherVocabulary(ModuleHook):
+    """It does more than observe: each rank's logits for its vocabulary slice, all-gathered (padded to equal pieces)
+    into the whole vocabulary's, timed on the run's clock (notebook 07)."""
 
-    block.attn.register_forward_hook(attn_out)
-    block.mlp.register_forward_hook(mlp_out)
+    def __init__(self, rank_model: RankModel, vocab: int):
+        self.rank_model, self.vocab = rank_model, vocab
+
+    def post_forward(self, module, args, kwargs, output):
+        import torch.distributed as dist
+
+        rm, ranks = self.rank_model, self.rank_model.ranks
+        piece = -(-self.vocab // ranks)  # torch.chunk's piece size; the last pieces may be shorter
+        padded = torch.nn.functional.pad(output, (0, piece - output.shape[-1])).to(rm.comm)
+        parts = [torch.empty_like(padded) for _ in range(ranks)]
+        start = rm.clock.stamp(rm.comm)
+        dist.all_gather(parts, padded.contiguous())
+        rm.clock.note(rm.rank, start, rm.comm, "all-gather")
+        sizes = [len(c) for c in torch.empty(self.vocab, device="meta").chunk(ranks)]
+        return torch.cat([p[..., :s] for p, s in zip(parts, sizes)], dim=-1).to(output.device)
 
 
 def gather_vocabulary(lm_head: torch.nn.Module, rank_model: RankModel, vocab: int) -> None:
-    """The hand-written head: each rank's logits for its vocabulary slice, gathered (padded to equal pieces) (notebook
-    07)."""
-    import torch.distributed as dist
-
-    ranks, comm = rank_model.ranks, rank_model.comm
-
-    def gather(m, args, out):
-        piece = -(-vocab // ranks)  # torch.chunk's piece size; the last pieces may be shorter
-        padded = torch.nn.functional.pad(out, (0, piece - out.shape[-1])).to(comm)
-        parts = [torch.empty_like(padded) for _ in range(ranks)]
-        start = rank_model.clock.stamp(comm)
-        dist.all_gather(parts, padded.contiguous())
-        rank_model.clock.note(rank_model.rank, start, comm, "all-gather")
-        sizes = [len(c) for c in torch.empty(vocab, device="meta").chunk(ranks)]
-        return torch.cat([p[..., :s] for p, s in zip(parts, sizes)], dim=-1).to(out.device)
-
-    lm_head.register_forward_hook(gather)
+    """The hand-written head: each rank's vocabulary slice of the logits, gathered (notebook 07)."""
+    add_hook(lm_head, GatherVocabulary(rank_model, vocab))
 
 
 def cut_linear(linear: torch.nn.Linear, dim: int, rank: int, ranks: int) -> torch.nn.Linear:

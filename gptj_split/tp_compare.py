@@ -6,7 +6,6 @@ one-prompt latency, many-prompt throughput and communication per token. The benc
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
@@ -18,7 +17,7 @@ from .place import measure_memory, place_stages
 from .jobs import make_job
 from .ranks import LaunchOptions
 from .pipeline import run_pipeline
-from .compare import pinned, time_phases
+from .compare import pinned, time_generate
 from .tensor_parallel import TP_VARIANT, run_tensor_parallel, variant_job
 
 COMM_KINDS = ("all-reduce", "all-gather", "broadcast", "send")
@@ -26,25 +25,14 @@ COMM_KINDS = ("all-reduce", "all-gather", "broadcast", "send")
 
 def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
     """Greedy `generate` on a placed model: mean seconds per token after the first, and the output (notebook 07)."""
-    _, decode, out = time_phases(model, ids, new_tokens)
-    return decode / max(1, new_tokens - 1), out
+    timing = time_generate(model, ids, new_tokens)
+    return timing["decode_step"], timing["sequences"]
 
 
 def decode_seconds_of(record) -> float:
     """Mean seconds per token after the first, from a pipeline or tensor-parallel record (notebook 07)."""
     steps = max(e.step for e in record.events)
     return (record.total_seconds - record.time_to_first_token) / max(1, steps)
-
-
-def greedy_agreement(reference: torch.Tensor, logits: torch.Tensor, other: torch.Tensor, other_logits: torch.Tensor,
-                     dtype: torch.dtype) -> dict:
-    """Two greedy runs of one model (tokens: one row, prompt + new; logits: one per new token): `compare_outputs`,
-    with the largest logit difference held against 10 roundings of the largest logit in `dtype`. Within it, parting
-    is a near tie that another order of partial sums flips; a wrong split moves logits by about the largest
-    (notebook 07)."""
-    tolerance = 10 * torch.finfo(dtype).eps * logits.float().abs().max().item()
-    parting = compare_outputs(reference, logits.unsqueeze(0), other, other_logits.unsqueeze(0))
-    return {**parting, "tolerance": tolerance, "agree": parting["largest_logit_difference"] <= tolerance}
 
 
 def comm_per_token(record, rank: int = 0) -> dict[str, tuple[float, float]]:
@@ -79,9 +67,7 @@ def compare_splits(path, devices: str = "cpu,cpu", new_tokens: int = 8, batch: i
             decode_seconds(naive, one, 2)  # warm-up
             result[f"naive{threads}"] = dict(zip(("decode", "tokens"), decode_seconds(naive, one, new_tokens)))
     with pinned(cores[:1] if cores else sorted(os.sched_getaffinity(0)), 1):
-        start = time.perf_counter()
-        decode_seconds(naive, many, new_tokens)
-        result["naive"]["throughput"] = batch * new_tokens / (time.perf_counter() - start)
+        result["naive"]["throughput"] = batch * new_tokens / time_generate(naive, many, new_tokens)["total"]
     with torch.inference_mode():  # the naive split's logits for its own new tokens, read once, teacher-forced
         tokens = result["naive1"]["tokens"]
         result["naive1"]["logits"] = naive(input_ids=tokens).logits[0, one.shape[1] - 1:-1].float().cpu()
@@ -103,8 +89,9 @@ def compare_splits(path, devices: str = "cpu,cpu", new_tokens: int = 8, batch: i
                                    "throughput": batch * new_tokens / rec_many.total_seconds,
                                    "memory": [r.param_bytes + r.kv_cache_bytes for r in rec_many.memory],
                                    "peak_rss": [r.peak_rss_bytes for r in rec.memory], "comm": comm_per_token(rec),
-                                   "agreement": greedy_agreement(result["naive1"]["tokens"], result["naive1"]["logits"],
-                                                                 rec.output_ids, rec.logits[0], torch.bfloat16)}
+                                   "agreement": compare_outputs(result["naive1"]["tokens"],
+                                                                result["naive1"]["logits"][None], rec.output_ids,
+                                                                rec.logits[:1], torch.bfloat16)}
     return result
 
 

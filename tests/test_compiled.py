@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import gptj_helpers as gh
-from gptj_split.compiled import compare_runs
 from gptj_split.generate import run_generate
 from gptj_split.models import REPO_DIR
 import gptj_split.compiled
@@ -73,14 +72,17 @@ def test_what_cannot_compile_falls_back_with_one_line(tiny, monkeypatch, capsys)
     assert "needs a C++ compiler (g++ or clang++)" in capsys.readouterr().out
 
 
-def test_compare_runs_names_the_first_divergence(tiny, compiled_split):
+def test_the_one_comparison_names_the_first_divergence(tiny, compiled_split):
     model, compiled = compiled_split
     _, eager = run_generate(model, tiny[1], "The list", 10, gh.Sampling(greedy=True), output_logits=True)
     _, fast = gh.generate_compiled(compiled, tiny[1], "The list", 10, greedy=True, keep_logits=True)
-    same = compare_runs(eager, fast)
+    same = gh.compare_outputs(eager.output_ids, eager.logits, fast.output_ids, fast.logits)
     assert same["first_divergence"] is None and same["steps"] == 10 and same["largest_logit_difference"] < 1e-4
     fast.output_ids[0, -4] += 1  # the 7th new token picked differently
-    assert compare_runs(eager, fast)["first_divergence"] == 6
+    parted = gh.compare_outputs(eager.output_ids, eager.logits, fast.output_ids, fast.logits)
+    assert parted["first_divergence"] == 6 and parted["same_tokens"] == 6
+    tokens_only = gh.compare_outputs(eager.output_ids[:, -10:], None, fast.output_ids[:, -10:], None)  # notebook 08's
+    assert tokens_only == {"first_divergence": 6, "same_tokens": 6, "steps": 10}
 
 
 def test_the_limit_counts_every_weight_read_once_and_the_cache(tiny):

@@ -34,7 +34,7 @@ PACKAGE = ROOT / "gptj_split"
 # chapter of each file: a file may import files of its own or an earlier chapter only
 CHAPTERS = {"quiet": 0, "models": 0, "files": 0, "tiny": 0, "hardware": 0, "devices": 0, "hub": 1, "convert": 1,
             "convert_bin": 1, "random_models": 1,
-            "plan": 2, "records": 2, "place": 2, "setups": 2,
+            "plan": 2, "records": 2, "hooks": 2, "place": 2, "setups": 2,
             "sampling": 3, "generate": 3, "measure": 4, "plots": 4, "launch": 5, "ranks": 5, "jobs": 5, "stage": 5,
             "pipeline": 5, "relay": 5, "compare": 5, "widget": 6, "shards": 7, "tensor_parallel": 7, "tp_compare": 7,
             "preload": 7,

@@ -17,7 +17,6 @@ import gptj_helpers as gh
 from gptj_split.plan import kv_cache_bytes_per_layer
 from gptj_split.random_models import save_tokenizer, write_random_model
 from gptj_split.shards import check_head_split
-from gptj_split.tp_compare import greedy_agreement
 import gptj_split.ranks
 import gptj_split.tensor_parallel
 from conftest import FAULT_VARIABLE, ROOT, call_cli
@@ -68,7 +67,7 @@ def test_greedy_tokens_and_logits_equal_unsplit(runs, tiny, batch):
 
 
 @pytest.mark.timeout(300)
-def test_greedy_agreement_tells_a_near_tie_from_a_wrong_split(runs, tiny, batch):
+def test_the_one_comparison_tells_a_near_tie_from_a_wrong_split(runs, tiny, batch):
     """07's check on its bfloat16 measurement: the ranks' logits within 10 roundings of the naive split's agree, even
     where a near tie flips a token; logits off by a wrong split do not."""
     model, _ = tiny
@@ -77,13 +76,13 @@ def test_greedy_agreement_tells_a_near_tie_from_a_wrong_split(runs, tiny, batch)
     row, ranks = record.output_ids[longest:longest + 1], record.logits[longest]
     with torch.inference_mode():  # the unsplit model's logits for the ranks' own tokens, teacher-forced
         logits = model(input_ids=row).logits[0, batch[0].shape[1] - 1:-1]
-    same = greedy_agreement(row, logits, row, ranks, torch.bfloat16)
+    same = gh.compare_outputs(row, logits[None], row, ranks[None], torch.bfloat16)
     assert same["agree"] and same["first_divergence"] is None
     flipped = row.clone()
     flipped[0, -2] += 1  # parts one step before the end: that step still saw the same tokens, the last did not
-    tie = greedy_agreement(row, logits, flipped, ranks, torch.bfloat16)
+    tie = gh.compare_outputs(row, logits[None], flipped, ranks[None], torch.bfloat16)
     assert tie["agree"] and tie["first_divergence"] == logits.shape[0] - 2
-    wrong = greedy_agreement(row, logits, row, ranks + 0.5 * logits.abs().max(), torch.bfloat16)
+    wrong = gh.compare_outputs(row, logits[None], row, (ranks + 0.5 * logits.abs().max())[None], torch.bfloat16)
     assert not wrong["agree"] and wrong["largest_logit_difference"] > wrong["tolerance"], wrong
 
 
