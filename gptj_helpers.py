@@ -99,8 +99,9 @@ from gptj_split.widget import (StopOnEvent, format_run_line, prompt_widget)
 # 07 tensor parallelism
 from gptj_split.models import meta_model
 from gptj_split.random_models import (bench_config, write_bench_model)
-from gptj_split.shards import (AllReduceBlock, HoldPartialSum, build_rank_model, one_reduce_per_block, plan_tensor_parallel, rank_counts,
-                               rank_parameter_bytes, shard_dim, shard_of, tensor_parallel_plan)
+from gptj_split.shards import (AllReduceBlock, HoldPartialSum, build_rank_model, one_reduce_per_block,
+                               plan_tensor_parallel, rank_counts, rank_parameter_bytes, shard_dim, shard_of,
+                               tensor_parallel_plan)
 from gptj_split.tensor_parallel import (TensorParallelError, TensorParallelJob, run_tensor_parallel,
                                         tensor_parallel_dry_run, variant_job)
 from gptj_split.tp_compare import (comm_per_token, compare_splits, decode_seconds_of, format_comparison)
