@@ -41,7 +41,7 @@ from gptj_split.devices import peak_rss, reset_peak_rss  # noqa: E402
 from gptj_split.generate import StageRecorder  # noqa: E402
 from gptj_split.random_models import write_random_model  # noqa: E402
 from common import copy_tiny_tokenizer  # noqa: E402
-from common import time_generate as common_time_generate  # noqa: E402
+from gptj_split.compare import time_generate as one_clock_generate  # noqa: E402
 
 # GPT-2 / GPT-J token ids of "The quick brown fox jumps over the lazy dog." (no GPT-J tokenizer offline)
 PROMPT_IDS = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]
@@ -127,16 +127,18 @@ def stage_seconds(events: list[gh.TimingEvent], n_stages: int) -> list[dict]:
 
 
 def time_generate(model, ids: torch.Tensor, new_tokens: int, threads: int) -> dict:
-    """Greedy generate with `threads` intra-op threads after a 2-token warm-up: tokens, cache, prefill and decode
-    seconds (common.time_generate), and each stage's compute seconds."""
+    """Greedy generate with `threads` intra-op threads after a 2-token warm-up: tokens, cache, prefill seconds, mean
+    seconds per decode step (gptj_split.compare.time_generate, the one clock), and each stage's compute seconds."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        common_time_generate(model, ids, 2)  # warm-up
+        one_clock_generate(model, ids, 2)  # warm-up
         with StageRecorder(model) as recorder:
-            run = common_time_generate(model, ids, new_tokens)
+            timing = one_clock_generate(model, ids, new_tokens)
     finally:
         torch.set_num_threads(old)
+    run = {"sequences": timing["sequences"], "cache": timing["cache"], "prefill": timing["prefill"],
+           "decode": timing["decode_step"], "seconds": timing["total"]}
     return {**run, "stages": stage_seconds(recorder.events(), len(model.plan.devices))}
 
 
