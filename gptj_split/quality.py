@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .hardware import describe_hardware
+from .devices import parse_devices
 from .hub import load_tokenizer
 from .plan import plan_split
 from .records import compare_outputs
@@ -160,12 +162,12 @@ def format_decode(times: list[DecodeTime]) -> str:
     return "\n".join(lines)
 
 
-MEMORY_SETUPS = {  # notebook 08's table: name -> devices (budgets as torch reports them, before the reserve)
-    "Colab, 1 x T4 16 GB": "cuda:0=14GiB",
-    "Kaggle, 2 x T4 16 GB": "cuda:0=14GiB,cuda:1=14GiB",
-    "laptop GPU, 8 GB": "cuda:0=7.5GiB",
-    "laptop GPU, 4 GB": "cuda:0=3.7GiB",
-    "4 x 4 GB": "4x3.7GiB",
+MEMORY_SETUPS = {  # notebook 08's table: name -> (devices, the machine described), budgets before the reserve
+    "Colab, 1 x T4 16 GB": ("cuda:0=14GiB", "T4"),
+    "Kaggle, 2 x T4 16 GB": ("cuda:0=14GiB,cuda:1=14GiB", "2 x T4"),
+    "laptop GPU, 8 GB": ("cuda:0=7.5GiB", "8GB"),
+    "laptop GPU, 4 GB": ("cuda:0=3.7GiB", "4GB"),
+    "4 x 4 GB": ("4x3.7GiB", "4 x 4GB"),
 }
 
 
@@ -174,8 +176,8 @@ def memory_table(model_name: str = "gpt-j-6b", formats=("float16", "int8", "nf4"
     """GPT-J-6B planned in each weight format on each of MEMORY_SETUPS: the fullest device, or "does not fit"
     (notebook 08)."""
     rows = [f"| setup | {' | '.join(formats)} |", "|---|" + "---|" * len(formats)]
-    for name, devices in MEMORY_SETUPS.items():
-        cells = []
+    for name, (spec, machine) in MEMORY_SETUPS.items():
+        devices, cells = parse_devices(spec, describe_hardware(machine)), []
         for fmt in formats:
             try:
                 plan = plan_split(model_name, devices, dtype="float16", weights=fmt, reserve=reserve,
