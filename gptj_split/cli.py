@@ -27,6 +27,8 @@ from .sampling import SAMPLING_DEFAULTS, Sampling, check_prompts
 from .generate import format_timing, generate_text
 from .plots import save_notebook_figure
 from .runner import run_notebooks
+from .slots import plan_slots
+from .server import serve_model
 from .relay import PrintRelay
 from .ranks import DEFAULT_TIMEOUT, LaunchOptions, RankError, leave_process, serve_torchrun
 from .jobs import prompt_jobs
@@ -122,6 +124,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.stream and prompts is not groups[-1]:
             print(flush=True)
         print(format_timing(record), file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """serve: an OpenAI-compatible server (FastAPI on uvicorn) of the model split over --devices, with continuous
+    batching over a KV cache of slots; until Ctrl-C or SIGTERM (notebook 10)."""
+    path = resolve_model(args.model, delete_bin=args.delete_bin)  # downloads, or converts .bin files, once
+    tokenizer = load_tokenizer(str(path))
+    config = load_config(args.model)
+    devices = parse_devices(args.devices)
+    dtype = as_dtype(args.dtype) or default_dtype(config, devices)
+    slot_plan = plan_slots(config, devices, args.max_len, dtype, args.slots, model_name=args.model)
+    print(f"{slot_plan}\n{format_plan(slot_plan.plan)}", file=sys.stderr)
+    model = place_stages(path, slot_plan.plan)
+    name = args.model if args.model in ("tiny", GPTJ_6B_REPO, "gpt-j-6b") else Path(args.model).name
+    print(f"serving {name} at http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr, flush=True)
+    serve_model(model, tokenizer, name, slot_plan.slots, args.max_len, args.host, args.port, args.api_key)
 
 
 def cmd_setups(args: argparse.Namespace) -> None:
@@ -342,6 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), help="default: as generate's (float16 on GPUs, ...)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds a rank waits for the others")
     p.set_defaults(func=cmd_tensor_parallel)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching (notebook 10)")
+    p.add_argument("--model", default="tiny", help="tiny, gpt-j-6b, a hub id, or a model folder")
+    p.add_argument("--devices", required=True, help='e.g. "cpu", "3x4MiB" or "cuda:0=14GiB,cuda:1=14GiB"')
+    p.add_argument("--slots", type=int, help="sequences served at once (default: as many as the budgets hold)")
+    p.add_argument("--max-len", type=int, default=256, help="tokens a slot holds, prompt and answer")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require this key (Authorization: Bearer KEY); default: none")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: as generate's (float16 on GPUs, ...)")
+    p.add_argument("--delete-bin", action="store_true", help=DELETE_BIN_HELP)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run-notebooks", help="execute notebooks headless (make demo, make notebooks)")
     p.add_argument("notebooks", nargs="+")
