@@ -31,6 +31,8 @@ one file per chapter, each readable in one sitting; a file imports only files of
 |                              | quality.py (quality and speed of each weight format)                             |
 | 09 how fast one prompt goes  | roofline.py (bytes per token against bandwidth, where a step's time goes),       |
 |                              | compiled.py (the decode step compiled over a static KV cache)                    |
+| 10 several people at once    | slots.py (the KV cache of slots), scheduler.py (continuous batching, one step at |
+|                              | a time), server.py (OpenAI-compatible, FastAPI on uvicorn)                       |
 | command line, notebook runs  | cli.py (`python -m gptj_helpers --help`), runner.py (notebooks run headless)     |
 
 Below, grouped by the notebook that first uses them, are the names the notebooks, the README and the exercises use

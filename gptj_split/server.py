@@ -35,7 +35,7 @@ class ApiError(Exception):
 
 def read_completion(body: dict, model_name: str, tokenizer) -> tuple[Request, bool]:
     """A completions request checked field by field: the scheduler's Request and whether to stream; an ApiError
-    (400) names the first field at fault (notebook 10)."""
+    (400) names the first field that is wrong (notebook 10)."""
     unknown = sorted(set(body) - ACCEPTED)
     if unknown:
         raise ApiError(400, f"unsupported field {unknown[0]!r}: this server takes {', '.join(sorted(ACCEPTED))}",
