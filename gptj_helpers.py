@@ -86,7 +86,7 @@ from gptj_split.plots import (plot_memory, plot_scaling, plot_timeline, plot_uti
 from gptj_split.compare import (measure_pipeline_speedup, prefill_bubble)
 from gptj_split.hub import resolve_model
 from gptj_split.jobs import (GenerationJob, make_job, prompts_job)
-from gptj_split.launch import RankPlace
+from gptj_split.launch import RankPlace, launch_notes
 from gptj_split.pipeline import (PipelineError, pipeline_dry_run, run_pipeline, run_stage)
 from gptj_split.plots import plot_timelines
 from gptj_split.random_models import mini_gptj_folder

@@ -32,7 +32,7 @@ from .server import serve_model
 from .relay import PrintRelay
 from .ranks import DEFAULT_TIMEOUT, LaunchOptions, RankError, leave_process, serve_torchrun
 from .jobs import prompt_jobs
-from .launch import torchrun_launch
+from .launch import launch_notes, torchrun_launch
 from .pipeline import pipeline_dry_run, pipeline_job, pipeline_settings, run_pipeline
 from .tensor_parallel import (run_tensor_parallel, tensor_parallel_dry_run, tensor_parallel_job,
                               tensor_parallel_settings, variant_job)
@@ -186,6 +186,8 @@ def dry_run(args: argparse.Namespace, plan_places) -> None:
         print(json.dumps([p.to_dict() for p in shown], indent=1))
     else:
         print("\n".join(p.line() for p in shown))
+    for note in launch_notes(places) if not launch or launch.rank == 0 else []:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:

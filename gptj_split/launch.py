@@ -223,6 +223,19 @@ def torchrun_places(job, launch: Launch, hardware: Hardware | None = None) -> li
     return places
 
 
+def launch_notes(places: list[RankPlace]) -> list[str]:
+    """What a dry run says beside the ranks' lines: one rank runs nothing beside it; ranks that share a GPU talk over
+    gloo through the host (notebooks 05, 07)."""
+    notes = []
+    if len(places) == 1:
+        notes.append("one rank: everything on one device, nothing runs beside it (a pipeline of one stage, tensor "
+                     "parallelism of one rank); add devices to split the work")
+    if places[0].backend == "gloo" and any(p.device.startswith("cuda") for p in places):
+        notes.append("ranks share a GPU (budget slices): they talk over gloo through the host, since NCCL needs a GPU "
+                     "per rank")
+    return notes
+
+
 def check_place_dtype(place: RankPlace, dtype: str, kind: str = "rank") -> None:
     """Refuse a compute dtype this rank's card does not run (bfloat16 on a T4), naming the rank (notebooks 05, 07)."""
     if dtype not in place.formats:

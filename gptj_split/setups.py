@@ -41,7 +41,8 @@ def setups_markdown(reserve: str = "1GiB", prompt_tokens: int = 512, max_new_tok
         fullest = max(plan.devices, key=lambda st: st.fill)
         settings = f"`{settings_line(name)}`"
         heads = as_config(model).n_head  # tensor parallelism gives every device the same whole heads
-        tp = "yes" if heads % len(plan.devices) == 0 else f"no: {heads} heads do not split {len(plan.devices)} ways"
+        tp = ("one device: nothing to split" if len(plan.devices) == 1 else "yes" if heads % len(plan.devices) == 0
+              else f"no: {heads} heads do not split {len(plan.devices)} ways")
         rows.append(f"| {name} | {settings} | {blocks} | {format_size(fullest.total_bytes)} of "
                     f"{format_size(fullest.budget_bytes)} ({fullest.fill:.0%}) | {tp} |")
     note = (f"Planned by `python -m gptj_helpers setups`: GPT-J-6B in float16 (bfloat16 for the CPU rehearsal) with "

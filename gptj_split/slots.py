@@ -144,3 +144,28 @@ def plan_slots(model_or_config, devices: list[Device], max_len: int, dtype=None,
 def slot_bytes(config, dtype: torch.dtype, max_len: int) -> int:
     """One slot's keys and values over every layer (notebook 10)."""
     return kv_cache_bytes_per_layer(config, dtype, max_len, 1) * config.n_layer
+
+
+def slot_table(max_len: int = 512, reserve: str = "1GiB") -> str:
+    """How many sequences of `max_len` tokens each of README's setups holds at once, beside the weights: the slot
+    cache planned against every device's budget, as `serve` plans it (notebook 10)."""
+    from .setups import SETUPS, setup_hardware
+    from .devices import parse_devices
+
+    rows = [f"| setup | sequences of {max_len} tokens at once | KV cache | weights | fullest device |",
+            "|---|---|---|---|---|"]
+    for name, (model, spec, dtype) in SETUPS.items():
+        length = max_len if model != "tiny" else min(max_len, 128)  # the tiny default: its small budgets
+        devices = parse_devices(spec, setup_hardware(name))
+        try:
+            sp = plan_slots(model, devices, length, dtype, reserve=reserve if model == "gpt-j-6b" else 0,
+                            model_name=model)
+        except MemoryError:
+            rows.append(f"| {name} | none: the weights leave no room for one | | | |")
+            continue
+        fullest = max(sp.plan.devices, key=lambda s: s.fill)
+        kv = sum(s.kv_cache_bytes for s in sp.plan.devices)
+        params = sum(s.param_bytes for s in sp.plan.devices)
+        rows.append(f"| {name} | {sp.slots} (of {length} tokens) | {format_size(kv)} | {format_size(params)} | "
+                    f"{fullest.fill:.0%} of {format_size(fullest.budget_bytes)} |")
+    return "\n".join(rows)

@@ -270,3 +270,14 @@ def test_the_gpu_rehearsals_harness_runs_on_the_cpu_and_its_bounds_can_fail(monk
     monkeypatch.setitem(rehearsal.HOST_RAM, "kaggle", 1e6)
     assert rehearsal.main(["--device", "cpu", "--tokens", "4", "--only", "kaggle"]) == 1
     assert "within Kaggle's 0 GB: False" in capsys.readouterr().out
+
+
+def test_the_dry_run_says_when_one_rank_runs_alone_or_ranks_share_a_gpu(two_t4s, capsys):
+    """Colab's one T4: one stage, said so; budget slices of one GPU: gloo, said so."""
+    assert gh.main(["pipeline", "--model", "gpt-j-6b", "--devices", "cuda:0=14GiB", "--dry-run"]) == 0
+    assert "note: one rank: everything on one device" in capsys.readouterr().err
+    assert gh.main(["tensor-parallel", "--model", "gpt-j-6b", "--devices", "cuda:0=7GiB,cuda:0=7GiB", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert "backend gloo" in out.out and "note: ranks share a GPU (budget slices): they talk over gloo" in out.err
+    assert gh.main(["pipeline", "--model", "gpt-j-6b", "--devices", "cuda:0,cuda:1", "--dry-run"]) == 0
+    assert "note:" not in capsys.readouterr().err

@@ -126,3 +126,14 @@ def test_the_slot_plan_counts_sequences_against_every_budget():
     kv = sum(s.kv_cache_bytes for s in most.plan.devices)
     assert kv == most.slots * 2 * config.n_embd * 2 * 512 * config.n_layer  # keys and values, float16
     assert str(most).startswith(f"{most.slots} sequences of 512 tokens")
+
+
+def test_the_slot_table_prints_each_readme_setups_count():
+    from gptj_split.slots import slot_table
+
+    table = slot_table(512)
+    for setup in gh.SETUPS:
+        assert f"| {setup} | " in table
+    kaggle = next(line for line in table.splitlines() if line.startswith("| Kaggle"))
+    colab = next(line for line in table.splitlines() if line.startswith("| Colab"))
+    assert int(kaggle.split("|")[2].split()[0]) > int(colab.split("|")[2].split()[0]) >= 1  # two T4s hold more
