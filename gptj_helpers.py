@@ -18,7 +18,8 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | 03 to 05 (shared)            | records.py (RunRecord, MemoryRow, TimingEvent)                                   |
 | 04 memory and timing         | measure.py (estimates vs measurements, scaling), plots.py (every figure)         |
 | 05 pipeline parallelism      | launch.py (each rank's device, backend, dtype, budget: decided once; dry run)    |
-|                              | ranks.py (one runtime for n ranks: start or join, one deadline, typed errors)    |
+|                              | ranks.py (what every rank does, however started: join, load, run, typed errors), |
+|                              | processes.py (the rank processes started from here; one deadline; failures named)|
 |                              | jobs.py (what both clients share: GenerationJob, RankReport, picking tokens)     |
 |                              | stage.py (one stage: GPTJModel, send/recv), pipeline.py (the client, schedule)   |
 | 05 to 07 (shared)            | relay.py (tokens streamed to this process, Stop sent back; printed by torchrun)  |

@@ -25,7 +25,8 @@ from .generate import make_streamer
 from .relay import RelayEnd, TokenRelay
 from .launch import (Launch, RankPlace, check_place_dtype, notebook_places, plan_spec, stage_holds, torchrun_places,
                      with_plan)
-from .ranks import LaunchOptions, RankContext, RankError, RankJob, loading, run_jobs, start_ranks
+from .ranks import LaunchOptions, RankContext, RankError, RankJob, loading, run_jobs
+from .processes import start_ranks
 from .jobs import GenerationJob, RankReport, locate_model, merge_results, model_folder, next_tokens, prompts_job
 from .stage import Inbox, Outbox, PipelineStage, check_pipeline_plan, check_stage_count, forward_stage, load_stage
 from .stage import new_stage_cache

@@ -1,4 +1,4 @@
-"""Notebooks 05 to 07: what the fork server of ranks.process_context imports before it forks any CPU stage or rank
+"""Notebooks 05 to 07: what the fork server of processes.process_context imports before it forks any CPU stage or rank
 process. Importing this module does that work (only that server imports it): the helpers that run a stage or a rank,
 and transformers' GPT-J module through gptj_modeling, which silences torchao's import-time log lines.
 """

@@ -24,7 +24,8 @@ from .sampling import Sampling, as_sampling
 from .generate import make_streamer
 from .relay import RelayEnd, TokenRelay
 from .launch import Launch, RankPlace, check_place_dtype, notebook_places, plan_spec, torchrun_places, with_plan
-from .ranks import LaunchOptions, RankContext, RankError, RankJob, loading, run_jobs, start_ranks
+from .ranks import LaunchOptions, RankContext, RankError, RankJob, loading, run_jobs
+from .processes import start_ranks
 from .jobs import GenerationJob, RankReport, locate_model, merge_results, model_folder, next_tokens, prompts_job
 from .shards import VARIANTS, RankModel, build_rank_model, forward_rank, plan_tensor_parallel
 

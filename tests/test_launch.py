@@ -13,7 +13,8 @@ from gptj_split.devices import GPU_RESERVE, read_spec
 from gptj_split.hardware import CARDS
 from gptj_split.launch import Launch, decide_ranks, notebook_launch, notebook_places
 from gptj_split.pipeline import pipeline_job, pipeline_settings
-from gptj_split.ranks import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, RankJob, load_timeout, start_ranks
+from gptj_split.ranks import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, RankJob, load_timeout
+from gptj_split.processes import start_ranks
 import gptj_split.launch
 from conftest import call_cli
 

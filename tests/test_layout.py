@@ -27,6 +27,7 @@ from gptj_split.tensor_parallel import prepare_tensor_parallel, tensor_parallel_
 import gptj_split.models
 import gptj_split.tiny
 import gptj_split.pipeline
+import gptj_split.processes
 import gptj_split.ranks
 from conftest import ROOT
 
@@ -35,7 +36,8 @@ PACKAGE = ROOT / "gptj_split"
 CHAPTERS = {"quiet": 0, "models": 0, "files": 0, "tiny": 0, "hardware": 0, "devices": 0, "hub": 1, "convert": 1,
             "convert_bin": 1, "random_models": 1,
             "plan": 2, "records": 2, "hooks": 2, "place": 2, "setups": 2,
-            "sampling": 3, "generate": 3, "measure": 4, "plots": 4, "launch": 5, "ranks": 5, "jobs": 5, "stage": 5,
+            "sampling": 3, "generate": 3, "measure": 4, "plots": 4, "launch": 5, "ranks": 5, "processes": 5,
+            "jobs": 5, "stage": 5,
             "pipeline": 5, "relay": 5, "compare": 5, "widget": 6, "shards": 7, "tensor_parallel": 7, "tp_compare": 7,
             "preload": 7,
             "quantize": 8, "quality": 8, "compiled": 9, "roofline": 9, "runner": 10, "slots": 10,
@@ -266,11 +268,11 @@ def test_a_rank_error_keeps_its_type_and_cause_in_its_callers_words(tmp_path, er
         exitcode = 1
 
     def report(err, neighbour=False, rank=1, at=1.0):
-        return gptj_split.ranks.FailureReport(rank, at, f"{type(err).__name__}: {err}", "", neighbour,
+        return gptj_split.processes.FailureReport(rank, at, f"{type(err).__name__}: {err}", "", neighbour,
                                               pickle.dumps(err))
 
     job = RankJob(error, None, None, "cpu,cpu", None, gh.LaunchOptions(timeout=7, deadline=30))
-    describe = gptj_split.ranks.describe_failure
+    describe = gptj_split.processes.describe_failure
     (tmp_path / "rank1.pkl").write_bytes(pickle.dumps(report(FileNotFoundError("no weights here"))))
     got = describe(job, str(tmp_path), {1: 1.0}, [], [], [Proc(), Proc()])
     assert type(got) is FileNotFoundError and str(got) == "no weights here"  # a bad configuration, as raised

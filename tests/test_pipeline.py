@@ -15,10 +15,12 @@ import torch
 import gptj_helpers as gh
 from gptj_split.jobs import RankReport, merge_results
 from gptj_split.plan import kv_cache_bytes_per_layer
-from gptj_split.ranks import RankJob, free_port
+from gptj_split.ranks import RankJob
+from gptj_split.processes import free_port
 from gptj_split.stage import check_pipeline_plan, load_stage
 import gptj_split.cli
 import gptj_split.pipeline
+import gptj_split.processes
 import gptj_split.ranks
 from conftest import ROOT, call_cli
 
@@ -292,18 +294,18 @@ def test_stages_fork_from_one_server_and_see_the_callers_environment_of_now(tmp_
     caller has it when the run starts, as a spawned process would."""
     job = RankJob(gh.PipelineError, prepare_nothing, report_environment, "cpu,cpu", None)
     monkeypatch.setenv("GPTJ_TEST_MARK", "first")
-    first = gptj_split.ranks.start_ranks(job, "tiny")
+    first = gptj_split.processes.start_ranks(job, "tiny")
     monkeypatch.setenv("GPTJ_TEST_MARK", "second")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    second = gptj_split.ranks.start_ranks(job, "tiny")
+    second = gptj_split.processes.start_ranks(job, "tiny")
     assert first[0] == "first" and second[:2] == ["second", str(tmp_path)]
     assert first[2] == second[2] != os.getpid()  # the same server, still running, forked both
     assert "forkserver" in " ".join(psutil.Process(second[2]).cmdline())
-    assert gptj_split.ranks.process_context(["cuda:0", "cuda:1"]).get_start_method() == "spawn"  # CUDA: fresh
-    assert gptj_split.ranks.process_context(["cpu", "cpu"], "gpt-j-6b-random").get_start_method() == "spawn"
-    assert gptj_split.ranks.process_context(["cpu", "cpu"], "tiny").get_start_method() == "forkserver"
+    assert gptj_split.processes.process_context(["cuda:0", "cuda:1"]).get_start_method() == "spawn"  # CUDA: fresh
+    assert gptj_split.processes.process_context(["cpu", "cpu"], "gpt-j-6b-random").get_start_method() == "spawn"
+    assert gptj_split.processes.process_context(["cpu", "cpu"], "tiny").get_start_method() == "forkserver"
     monkeypatch.setattr(sys, "platform", "darwin")  # macOS: its system libraries are not fork-safe
-    assert gptj_split.ranks.process_context(["cpu", "cpu"]).get_start_method() == "spawn"
+    assert gptj_split.processes.process_context(["cpu", "cpu"]).get_start_method() == "spawn"
 
 
 @pytest.mark.parametrize("devices, error, match", [

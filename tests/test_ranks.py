@@ -11,7 +11,8 @@ import torch
 import gptj_helpers as gh
 from gptj_split.devices import read_spec
 from gptj_split.launch import decide_ranks, notebook_launch, pick_backend
-from gptj_split.ranks import RankJob, free_port, start_ranks
+from gptj_split.ranks import RankJob
+from gptj_split.processes import free_port, start_ranks
 from gptj_split.tensor_parallel import check_variant_backend
 import gptj_split.launch
 import gptj_split.ranks

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import gptj_helpers as gh
-from gptj_split.ranks import free_port
+from gptj_split.processes import free_port
 from conftest import ROOT
 
 pytestmark = pytest.mark.widget  # make test runs these again on ipywidgets 7.7.1 (Colab's)
