@@ -35,6 +35,7 @@ one file per chapter, each readable in one sitting; a file imports only files of
 | 10 several people at once    | slots.py (the KV cache of slots), scheduler.py (continuous batching, one step at |
 |                              | a time), server.py (OpenAI-compatible, FastAPI on uvicorn)                       |
 | command line, notebook runs  | cli.py (`python -m gptj_helpers --help`), runner.py (notebooks run headless)     |
+|                              | cli_ranks.py (pipeline and tensor-parallel: from here, under torchrun, dry run)  |
 
 Below, grouped by the notebook that first uses them, are the names the notebooks, the README and the exercises use
 (`gh.NAME`): the series' tools. Everything else is plumbing; benchmarks and tests import it from

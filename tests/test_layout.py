@@ -40,7 +40,7 @@ CHAPTERS = {"quiet": 0, "models": 0, "files": 0, "tiny": 0, "hardware": 0, "devi
             "jobs": 5, "stage": 5,
             "pipeline": 5, "relay": 5, "compare": 5, "widget": 6, "shards": 7, "tensor_parallel": 7, "tp_compare": 7,
             "preload": 7,
-            "quantize": 8, "quality": 8, "compiled": 9, "roofline": 9, "runner": 10, "slots": 10,
+            "quantize": 8, "quality": 8, "compiled": 9, "roofline": 9, "runner": 10, "cli_ranks": 10, "slots": 10,
             "scheduler": 10, "server": 10, "cli": 10}
 
 
