@@ -211,8 +211,8 @@ def card_capability(name: str) -> tuple[str, tuple[int, int]] | None:
     if not name.startswith("cuda") or not torch.cuda.is_available():
         return None
     dev = torch.device(name)
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index))
+    card = read_hardware().cards[dev.index if dev.index is not None else torch.cuda.current_device()]
+    return card.name, tuple(card.capability)
 
 
 def release_memory() -> None:

@@ -63,7 +63,7 @@ class RankPlace:
     backend: str
     dtype: str
     budget_bytes: int
-    card: str | None
+    card: str | None  # "Tesla T4 (compute capability 7.5)"; None on the CPU
     formats: tuple[str, ...]
     holds: str = ""
 
@@ -154,13 +154,12 @@ def decide_ranks(spec: str, hardware: Hardware, launch: Launch, dtype: str | Non
         node, local_rank = divmod(rank, local)
         device = devices[node][local_rank]
         card = hardware.cards[int(device.name.split(":")[1])] if device.name.startswith("cuda") else None
-        formats = card.formats() if card else CPU_FORMATS
-        if dtype is not None and dtype not in formats:
-            raise ValueError(f"{kind} {rank} is on {device.name}, a {card.name} (compute capability "
-                             f"{card.capability[0]}.{card.capability[1]}), which does not compute {dtype}: use dtype "
-                             "float16 there")
-        places.append(RankPlace(rank, node, local_rank, device.name, backend, dtype or "", device.budget_bytes,
-                                card.name if card else None, formats))
+        place = RankPlace(rank, node, local_rank, device.name, backend, dtype or "", device.budget_bytes,
+                          card and f"{card.name} (compute capability {card.capability[0]}.{card.capability[1]})",
+                          card.formats() if card else CPU_FORMATS)
+        if dtype is not None:
+            check_place_dtype(place, dtype, kind)
+        places.append(place)
     return places
 
 

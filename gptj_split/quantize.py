@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .hardware import INT8_CAPABILITY
 from .devices import card_capability, trim_host_heap
 from .models import RANDOM_WEIGHTS, as_dtype, gptj_modeling
 from .quiet import quiet_imports, quiet_progress
@@ -20,7 +21,6 @@ from .place import place_stages
 
 BACKENDS = {"int8": ("torchao", "bitsandbytes"), "nf4": ("bitsandbytes",)}  # weight format -> backends, default first
 BACKEND_DEVICES = {"torchao": ("cpu", "cuda"), "bitsandbytes": ("cpu", "cuda", "xpu")}  # device types each runs on
-INT8_CAPABILITY = (7, 5)  # bitsandbytes' LLM.int8 kernels (a P100 is 6.0)
 INSTALL_HINT = 'pip install "gptj-helpers[quant]" (or: pip install torchao bitsandbytes)'
 
 

@@ -164,7 +164,7 @@ class Scheduler:
         seed = request.sampling.seed
         generator = None
         if not request.sampling.greedy:
-            generator = torch.Generator(device=self.model.lm_head.weight.device)
+            generator = torch.Generator(device=self.model.transformer.wte.weight.device)  # where the logits land
             generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
         return Running(request, slot, generator=generator, warpers=request.sampling.warpers())
 

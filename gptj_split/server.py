@@ -41,7 +41,7 @@ def read_completion(body: dict, model_name: str, tokenizer) -> tuple[Request, bo
         raise ApiError(400, f"unsupported field {unknown[0]!r}: this server takes {', '.join(sorted(ACCEPTED))}",
                        unknown[0])
     for name, allowed in UNSUPPORTED.items():
-        if name in body and body[name] not in (allowed, None) and not (name == "best_of" and body[name] == 1):
+        if name in body and body[name] not in (allowed, None):
             raise ApiError(400, f"{name}={body[name]!r} is not supported here (leave it out, or {allowed!r})", name)
     if body.get("model") not in (model_name, None):
         raise ApiError(404, f"model {body.get('model')!r} is not served here: GET /v1/models lists {model_name!r}",
